@@ -1,0 +1,54 @@
+"""Configuration knobs of the non-blocking ``@checkpoint``.
+
+Each value is read with Metaflow's ``from_conf``, so it can be set as
+``METAFLOW_CHECKPOINT_<NAME>`` in the environment or in the Metaflow config file,
+and Metaflow forwards it to remote tasks. Values are kept as strings here and
+validated when a step using ``@checkpoint`` initialises, so a bad value fails that
+step with a message naming the variable, instead of breaking ``import metaflow``.
+
+This module also refuses to load next to the published ``metaflow-checkpoint``
+package: both register ``@checkpoint`` and ``current.checkpoint``, and Metaflow
+would otherwise let one silently shadow the other.
+"""
+
+import importlib.util as _importlib_util
+
+from metaflow.metaflow_config_funcs import from_conf as _from_conf
+
+
+def _refuse_to_shadow() -> None:
+    try:
+        other = _importlib_util.find_spec("metaflow_extensions.obcheckpoint")
+    except (ImportError, ValueError):
+        other = None
+    if other is not None:
+        raise ImportError(
+            "Both metaflow-async-checkpoint and metaflow-checkpoint are installed, and both "
+            "provide @checkpoint and current.checkpoint. Keep one: "
+            "`pip uninstall metaflow-checkpoint` (flows written for it run unchanged with "
+            "metaflow-async-checkpoint) or `pip uninstall metaflow-async-checkpoint`."
+        )
+
+
+_refuse_to_shadow()
+
+# Concurrent requests (files and multipart parts together) per task.
+CHECKPOINT_UPLOAD_CONCURRENCY = _from_conf("CHECKPOINT_UPLOAD_CONCURRENCY", "16")
+# Multipart part size in bytes (suffixes KiB, MiB, GiB accepted); grows for huge files.
+CHECKPOINT_PART_SIZE = _from_conf("CHECKPOINT_PART_SIZE", "16MiB")
+# Files at or above this size are uploaded to S3 in parts.
+CHECKPOINT_MULTIPART_THRESHOLD = _from_conf("CHECKPOINT_MULTIPART_THRESHOLD", "32MiB")
+# Attempts per request, the first included, for transient errors.
+CHECKPOINT_MAX_ATTEMPTS = _from_conf("CHECKPOINT_MAX_ATTEMPTS", "8")
+# Seconds after which a request that keeps failing transiently stops being retried.
+CHECKPOINT_RETRY_DEADLINE = _from_conf("CHECKPOINT_RETRY_DEADLINE", "300")
+# Snapshots waiting or uploading at once; save() blocks while this many are pending.
+CHECKPOINT_MAX_PENDING = _from_conf("CHECKPOINT_MAX_PENDING", "2")
+# Seconds the end of a task waits for pending uploads.
+CHECKPOINT_DRAIN_TIMEOUT = _from_conf("CHECKPOINT_DRAIN_TIMEOUT", "3600")
+# How save() snapshots files: auto, reflink, link or copy.
+CHECKPOINT_SNAPSHOT = _from_conf("CHECKPOINT_SNAPSHOT", "auto")
+# Bytes per save() that are copied instead of linked (small files only).
+CHECKPOINT_COPY_BUDGET = _from_conf("CHECKPOINT_COPY_BUDGET", "4MiB")
+
+del _from_conf, _importlib_util, _refuse_to_shadow

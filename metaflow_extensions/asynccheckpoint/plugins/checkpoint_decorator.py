@@ -1,0 +1,125 @@
+"""``@checkpoint``: a step decorator that gives the step ``current.checkpoint``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metaflow.decorators import StepDecorator
+
+from .exceptions import CheckpointConfigException
+
+LOAD_POLICIES = ("fresh", "eager", "none")
+
+
+class CheckpointDecorator(StepDecorator):
+    """
+    Saves checkpoints of a step without blocking it, and resumes from them on retry.
+
+    Parameters
+    ----------
+    load_policy : str, default "fresh"
+        What is loaded into ``current.checkpoint.directory`` when the task starts:
+        "fresh": the latest checkpoint of earlier attempts of this task;
+        "eager": that, else the latest of earlier runs of this step and foreach branch
+        in the current namespace; "none": nothing.
+    temp_dir_root : str, optional, default None
+        Where the staging directory (and the snapshots taken from it) are created.
+    show_card : bool, default True
+        Accepted for compatibility with metaflow-checkpoint.
+
+    MF Add To Current
+    -----------------
+    checkpoint -> CurrentCheckpoint
+        ``directory``, ``is_loaded``, ``info``, ``save()``, ``wait()``, ``list()``, ``load()``.
+    """
+
+    name = "checkpoint"
+    defaults: dict[str, Any] = {"load_policy": "fresh", "temp_dir_root": None, "show_card": True}
+
+    def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore,
+                  logger):  # type: ignore[no-untyped-def]
+        from .storage import SUPPORTED_DATASTORES, engine_settings
+
+        where = f"@checkpoint on step '{step_name}'"
+        policy = self.attributes["load_policy"]
+        if policy is None:
+            policy = "fresh"
+        if policy not in LOAD_POLICIES:
+            raise CheckpointConfigException(
+                f"{where}: load_policy={policy!r} is not supported. "
+                f"Use one of: {', '.join(repr(p) for p in LOAD_POLICIES)}.")
+        self._load_policy = policy
+        show_card = self.attributes["show_card"]
+        if not isinstance(show_card, bool):
+            raise CheckpointConfigException(
+                f"{where}: show_card={show_card!r} must be True or False.")
+        root = self.attributes["temp_dir_root"]
+        if root is not None and not isinstance(root, str):
+            raise CheckpointConfigException(
+                f"{where}: temp_dir_root={root!r} must be a directory path (str) or None.")
+        self._settings = engine_settings()
+        if flow_datastore.TYPE not in SUPPORTED_DATASTORES:
+            raise CheckpointConfigException(
+                f"{where}: the {flow_datastore.TYPE!r} datastore is not supported; use "
+                f"{' or '.join(SUPPORTED_DATASTORES)}.")
+        self._flow_datastore = flow_datastore
+        self._current: Any = None
+
+    def task_pre_step(self, step_name, task_datastore, metadata, run_id, task_id, flow, graph,
+                      retry_count, max_user_code_retries, ubf_context,
+                      inputs):  # type: ignore[no-untyped-def]
+        from metaflow import current
+        from metaflow.metadata_provider import MetaDatum
+
+        from uploader import Scope
+
+        from .current_checkpoint import CurrentCheckpoint, TaskIdentity
+
+        namespace = current.namespace or f"user:{current.username}"
+        indices = tuple(int(f.index) for f in (getattr(flow, "_foreach_stack", None) or []))
+        scope = Scope(flow.name, namespace, step_name, indices)
+        identity = TaskIdentity(flow=flow.name, run_id=str(run_id), step=step_name,
+                                task_id=str(task_id), attempt=int(retry_count),
+                                namespace=namespace)
+        self._current = CurrentCheckpoint(
+            identity=identity, scope=scope, settings=self._settings,
+            datastore=self._flow_datastore.TYPE,
+            datastore_root=self._flow_datastore.datastore_root,
+            temp_dir_root=self.attributes["temp_dir_root"])
+        current._update_env({"checkpoint": self._current})
+        metadata.register_metadata(run_id, step_name, task_id, [MetaDatum(
+            field="checkpoint-scope", value=scope.prefix, type="checkpoint-scope",
+            tags=[f"attempt_id:{retry_count}"])])
+        self._finished = False
+        self._current._load_on_start(self._load_policy)
+
+    def task_post_step(self, step_name, flow, graph, retry_count,
+                       max_user_code_retries):  # type: ignore[no-untyped-def]
+        if self._current is not None and not self._finished:
+            self._finished = True
+            self._current._finish(success=True)
+
+    def task_exception(self, exception, step_name, flow, graph, retry_count,
+                       max_user_code_retries):  # type: ignore[no-untyped-def]
+        # Commit what the failed attempt saved, so the next attempt resumes from it; never
+        # replace the user's exception with ours.
+        if self._current is not None and not self._finished:
+            self._finished = True
+            try:
+                self._current._finish(success=False)
+            except Exception as e:
+                print(f"[@checkpoint] ERROR while draining uploads: {e}")
+        return None
+
+    def task_finished(self, step_name, flow, graph, is_task_ok, retry_count,
+                      max_user_code_retries):  # type: ignore[no-untyped-def]
+        # The safety net for sys.exit() and KeyboardInterrupt, which skip both hooks above.
+        if self._current is None:
+            return
+        try:
+            if not self._finished:
+                self._finished = True
+                self._current._finish(success=False)
+        finally:
+            self._current._close()
+            self._current = None

@@ -1,0 +1,11 @@
+"""Registers ``@checkpoint`` with Metaflow.
+
+Metaflow imports this module for every flow, so it only names the decorator by
+string; the implementation is imported when a step actually uses it.
+"""
+
+STEP_DECORATORS_DESC = [
+    ("checkpoint", ".checkpoint_decorator.CheckpointDecorator"),
+]
+
+__mf_promote_submodules__: list[str] = []

@@ -1,0 +1,57 @@
+"""A non-blocking checkpoint engine: snapshot in O(files), upload in the background.
+
+Knows nothing of Metaflow; ``metaflow_extensions`` builds ``@checkpoint`` on top of it.
+"""
+
+from .backends import Backend, LocalBackend, TransferContext
+from .config import Settings, SnapshotMode, parse_settings
+from .engine import DrainReport, Engine, SaveRequest
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    ConfigError,
+    DrainTimeoutError,
+    EngineClosedError,
+    SnapshotError,
+    StorageAccessError,
+    TornCheckpointError,
+    UploadError,
+)
+from .handle import CheckpointHandle, CheckpointState
+from .layout import CheckpointKeys, Scope, new_checkpoint_id
+from .manifest import FileEntry, Manifest
+from .retry import RetryPolicy
+from .snapshot import Snapshot, take_snapshot
+
+__all__ = [
+    "Backend",
+    "CheckpointError",
+    "CheckpointHandle",
+    "CheckpointKeys",
+    "CheckpointNotFoundError",
+    "CheckpointState",
+    "ChecksumMismatchError",
+    "ConfigError",
+    "DrainReport",
+    "DrainTimeoutError",
+    "Engine",
+    "EngineClosedError",
+    "FileEntry",
+    "LocalBackend",
+    "Manifest",
+    "RetryPolicy",
+    "SaveRequest",
+    "Scope",
+    "Settings",
+    "Snapshot",
+    "SnapshotError",
+    "SnapshotMode",
+    "StorageAccessError",
+    "TornCheckpointError",
+    "TransferContext",
+    "UploadError",
+    "new_checkpoint_id",
+    "parse_settings",
+    "take_snapshot",
+]

@@ -1,0 +1,57 @@
+"""What the engine needs from a store, and the shared context backends run in."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import anyio
+
+from ..config import Settings
+from ..retry import RetryPolicy
+
+__all__ = ["Backend", "TransferContext"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferContext:
+    """Created inside the engine's event loop and shared by every transfer in it."""
+
+    settings: Settings
+    limiter: anyio.CapacityLimiter  # one slot per request in flight, across all files
+    retry: RetryPolicy
+
+
+class Backend(Protocol):
+    """A store of keys under one root. All methods run on the engine's event loop.
+
+    Backends retry their own requests with ``TransferContext.retry`` and take one
+    ``TransferContext.limiter`` slot per request in flight.
+    """
+
+    kind: str  # "local" or "s3"
+    url: str  # the root, as a user would write it
+
+    def url_of(self, key: str) -> str: ...
+
+    async def put_file(self, key: str, path: str, size: int) -> str:
+        """Store the file at ``path`` under ``key``; return the SHA-256 of the bytes read."""
+        ...
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` atomically and durably."""
+        ...
+
+    async def get_bytes(self, key: str) -> bytes | None:
+        """The bytes under ``key``, or None where there is no such key."""
+        ...
+
+    async def get_file(self, key: str, dest: str, size: int) -> str:
+        """Write the object under ``key`` to ``dest``; return the SHA-256 of the bytes written."""
+        ...
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """Every key that starts with ``prefix``, in no particular order."""
+        ...
+
+    async def aclose(self) -> None: ...

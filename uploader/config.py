@@ -1,0 +1,130 @@
+"""Engine settings: one frozen value, parsed from strings with range checks.
+
+The caller supplies the strings and the name each came from (an environment variable,
+say), so an error names exactly what the user has to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["SETTING_NAMES", "Settings", "SnapshotMode", "parse_settings", "parse_size"]
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# S3 limits: parts are 5 MiB..5 GiB, at most 10,000 of them.
+MIN_PART_SIZE = 5 * MiB
+MAX_PART_SIZE = 5 * GiB
+
+
+class SnapshotMode(enum.Enum):
+    """How ``save()`` freezes the source files before the upload reads them."""
+
+    AUTO = "auto"  # reflink where the filesystem can, else hardlink, else copy
+    REFLINK = "reflink"
+    LINK = "link"
+    COPY = "copy"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    upload_concurrency: int = 16
+    part_size: int = 16 * MiB
+    multipart_threshold: int = 32 * MiB
+    max_attempts: int = 8
+    retry_deadline: float = 300.0
+    max_pending: int = 2
+    drain_timeout: float = 3600.0
+    snapshot: SnapshotMode = SnapshotMode.AUTO
+    copy_budget: int = 4 * MiB
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
+          "g": GiB, "gb": GiB, "gib": GiB}
+
+
+def parse_size(text: str) -> int:
+    """``"16MiB"`` -> 16777216. Units are binary; a bare number is bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    return int(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    attr: str
+    parse: Callable[[str], Any]
+    check: Callable[[Any], bool]
+    allowed: str
+
+
+def _int_in(lo: int, hi: int) -> Callable[[Any], bool]:
+    return lambda v: lo <= v <= hi
+
+
+def _float_in(lo: float, hi: float) -> Callable[[Any], bool]:
+    return lambda v: lo <= v <= hi
+
+
+_FIELDS: dict[str, _Field] = {
+    "UPLOAD_CONCURRENCY": _Field("upload_concurrency", int, _int_in(1, 256), "an integer 1..256"),
+    "PART_SIZE": _Field("part_size", parse_size, _int_in(MIN_PART_SIZE, MAX_PART_SIZE),
+                        "a size from 5MiB to 5GiB, e.g. 16MiB"),
+    "MULTIPART_THRESHOLD": _Field("multipart_threshold", parse_size,
+                                  _int_in(MIN_PART_SIZE, MAX_PART_SIZE),
+                                  "a size from 5MiB to 5GiB, e.g. 32MiB"),
+    "MAX_ATTEMPTS": _Field("max_attempts", int, _int_in(1, 100), "an integer 1..100"),
+    "RETRY_DEADLINE": _Field("retry_deadline", float, _float_in(1, 86400),
+                             "seconds, 1..86400"),
+    "MAX_PENDING": _Field("max_pending", int, _int_in(1, 64), "an integer 1..64"),
+    "DRAIN_TIMEOUT": _Field("drain_timeout", float, _float_in(0, 7 * 86400),
+                            "seconds, 0..604800"),
+    "SNAPSHOT": _Field("snapshot", lambda s: SnapshotMode(s.strip().lower()), lambda v: True,
+                       "one of auto, reflink, link, copy"),
+    "COPY_BUDGET": _Field("copy_budget", parse_size, _int_in(0, 1 * GiB),
+                          "a size from 0 to 1GiB, e.g. 4MiB"),
+}
+
+SETTING_NAMES: tuple[str, ...] = tuple(_FIELDS)
+
+
+def parse_settings(raw: Mapping[str, str | None], *, prefix: str = "") -> Settings:
+    """Build :class:`Settings` from strings keyed by the names in :data:`SETTING_NAMES`.
+
+    Missing or ``None`` values keep their defaults. ``prefix`` is prepended to a name in
+    error messages (``"METAFLOW_CHECKPOINT_"`` gives the variable the user sets).
+
+    Raises :class:`~uploader.errors.ConfigError` naming the first bad value.
+    """
+    unknown = sorted(set(raw) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(prefix + u for u in unknown)}; "
+                          f"known: {', '.join(prefix + n for n in _FIELDS)}")
+    values: dict[str, Any] = {}
+    for name, field in _FIELDS.items():
+        text = raw.get(name)
+        if text is None:
+            continue
+        try:
+            value = field.parse(str(text))
+            ok = field.check(value)
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{prefix}{name}={text!r} is not valid: expected {field.allowed}.")
+        values[field.attr] = value
+    settings = Settings(**values)
+    if settings.multipart_threshold < settings.part_size:
+        # A file between the threshold and one part would be split into a single part.
+        settings = dataclasses.replace(settings, multipart_threshold=settings.part_size)
+    return settings

@@ -1,0 +1,398 @@
+"""The engine: snapshot in the caller's thread, upload on one background event loop.
+
+One :class:`Engine` owns one thread running one asyncio loop (through an anyio blocking
+portal). ``save()`` snapshots the source in O(files), hands the snapshot to the loop
+and returns a :class:`~uploader.handle.CheckpointHandle` at once. At most
+``max_pending`` snapshots exist at a time: ``save()`` blocks while that many are being
+uploaded. Every request in the loop takes a slot of one shared limiter.
+
+Commit order per checkpoint: data objects, then the manifest (the commit point), then
+the ``latest.json`` hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import posixpath
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from .backends.base import Backend, TransferContext
+from .config import Settings
+from .errors import (
+    CheckpointError,
+    ChecksumMismatchError,
+    EngineClosedError,
+    TornCheckpointError,
+    UploadError,
+)
+from .handle import CheckpointHandle, CheckpointState
+from .layout import CheckpointKeys
+from .manifest import FileEntry, Manifest
+from .retry import RetryPolicy
+from .snapshot import Snapshot, SnapshotFile, fingerprint_of, take_snapshot
+
+__all__ = ["BackendFactory", "DrainReport", "Engine", "SaveRequest"]
+
+BackendFactory = Callable[[TransferContext], Backend]
+
+TORN_ADVICE = (
+    "To avoid this, write each file under a new name and os.replace() it over the old one, "
+    "or call save(wait=True) before rewriting, or set METAFLOW_CHECKPOINT_SNAPSHOT=copy."
+)
+
+
+def _utcnow() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SaveRequest:
+    source: str
+    keys: CheckpointKeys
+    name: str
+    latest: bool
+    metadata: dict[str, Any]
+    identity: dict[str, Any]
+    reference: dict[str, Any]  # filled in further on commit; returned by wait()
+
+
+@dataclasses.dataclass(frozen=True)
+class DrainReport:
+    """Where every checkpoint of an engine stands after a drain."""
+
+    handles: tuple[CheckpointHandle, ...]
+
+    def _in(self, state: CheckpointState) -> list[CheckpointHandle]:
+        return [h for h in self.handles if h.state is state]
+
+    @property
+    def committed(self) -> list[CheckpointHandle]:
+        return self._in(CheckpointState.COMMITTED)
+
+    @property
+    def failed(self) -> list[CheckpointHandle]:
+        return self._in(CheckpointState.FAILED)
+
+    @property
+    def pending(self) -> list[CheckpointHandle]:
+        return [h for h in self.handles if not h.done()]
+
+    @property
+    def torn_unsuperseded(self) -> list[CheckpointHandle]:
+        """Torn checkpoints that no later save of the same scope has replaced."""
+        out = []
+        for i, h in enumerate(self.handles):
+            if h.state is not CheckpointState.TORN:
+                continue
+            scope = h.reference.get("scope")
+            if not any(later.state is CheckpointState.COMMITTED
+                       and later.reference.get("scope") == scope
+                       for later in self.handles[i + 1:]):
+                out.append(h)
+        return out
+
+
+class _Torn(Exception):
+    def __init__(self, file: SnapshotFile) -> None:
+        self.file = file
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, anyio.get_cancelled_exc_class()):
+            return exc
+    return group.exceptions[0]
+
+
+def _safe_relpath(path: str) -> str:
+    norm = posixpath.normpath(path)
+    if norm.startswith(("/", "../")) or norm in ("..", ".") or "\\" in path:
+        raise ValueError(f"unsafe path {path!r} in manifest")
+    return norm
+
+
+class Engine:
+    """Background uploader for checkpoints. Thread-safe; one per task."""
+
+    def __init__(
+        self,
+        backend_factory: BackendFactory,
+        settings: Settings,
+        *,
+        snapshot_dir: str,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.settings = settings
+        self._backend_factory = backend_factory
+        self._snapshot_dir = snapshot_dir
+        self._log = log
+        self._slots = threading.BoundedSemaphore(settings.max_pending)
+        self._handles: list[CheckpointHandle] = []
+        self._lock = threading.Lock()
+        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
+        self._portal: BlockingPortal | None = None
+        self._backend: Backend | None = None
+        self._closed = False
+        self._told_torn = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _ensure_started(self) -> BlockingPortal:
+        if self._closed:
+            raise EngineClosedError("Cannot use the checkpoint engine once it has been closed.")
+        with self._lock:
+            if self._portal is None:
+                cm = start_blocking_portal("asyncio", name="checkpoint-uploader")
+                portal = cm.__enter__()
+                try:
+                    self._backend = portal.call(self._open_backend)
+                except BaseException:
+                    cm.__exit__(None, None, None)
+                    raise
+                self._portal_cm, self._portal = cm, portal
+            return self._portal
+
+    async def _open_backend(self) -> Backend:
+        s = self.settings
+        ctx = TransferContext(
+            settings=s,
+            limiter=anyio.CapacityLimiter(s.upload_concurrency),
+            retry=RetryPolicy(max_attempts=s.max_attempts, deadline=s.retry_deadline),
+        )
+        return self._backend_factory(ctx)
+
+    @property
+    def backend(self) -> Backend:
+        self._ensure_started()
+        assert self._backend is not None
+        return self._backend
+
+    def close(self) -> None:
+        """Stop the loop. Uploads still pending are abandoned (drain first to avoid that)."""
+        if self._closed:
+            return
+        self._closed = True
+        portal, cm = self._portal, self._portal_cm
+        if portal is None or cm is None:
+            return
+        if any(not h.done() for h in self.handles):
+            # Don't join a loop that is stuck in a transfer: its thread is a daemon.
+            portal.start_task_soon(portal.stop, True)
+            return
+        try:
+            if self._backend is not None:
+                portal.call(self._backend.aclose)
+        finally:
+            cm.__exit__(None, None, None)
+
+    # -- saving ------------------------------------------------------------------
+
+    @property
+    def handles(self) -> tuple[CheckpointHandle, ...]:
+        with self._lock:
+            return tuple(self._handles)
+
+    def save(self, request: SaveRequest) -> CheckpointHandle:
+        """Snapshot ``request.source`` now and upload it in the background.
+
+        Blocks only while ``max_pending`` earlier snapshots are still pending. Raises
+        :class:`~uploader.errors.SnapshotError` in the caller's thread when the source
+        cannot be snapshotted; nothing is uploaded then.
+        """
+        portal = self._ensure_started()
+        self._slots.acquire()
+        try:
+            snap = take_snapshot(request.source, self._snapshot_dir,
+                                 mode=self.settings.snapshot,
+                                 copy_budget=self.settings.copy_budget)
+        except BaseException:
+            self._slots.release()
+            raise
+        handle = CheckpointHandle(request.keys.checkpoint_id, request.name, request.reference,
+                                  request.source)
+        with self._lock:
+            self._handles.append(handle)
+        try:
+            portal.start_task_soon(self._upload, handle, request, snap)
+        except BaseException as e:
+            snap.release()
+            self._slots.release()
+            handle._transition(CheckpointState.FAILED, UploadError(
+                f"checkpoint {request.name!r} could not be queued: {e}",
+                checkpoint_id=handle.checkpoint_id))
+        return handle
+
+    async def _upload(self, handle: CheckpointHandle, req: SaveRequest, snap: Snapshot) -> None:
+        backend = self._backend
+        assert backend is not None
+        keys = req.keys
+        t0 = time.monotonic()
+        entries: dict[str, FileEntry] = {}
+
+        def check(f: SnapshotFile) -> None:
+            if f.shared and fingerprint_of(os.stat(f.path)) != f.fingerprint:
+                raise _Torn(f)
+
+        async def one(f: SnapshotFile) -> None:
+            check(f)
+            key = keys.data(f.relpath)
+            try:
+                digest = await backend.put_file(key, f.path, f.size)
+            except CheckpointError:
+                raise
+            except Exception as e:
+                check(f)  # a file truncated under the reader is a torn file, not a failure
+                raise UploadError(
+                    f"checkpoint {req.name!r} ({keys.checkpoint_id}): uploading {f.relpath!r} "
+                    f"to {backend.url_of(key)} failed: {e}",
+                    checkpoint_id=keys.checkpoint_id, key=key) from e
+            check(f)
+            entries[f.relpath] = FileEntry(f.relpath, f.size, digest)
+
+        try:
+            handle._transition(CheckpointState.UPLOADING)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for f in snap.files:
+                        tg.start_soon(one, f)
+            except BaseExceptionGroup as eg:
+                raise _first_error(eg) from None
+            upload_s = time.monotonic() - t0
+            manifest = Manifest(
+                checkpoint_id=keys.checkpoint_id, name=req.name, run_id=keys.run_id,
+                scope_prefix=keys.scope_prefix, created_on=req.reference.get("created_on", ""),
+                committed_on=_utcnow(), latest=req.latest,
+                files=tuple(entries[f.relpath] for f in snap.files),
+                metadata=req.metadata, identity=req.identity,
+                source="file" if os.path.isfile(req.source) else "directory",
+                timings={"snapshot_s": snap.seconds, "upload_s": upload_s},
+            )
+            await backend.put_bytes(keys.manifest, manifest.to_json())
+            req.reference["size"] = manifest.total_bytes
+            handle._transition(CheckpointState.COMMITTED)
+            if req.latest:
+                await self._write_latest_hint(keys)
+        except _Torn as t:
+            newer = self._has_newer(handle)
+            msg = (f"checkpoint {req.name!r} ({keys.checkpoint_id}) was not committed: "
+                   f"{t.file.relpath!r} was rewritten in place while its upload was pending. ")
+            handle._transition(CheckpointState.TORN, TornCheckpointError(
+                msg + TORN_ADVICE, checkpoint_id=keys.checkpoint_id, path=t.file.relpath))
+            if not newer:
+                self._log("ERROR: " + msg + "It is the newest checkpoint, so nothing newer "
+                          "replaces it. " + TORN_ADVICE)
+            elif not self._told_torn:
+                self._told_torn = True
+                self._log(f"note: {msg}A newer save supersedes it. " + TORN_ADVICE)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                handle._transition(CheckpointState.FAILED, UploadError(
+                    f"checkpoint {req.name!r} ({keys.checkpoint_id}) was abandoned before it "
+                    "was committed (the uploader was stopped).",
+                    checkpoint_id=keys.checkpoint_id))
+            raise
+        except CheckpointError as e:
+            handle._transition(CheckpointState.FAILED, e)
+            self._log(f"ERROR: {e}")
+        except Exception as e:
+            err = UploadError(f"checkpoint {req.name!r} ({keys.checkpoint_id}) failed: "
+                              f"{type(e).__name__}: {e}", checkpoint_id=keys.checkpoint_id)
+            handle._transition(CheckpointState.FAILED, err)
+            self._log(f"ERROR: {err}")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(snap.release)
+            self._slots.release()
+
+    def _has_newer(self, handle: CheckpointHandle) -> bool:
+        hs = self.handles
+        scope = handle.reference.get("scope")
+        idx = hs.index(handle)
+        return any(h.reference.get("scope") == scope for h in hs[idx + 1:])
+
+    async def _write_latest_hint(self, keys: CheckpointKeys) -> None:
+        # Only a hint for humans and tools; readers list manifests. Never fails a checkpoint.
+        hint = f'{{"checkpoint_id": "{keys.checkpoint_id}", "manifest": "{keys.manifest}"}}\n'
+        assert self._backend is not None
+        try:
+            await self._backend.put_bytes(f"{keys.scope_prefix}/latest.json", hint.encode())
+        except Exception as e:
+            self._log(f"note: could not update the latest-checkpoint hint: {e}")
+
+    def drain(self, timeout: float | None = None) -> DrainReport:
+        """Wait up to ``timeout`` seconds (default: the drain timeout) for every upload."""
+        limit = self.settings.drain_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        for h in self.handles:
+            h._done.wait(max(0.0, deadline - time.monotonic()))
+        return DrainReport(self.handles)
+
+    # -- reading -----------------------------------------------------------------
+
+    def list_manifest_keys(self, prefix: str) -> list[CheckpointKeys]:
+        """Committed checkpoints under a scope's ``manifests/`` prefix, newest first."""
+        portal = self._ensure_started()
+        keys = portal.call(self.backend.list_keys, prefix)
+        out = []
+        for k in keys:
+            try:
+                out.append(CheckpointKeys.from_manifest_key(k))
+            except ValueError:
+                continue
+        out.sort(key=lambda c: c.checkpoint_id, reverse=True)
+        return out
+
+    def read_manifest(self, keys: CheckpointKeys) -> Manifest | None:
+        portal = self._ensure_started()
+        data = portal.call(self.backend.get_bytes, keys.manifest)
+        return None if data is None else Manifest.from_json(data)
+
+    def read_manifests(self, keys: Sequence[CheckpointKeys]) -> list[Manifest]:
+        return [m for m in (self.read_manifest(k) for k in keys) if m is not None]
+
+    def load(self, manifest: Manifest, dest: str) -> None:
+        """Copy a committed checkpoint's files into ``dest``, verifying every checksum.
+
+        For a checkpoint of a single file, ``dest`` is the directory the file lands in.
+        Raises :class:`~uploader.errors.ChecksumMismatchError` naming the file and key.
+        """
+        portal = self._ensure_started()
+        portal.call(self._load, manifest, dest)
+
+    async def _load(self, manifest: Manifest, dest: str) -> None:
+        keys = CheckpointKeys(manifest.scope_prefix, manifest.run_id, manifest.checkpoint_id)
+        backend = self._backend
+        assert backend is not None
+
+        async def one(entry: FileEntry) -> None:
+            rel = _safe_relpath(entry.path)
+            target = os.path.join(dest, *rel.split("/"))
+            key = keys.data(entry.path)
+            digest = await backend.get_file(key, target, entry.size)
+            if digest != entry.sha256:
+                await anyio.to_thread.run_sync(os.unlink, target)
+                raise ChecksumMismatchError(
+                    f"checkpoint {manifest.name!r} ({manifest.checkpoint_id}): file "
+                    f"{entry.path!r} at {backend.url_of(key)} has SHA-256 {digest}, but its "
+                    f"manifest says {entry.sha256}. The stored copy is corrupt; load an older "
+                    "checkpoint (current.checkpoint.list()) instead.")
+
+        await anyio.to_thread.run_sync(lambda: os.makedirs(dest, exist_ok=True))
+        try:
+            async with anyio.create_task_group() as tg:
+                for e in manifest.files:
+                    tg.start_soon(one, e)
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None

@@ -1,0 +1,87 @@
+"""Every exception the engine raises, in one place.
+
+::
+
+    CheckpointError                      base of everything below
+    ├── ConfigError (also ValueError)    a setting is out of range; raised when settings are parsed
+    ├── SnapshotError                    save() could not snapshot the source path
+    ├── UploadError                      a checkpoint could not be stored; raised by wait()/drain
+    │   ├── TornCheckpointError          a file changed in place while its upload was pending
+    │   ├── StorageAccessError           not retryable: denied, no such bucket, bad credentials
+    │   └── DrainTimeoutError            uploads were still pending when the drain timed out
+    ├── CheckpointNotFoundError          a reference or scope names no committed checkpoint
+    ├── ChecksumMismatchError            stored bytes differ from the manifest; raised on load
+    └── EngineClosedError                the engine was used after close()
+
+Messages name the checkpoint, the file and the storage key involved, and say what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "ConfigError",
+    "DrainTimeoutError",
+    "EngineClosedError",
+    "SnapshotError",
+    "StorageAccessError",
+    "TornCheckpointError",
+    "UploadError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by the checkpoint engine."""
+
+
+class ConfigError(CheckpointError, ValueError):
+    """Raised by :func:`uploader.config.parse_settings` when a value is malformed or out of range."""
+
+
+class SnapshotError(CheckpointError):
+    """Raised by ``save()`` in the caller's thread when the source cannot be snapshotted."""
+
+
+class UploadError(CheckpointError):
+    """Raised by ``wait()`` and the drain when a checkpoint could not be committed.
+
+    ``checkpoint_id`` names the checkpoint; ``key`` the storage key involved, when one is.
+    """
+
+    def __init__(self, message: str, *, checkpoint_id: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.checkpoint_id = checkpoint_id
+        self.key = key
+
+
+class TornCheckpointError(UploadError):
+    """A file was rewritten in place while its upload was pending, so the checkpoint was dropped.
+
+    Raised by ``wait()`` on that checkpoint. ``path`` is the file, relative to the saved directory.
+    """
+
+    def __init__(self, message: str, *, checkpoint_id: str, path: str) -> None:
+        super().__init__(message, checkpoint_id=checkpoint_id)
+        self.path = path
+
+
+class StorageAccessError(UploadError):
+    """The store refused a request in a way that retrying cannot fix (permissions, bucket, keys)."""
+
+
+class DrainTimeoutError(UploadError):
+    """Raised by ``drain()`` when uploads are still pending after its timeout."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """Raised by ``load()`` and ``latest()`` when no committed checkpoint matches."""
+
+
+class ChecksumMismatchError(CheckpointError):
+    """Raised by ``load()`` when a stored file's bytes do not match the checksum in its manifest."""
+
+
+class EngineClosedError(CheckpointError):
+    """Raised when a closed engine is asked to save or load."""

@@ -1,0 +1,103 @@
+"""A checkpoint's lifecycle, and the handle the caller holds while it uploads.
+
+::
+
+    PENDING ──> UPLOADING ──> COMMITTED
+       │            ├───────> TORN       a file changed in place before it was read
+       └────────────┴───────> FAILED     storage refused it, or it was abandoned
+
+The engine's loop drives the transitions; any thread may wait on the handle.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from typing import Any
+
+from .errors import CheckpointError, UploadError
+
+__all__ = ["CheckpointHandle", "CheckpointState"]
+
+
+class CheckpointState(enum.Enum):
+    PENDING = "pending"
+    UPLOADING = "uploading"
+    COMMITTED = "committed"
+    TORN = "torn"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (CheckpointState.COMMITTED, CheckpointState.TORN, CheckpointState.FAILED)
+
+
+_LEGAL: dict[CheckpointState, frozenset[CheckpointState]] = {
+    CheckpointState.PENDING: frozenset({CheckpointState.UPLOADING, CheckpointState.FAILED}),
+    CheckpointState.UPLOADING: frozenset(
+        {CheckpointState.COMMITTED, CheckpointState.TORN, CheckpointState.FAILED}
+    ),
+    CheckpointState.COMMITTED: frozenset(),
+    CheckpointState.TORN: frozenset(),
+    CheckpointState.FAILED: frozenset(),
+}
+
+
+class CheckpointHandle:
+    """The future of one save: its state, and ``wait()`` until it is durable."""
+
+    def __init__(self, checkpoint_id: str, name: str, reference: dict[str, Any],
+                 source: str) -> None:
+        self.checkpoint_id = checkpoint_id
+        self.name = name
+        self.reference = reference  # what load() takes; complete once committed
+        self.source = source  # the path that was saved
+        self._state = CheckpointState.PENDING
+        self._error: CheckpointError | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<CheckpointHandle {self.name!r} {self.checkpoint_id} {self._state.value}>"
+
+    @property
+    def state(self) -> CheckpointState:
+        return self._state
+
+    @property
+    def error(self) -> CheckpointError | None:
+        return self._error
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the checkpoint is committed and return its reference.
+
+        Raises the checkpoint's :class:`~uploader.errors.UploadError` if it was torn or
+        failed, and :class:`TimeoutError` if ``timeout`` seconds pass first.
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(
+                f"checkpoint {self.name!r} ({self.checkpoint_id}) is still {self._state.value} "
+                f"after {timeout}s"
+            )
+        if self._error is not None:
+            raise self._error
+        return self.reference
+
+    def _transition(self, new: CheckpointState, error: CheckpointError | None = None) -> None:
+        with self._lock:
+            if new not in _LEGAL[self._state]:
+                raise RuntimeError(
+                    f"checkpoint {self.checkpoint_id}: illegal transition "
+                    f"{self._state.value} -> {new.value}"
+                )
+            self._state = new
+            if new is not CheckpointState.COMMITTED and new.is_final:
+                self._error = error or UploadError(
+                    f"checkpoint {self.checkpoint_id} {new.value}",
+                    checkpoint_id=self.checkpoint_id,
+                )
+            if new.is_final:
+                self._done.set()

@@ -52,7 +52,7 @@ TORN_ADVICE = (
 
 
 def _utcnow() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+    return datetime.datetime.now(datetime.UTC).isoformat()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -146,6 +146,7 @@ class Engine:
         self._backend: Backend | None = None
         self._closed = False
         self._told_torn = False
+        self._told_unsuperseded: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -223,7 +224,12 @@ class Engine:
         handle = CheckpointHandle(request.keys.checkpoint_id, request.name, request.reference,
                                   request.source)
         with self._lock:
+            earlier = list(self._handles)
             self._handles.append(handle)
+        scope = request.reference.get("scope")
+        for h in earlier:
+            if h.state is CheckpointState.TORN and h.reference.get("scope") == scope:
+                self._note_superseded(h)
         try:
             portal.start_task_soon(self._upload, handle, request, snap)
         except BaseException as e:
@@ -290,12 +296,9 @@ class Engine:
                    f"{t.file.relpath!r} was rewritten in place while its upload was pending. ")
             handle._transition(CheckpointState.TORN, TornCheckpointError(
                 msg + TORN_ADVICE, checkpoint_id=keys.checkpoint_id, path=t.file.relpath))
-            if not newer:
-                self._log("ERROR: " + msg + "It is the newest checkpoint, so nothing newer "
-                          "replaces it. " + TORN_ADVICE)
-            elif not self._told_torn:
-                self._told_torn = True
-                self._log(f"note: {msg}A newer save supersedes it. " + TORN_ADVICE)
+            if newer:
+                self._note_superseded(handle)
+            # Else a save may still come and supersede it; drain() reports it if none does.
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 handle._transition(CheckpointState.FAILED, UploadError(
@@ -315,6 +318,14 @@ class Engine:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(snap.release)
             self._slots.release()
+
+    def _note_superseded(self, torn: CheckpointHandle) -> None:
+        # Said once per engine: a torn checkpoint a newer save replaces costs nothing but
+        # the upload, and the advice is the same every time.
+        if not self._told_torn:
+            self._told_torn = True
+            self._log(f"note: {torn.error} A newer save supersedes it; this note is shown "
+                      "once per task.")
 
     def _has_newer(self, handle: CheckpointHandle) -> bool:
         hs = self.handles
@@ -337,7 +348,13 @@ class Engine:
         deadline = time.monotonic() + limit
         for h in self.handles:
             h._done.wait(max(0.0, deadline - time.monotonic()))
-        return DrainReport(self.handles)
+        report = DrainReport(self.handles)
+        for h in report.torn_unsuperseded:
+            if h.checkpoint_id not in self._told_unsuperseded:
+                self._told_unsuperseded.add(h.checkpoint_id)
+                self._log(f"ERROR: {h.error} It is the newest checkpoint of its scope, so "
+                          "no later save replaces it.")
+        return report
 
     # -- reading -----------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 ::
 
     CheckpointError                      base of everything below
-    ├── ConfigError (also ValueError)    a setting is out of range; raised when settings are parsed
+    ├── ConfigError (also ValueError)    a setting is out of range; raised while parsing settings
     ├── SnapshotError                    save() could not snapshot the source path
     ├── UploadError                      a checkpoint could not be stored; raised by wait()/drain
     │   ├── TornCheckpointError          a file changed in place while its upload was pending
@@ -37,7 +37,7 @@ class CheckpointError(Exception):
 
 
 class ConfigError(CheckpointError, ValueError):
-    """Raised by :func:`uploader.config.parse_settings` when a value is malformed or out of range."""
+    """Raised by :func:`uploader.config.parse_settings` for a malformed or out-of-range value."""
 
 
 class SnapshotError(CheckpointError):

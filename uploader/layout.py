@@ -84,7 +84,8 @@ class CheckpointKeys:
 
     @property
     def manifest(self) -> str:
-        return f"{self.scope_prefix}/manifests/{safe_component(self.run_id)}/{self.checkpoint_id}.json"
+        run = safe_component(self.run_id)
+        return f"{self.scope_prefix}/manifests/{run}/{self.checkpoint_id}.json"
 
     @property
     def data_prefix(self) -> str:

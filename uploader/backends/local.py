@@ -6,6 +6,7 @@ a file the user may rewrite), through a temporary name, fsynced and renamed into
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -54,10 +55,8 @@ def _copy_hashing(src: str, dst: str) -> str:
             os.fsync(fout.fileno())
         os.replace(tmp, dst)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     return digest.hexdigest()
 
@@ -74,10 +73,8 @@ def _write_atomic(dst: str, data: bytes) -> None:
         os.replace(tmp, dst)
         _fsync_dir(parent)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 

@@ -11,12 +11,12 @@ package: both register ``@checkpoint`` and ``current.checkpoint``, and Metaflow
 would otherwise let one silently shadow the other.
 """
 
-import importlib.util as _importlib_util
-
 from metaflow.metaflow_config_funcs import from_conf as _from_conf
 
 
 def _refuse_to_shadow() -> None:
+    import importlib.util as _importlib_util
+
     try:
         other = _importlib_util.find_spec("metaflow_extensions.obcheckpoint")
     except (ImportError, ValueError):
@@ -51,4 +51,4 @@ CHECKPOINT_SNAPSHOT = _from_conf("CHECKPOINT_SNAPSHOT", "auto")
 # Bytes per save() that are copied instead of linked (small files only).
 CHECKPOINT_COPY_BUDGET = _from_conf("CHECKPOINT_COPY_BUDGET", "4MiB")
 
-del _from_conf, _importlib_util, _refuse_to_shadow
+del _from_conf, _refuse_to_shadow

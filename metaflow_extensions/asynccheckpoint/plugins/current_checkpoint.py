@@ -352,7 +352,7 @@ class CurrentCheckpoint:
         if not scope:
             raise CheckpointNotFoundError(
                 f"task {t.pathspec} has no checkpoints: it did not run with @checkpoint.")
-        flow, run_id, _step, task_id = t.pathspec.split("/")
+        _flow, run_id, _step, task_id = t.pathspec.split("/")
         return scope, run_id, task_id
 
 

@@ -1,0 +1,237 @@
+"""The engine on a real local store: commit protocol, torn writes, backpressure, loads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from enginekit import SCOPE, make_engine, request
+
+from uploader import (
+    CheckpointKeys,
+    CheckpointState,
+    ChecksumMismatchError,
+    SnapshotError,
+    TornCheckpointError,
+)
+
+
+def write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def stored_files(tmp: Path, keys: CheckpointKeys) -> dict[str, bytes]:
+    root = tmp / "store" / keys.data_prefix
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_save_commits_files_then_manifest_and_loads_back(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write(src / "model.bin", os.urandom(300_000))
+    write(src / "sub" / "opt.bin", os.urandom(5000))
+    engine = make_engine(tmp_path, copy_budget=0)
+    try:
+        req = request(src)
+        h = engine.save(req)
+        h.wait(30)
+        assert h.state is CheckpointState.COMMITTED
+        manifest = engine.read_manifest(req.keys)
+        assert manifest is not None
+        assert {f.path for f in manifest.files} == {"model.bin", "sub/opt.bin"}
+        for f in manifest.files:
+            assert f.sha256 == hashlib.sha256((src / f.path).read_bytes()).hexdigest()
+        out = tmp_path / "out"
+        engine.load(manifest, str(out))
+        for rel in ("model.bin", "sub/opt.bin"):
+            assert (out / rel).read_bytes() == (src / rel).read_bytes()
+            assert not (out / rel).is_symlink()
+        # The snapshot is released once committed.
+        assert list((tmp_path / "snapshots").iterdir()) == []
+    finally:
+        engine.close()
+
+
+def test_snapshot_links_large_files_and_copies_small_ones_within_budget(tmp_path: Path) -> None:
+    from uploader import take_snapshot
+
+    src = tmp_path / "src"
+    write(src / "big.bin", b"x" * 10_000)
+    write(src / "small.txt", b"42")
+    snap = take_snapshot(str(src), str(tmp_path / "snaps"), copy_budget=100)
+    by_name = {f.relpath: f for f in snap.files}
+    assert by_name["big.bin"].shared
+    assert os.stat(by_name["big.bin"].path).st_ino == os.stat(src / "big.bin").st_ino
+    assert not by_name["small.txt"].shared
+    assert os.stat(by_name["small.txt"].path).st_ino != os.stat(src / "small.txt").st_ino
+    snap.release()
+
+
+def test_in_place_rewrite_while_pending_is_never_committed(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write(src / "state.pt", b"A" * 4096)
+    logs: list[str] = []
+    engine = make_engine(tmp_path, gated=True, copy_budget=0, logs=logs)
+    try:
+        req = request(src)
+        h = engine.save(req)
+        backend = engine.backend
+        assert backend.entered.wait(30)  # type: ignore[attr-defined]
+        # torch.save / open(path, "w") truncate and rewrite the same inode.
+        with open(src / "state.pt", "wb") as f:
+            f.write(b"B" * 4097)
+        backend.gate.set()  # type: ignore[attr-defined]
+        with pytest.raises(TornCheckpointError) as ei:
+            h.wait(30)
+        assert "state.pt" in str(ei.value)
+        assert h.state is CheckpointState.TORN
+        assert engine.read_manifest(req.keys) is None
+        assert engine.drain(5).torn_unsuperseded == [h]
+        # The newest checkpoint torn, with no newer save: said loudly.
+        assert sum(m.startswith("ERROR") and "state.pt" in m for m in logs) == 1
+    finally:
+        engine.close()
+
+
+def test_torn_checkpoint_superseded_by_newer_save_is_quiet(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write(src / "state.pt", b"A" * 4096)
+    logs: list[str] = []
+    engine = make_engine(tmp_path, gated=True, copy_budget=0, logs=logs, max_pending=2)
+    try:
+        h1 = engine.save(request(src))
+        assert engine.backend.entered.wait(30)  # type: ignore[attr-defined]
+        tmp = src / "state.pt.tmp"
+        write(tmp, b"B" * 4096)
+        # The first rewrite is in place (tears h1); the second save snapshots the new file.
+        with open(src / "state.pt", "wb") as f:
+            f.write(b"C" * 4096)
+        req2 = request(src)
+        h2 = engine.save(req2)
+        engine.backend.gate.set()  # type: ignore[attr-defined]
+        assert engine.drain(30).pending == []
+        assert h1.state is CheckpointState.TORN
+        assert h2.state is CheckpointState.COMMITTED
+        assert engine.drain(0).torn_unsuperseded == []
+        assert stored_files(tmp_path, req2.keys)["state.pt"] == b"C" * 4096
+        assert not any(m.startswith("ERROR") for m in logs)
+        assert sum("supersedes" in m for m in logs) == 1
+    finally:
+        engine.close()
+
+
+def test_save_blocks_when_max_pending_snapshots_are_pending(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write(src / "f.bin", b"x" * 1000)
+    engine = make_engine(tmp_path, gated=True, max_pending=1, copy_budget=0)
+    try:
+        engine.save(request(src))
+        second_returned = threading.Event()
+
+        def second() -> None:
+            engine.save(request(src))
+            second_returned.set()
+
+        t = threading.Thread(target=second)
+        t.start()
+        # The first upload is held open: the second save() must still be blocked.
+        assert engine.backend.entered.wait(30)  # type: ignore[attr-defined]
+        assert not second_returned.wait(0.5)
+        engine.backend.gate.set()  # type: ignore[attr-defined]
+        assert second_returned.wait(30)
+        t.join()
+        report = engine.drain(30)
+        assert [h.state for h in report.handles] == [CheckpointState.COMMITTED] * 2
+    finally:
+        engine.close()
+
+
+def test_drain_timeout_reports_pending_and_close_abandons(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write(src / "f.bin", b"x" * 1000)
+    engine = make_engine(tmp_path, gated=True, copy_budget=0)
+    h = engine.save(request(src))
+    assert engine.backend.entered.wait(30)  # type: ignore[attr-defined]
+    report = engine.drain(0.05)
+    assert report.pending == [h]
+    engine.backend.gate.set()  # type: ignore[attr-defined]
+    assert engine.drain(30).pending == []
+    engine.close()
+
+
+def test_checksum_mismatch_on_load_names_file_and_key(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write(src / "w.bin", b"good" * 1000)
+    engine = make_engine(tmp_path)
+    try:
+        req = request(src)
+        engine.save(req).wait(30)
+        stored = tmp_path / "store" / req.keys.data("w.bin")
+        stored.write_bytes(b"evil" * 1000)
+        manifest = engine.read_manifest(req.keys)
+        assert manifest is not None
+        with pytest.raises(ChecksumMismatchError) as ei:
+            engine.load(manifest, str(tmp_path / "out"))
+        assert "w.bin" in str(ei.value) and str(stored) in str(ei.value)
+        assert not (tmp_path / "out" / "w.bin").exists()
+    finally:
+        engine.close()
+
+
+def test_writes_after_load_leave_the_stored_checkpoint_unchanged(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write(src / "w.bin", b"v1" * 50_000)
+    engine = make_engine(tmp_path, copy_budget=0)
+    try:
+        req = request(src)
+        engine.save(req).wait(30)
+        manifest = engine.read_manifest(req.keys)
+        assert manifest is not None
+        out = tmp_path / "out"
+        engine.load(manifest, str(out))
+        with open(out / "w.bin", "r+b") as f:  # rewrite in place
+            f.write(b"XX" * 10)
+        with open(out / "w.bin", "ab") as f:
+            f.write(b"more")
+        assert stored_files(tmp_path, req.keys)["w.bin"] == b"v1" * 50_000
+        # Also the user's original file: the local store copies in, never links.
+        with open(src / "w.bin", "r+b") as f:
+            f.write(b"YY")
+        assert stored_files(tmp_path, req.keys)["w.bin"] == b"v1" * 50_000
+    finally:
+        engine.close()
+
+
+def test_single_file_source_and_missing_source(tmp_path: Path) -> None:
+    write(tmp_path / "one.pt", b"weights")
+    engine = make_engine(tmp_path)
+    try:
+        req = request(tmp_path / "one.pt")
+        engine.save(req).wait(30)
+        m = engine.read_manifest(req.keys)
+        assert m is not None and [f.path for f in m.files] == ["one.pt"] and m.source == "file"
+        with pytest.raises(SnapshotError, match="no such file"):
+            engine.save(request(tmp_path / "missing"))
+    finally:
+        engine.close()
+
+
+def test_listing_is_newest_first_and_ids_never_collide(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write(src / "f", b"1")
+    engine = make_engine(tmp_path, max_pending=4)
+    try:
+        reqs = [request(src, run_id=r) for r in ("1", "1", "2", "1")]
+        for r in reqs:
+            engine.save(r)
+        assert engine.drain(30).pending == []
+        ids = [k.checkpoint_id for k in engine.list_manifest_keys(SCOPE.manifests_prefix())]
+        assert ids == [r.keys.checkpoint_id for r in reversed(reqs)]
+        assert len(set(ids)) == 4
+        only_run_2 = engine.list_manifest_keys(SCOPE.manifests_prefix("2"))
+        assert [k.checkpoint_id for k in only_run_2] == [reqs[2].keys.checkpoint_id]
+    finally:
+        engine.close()

@@ -122,7 +122,7 @@ def test_refuses_to_load_next_to_metaflow_checkpoint(tmp_path: Path) -> None:
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
-    out = subprocess.run([sys.executable, "-c", "import metaflow"], env=env,
+    out = subprocess.run([sys.executable, "-c", "import metaflow"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "pip uninstall metaflow-checkpoint" in out.stderr

@@ -126,3 +126,11 @@ def test_refuses_to_load_next_to_metaflow_checkpoint(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "pip uninstall metaflow-checkpoint" in out.stderr
+
+
+def test_sys_exit_after_save_still_commits(run_flow: RunFlow, datastore_root: Path) -> None:
+    out = run_flow("exit_flow.py", check=False)
+    assert out.returncode != 0
+    committed = manifests(datastore_root)
+    assert [m.metadata for _, m in committed] == [{"why": "exit"}], out.stderr
+    assert verify_all(datastore_root) == 1

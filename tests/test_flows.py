@@ -134,3 +134,13 @@ def test_sys_exit_after_save_still_commits(run_flow: RunFlow, datastore_root: Pa
     committed = manifests(datastore_root)
     assert [m.metadata for _, m in committed] == [{"why": "exit"}], out.stderr
     assert verify_all(datastore_root) == 1
+
+
+def test_sigterm_after_save_commits_within_the_grace_period(run_flow: RunFlow,
+                                                            datastore_root: Path) -> None:
+    out = run_flow("sigterm_flow.py", check=False)
+    assert out.returncode != 0
+    assert "SIGTERM: committing pending checkpoints" in out.stdout + out.stderr
+    committed = manifests(datastore_root)
+    assert [m.metadata for _, m in committed] == [{"why": "sigterm"}], out.stderr
+    assert verify_all(datastore_root) == 1

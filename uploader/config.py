@@ -45,6 +45,7 @@ class Settings:
     drain_timeout: float = 3600.0
     snapshot: SnapshotMode = SnapshotMode.AUTO
     copy_budget: int = 4 * MiB
+    sigterm_grace: float = 25.0
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
@@ -93,6 +94,7 @@ _FIELDS: dict[str, _Field] = {
                        "one of auto, reflink, link, copy"),
     "COPY_BUDGET": _Field("copy_budget", parse_size, _int_in(0, 1 * GiB),
                           "a size from 0 to 1GiB, e.g. 4MiB"),
+    "SIGTERM_GRACE": _Field("sigterm_grace", float, _float_in(0, 3600), "seconds, 0..3600"),
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(_FIELDS)

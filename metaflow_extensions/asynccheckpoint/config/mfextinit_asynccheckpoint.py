@@ -50,5 +50,7 @@ CHECKPOINT_DRAIN_TIMEOUT = _from_conf("CHECKPOINT_DRAIN_TIMEOUT", "3600")
 CHECKPOINT_SNAPSHOT = _from_conf("CHECKPOINT_SNAPSHOT", "auto")
 # Bytes per save() that are copied instead of linked (small files only).
 CHECKPOINT_COPY_BUDGET = _from_conf("CHECKPOINT_COPY_BUDGET", "4MiB")
+# Seconds a task that receives SIGTERM (preemption) spends draining uploads before exiting.
+CHECKPOINT_SIGTERM_GRACE = _from_conf("CHECKPOINT_SIGTERM_GRACE", "25")
 
 del _from_conf, _refuse_to_shadow

@@ -91,7 +91,35 @@ class CheckpointDecorator(StepDecorator):
             field="checkpoint-scope", value=scope.prefix, type="checkpoint-scope",
             tags=[f"attempt_id:{retry_count}"])])
         self._finished = False
+        self._install_sigterm_handler()
         self._current._load_on_start(self._load_policy)
+
+    def _install_sigterm_handler(self) -> None:
+        # Preemption sends SIGTERM and allows a grace period: use it to commit what was
+        # saved, then die the way the previous handler would have.
+        import os
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        grace = self._settings.sigterm_grace
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            current = self._current
+            if current is not None:
+                print(f"[@checkpoint] SIGTERM: committing pending checkpoints "
+                      f"(up to {grace:g}s, METAFLOW_CHECKPOINT_SIGTERM_GRACE)", flush=True)
+                current._engine.drain(grace)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous != signal.SIG_IGN:
+                os.kill(os.getpid(), signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        self._restore_sigterm = lambda: signal.signal(signal.SIGTERM, previous)
 
     def task_post_step(self, step_name, flow, graph, retry_count,
                        max_user_code_retries):  # type: ignore[no-untyped-def]
@@ -121,5 +149,9 @@ class CheckpointDecorator(StepDecorator):
                 self._finished = True
                 self._current._finish(success=False)
         finally:
+            restore = getattr(self, "_restore_sigterm", None)
+            if restore is not None:
+                restore()
+                self._restore_sigterm = None
             self._current._close()
             self._current = None

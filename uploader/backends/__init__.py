@@ -1,6 +1,22 @@
 """Storage backends. Each writes and reads keys under one root, with the same layout."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .base import Backend, TransferContext
 from .local import LocalBackend
 
-__all__ = ["Backend", "LocalBackend", "TransferContext"]
+if TYPE_CHECKING:
+    from .s3 import S3Backend
+
+__all__ = ["Backend", "LocalBackend", "S3Backend", "TransferContext"]
+
+
+def __getattr__(name: str) -> Any:
+    # aioboto3 takes most of a second to import; only S3 users pay for it.
+    if name == "S3Backend":
+        from .s3 import S3Backend
+
+        return S3Backend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,3 +54,28 @@ def run_flow(tmp_path: Path, flow_env: dict[str, str]) -> RunFlow:
 @pytest.fixture
 def datastore_root(tmp_path: Path) -> Path:
     return tmp_path / "ds" / ".metaflow"
+
+
+@pytest.fixture(scope="session")
+def s3_server():  # type: ignore[no-untyped-def]
+    from s3server import running_s3_server
+
+    with running_s3_server() as server:
+        yield server
+
+
+S3_BUCKET = "ckpt-flows"
+
+
+@pytest.fixture
+def s3_env(s3_server, flow_env: dict[str, str], tmp_path: Path) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Environment for a flow on the S3 datastore of a fresh, empty moto server."""
+    s3_server.reset()
+    s3_server.client().create_bucket(Bucket=S3_BUCKET)
+    env = dict(flow_env)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        env.pop(name, None)
+    env.update(s3_server.env(S3_BUCKET))
+    env["AWS_CONFIG_FILE"] = str(tmp_path / "no-aws-config")
+    env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "no-aws-credentials")
+    return env

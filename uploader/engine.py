@@ -256,6 +256,10 @@ class Engine:
             key = keys.data(f.relpath)
             try:
                 digest = await backend.put_file(key, f.path, f.size)
+            except UploadError as e:
+                raise type(e)(f"checkpoint {req.name!r} ({keys.checkpoint_id}), file "
+                              f"{f.relpath!r}: {e}", checkpoint_id=keys.checkpoint_id,
+                              key=e.key or key) from e
             except CheckpointError:
                 raise
             except Exception as e:
@@ -285,7 +289,12 @@ class Engine:
                 source="file" if os.path.isfile(req.source) else "directory",
                 timings={"snapshot_s": snap.seconds, "upload_s": upload_s},
             )
-            await backend.put_bytes(keys.manifest, manifest.to_json())
+            try:
+                await backend.put_bytes(keys.manifest, manifest.to_json())
+            except UploadError as e:
+                raise type(e)(f"checkpoint {req.name!r} ({keys.checkpoint_id}), writing its "
+                              f"manifest: {e}", checkpoint_id=keys.checkpoint_id,
+                              key=e.key or keys.manifest) from e
             req.reference["size"] = manifest.total_bytes
             handle._transition(CheckpointState.COMMITTED)
             if req.latest:

@@ -7,8 +7,7 @@
     ├── SnapshotError                    save() could not snapshot the source path
     ├── UploadError                      a checkpoint could not be stored; raised by wait()/drain
     │   ├── TornCheckpointError          a file changed in place while its upload was pending
-    │   ├── StorageAccessError           not retryable: denied, no such bucket, bad credentials
-    │   └── DrainTimeoutError            uploads were still pending when the drain timed out
+    │   └── StorageAccessError           not retryable: denied, no such bucket, bad credentials
     ├── CheckpointNotFoundError          a reference or scope names no committed checkpoint
     ├── ChecksumMismatchError            stored bytes differ from the manifest; raised on load
     └── EngineClosedError                the engine was used after close()
@@ -23,7 +22,6 @@ __all__ = [
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "ConfigError",
-    "DrainTimeoutError",
     "EngineClosedError",
     "SnapshotError",
     "StorageAccessError",
@@ -69,10 +67,6 @@ class TornCheckpointError(UploadError):
 
 class StorageAccessError(UploadError):
     """The store refused a request in a way that retrying cannot fix (permissions, bucket, keys)."""
-
-
-class DrainTimeoutError(UploadError):
-    """Raised by ``drain()`` when uploads are still pending after its timeout."""
 
 
 class CheckpointNotFoundError(CheckpointError):

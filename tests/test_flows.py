@@ -58,6 +58,7 @@ def test_reference_loads_in_a_later_step_and_a_later_run(run_flow: RunFlow) -> N
     ref = json.loads(first["ref_json"])
     assert ref["type"] == "checkpoint" and ref["metadata"] == {"note": "hello"}
     assert first["later_step"].startswith("payload of ")
+    assert first["listed_other_task"] == "True" and first["listed_own_task"] == "[]"
     second = results(run_flow("reference_flow.py", "--earlier", first["ref_json"]).stdout)
     assert second["later_run"] == first["later_step"]
     assert second["later_step"] != first["later_step"]

@@ -30,6 +30,9 @@ class ReferenceFlow(FlowSpec):
             current.checkpoint.load(json.loads(self.earlier), path=target)
             with open(os.path.join(target, "nested", "payload.txt")) as f:
                 print(f"RESULT later_run={f.read()}")
+        listed = current.checkpoint.list(task=self.ref["pathspec"])
+        print(f"RESULT listed_other_task={[c['key'] for c in listed] == [self.ref['key']]}")
+        print(f"RESULT listed_own_task={current.checkpoint.list()}")
         print(f"RESULT ref_json={json.dumps(self.ref)}")
         self.next(self.end)
 

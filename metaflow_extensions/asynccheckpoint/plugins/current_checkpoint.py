@@ -13,7 +13,6 @@ from uploader import (
     CheckpointError,
     CheckpointHandle,
     CheckpointKeys,
-    CheckpointNotFoundError,
     CheckpointState,
     Engine,
     Manifest,
@@ -350,7 +349,7 @@ class CurrentCheckpoint:
         t = task if isinstance(task, Task) else Task(str(task), _namespace_check=False)
         scope = t.metadata_dict.get("checkpoint-scope")
         if not scope:
-            raise CheckpointNotFoundError(
+            raise CheckpointException(
                 f"task {t.pathspec} has no checkpoints: it did not run with @checkpoint.")
         _flow, run_id, _step, task_id = t.pathspec.split("/")
         return scope, run_id, task_id

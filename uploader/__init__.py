@@ -8,7 +8,6 @@ from .config import Settings, SnapshotMode, parse_settings
 from .engine import DrainReport, Engine, SaveRequest
 from .errors import (
     CheckpointError,
-    CheckpointNotFoundError,
     ChecksumMismatchError,
     ConfigError,
     EngineClosedError,
@@ -28,7 +27,6 @@ __all__ = [
     "CheckpointError",
     "CheckpointHandle",
     "CheckpointKeys",
-    "CheckpointNotFoundError",
     "CheckpointState",
     "ChecksumMismatchError",
     "ConfigError",

@@ -8,7 +8,6 @@
     ├── UploadError                      a checkpoint could not be stored; raised by wait()/drain
     │   ├── TornCheckpointError          a file changed in place while its upload was pending
     │   └── StorageAccessError           not retryable: denied, no such bucket, bad credentials
-    ├── CheckpointNotFoundError          a reference or scope names no committed checkpoint
     ├── ChecksumMismatchError            stored bytes differ from the manifest; raised on load
     └── EngineClosedError                the engine was used after close()
 
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
-    "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "ConfigError",
     "EngineClosedError",
@@ -67,10 +65,6 @@ class TornCheckpointError(UploadError):
 
 class StorageAccessError(UploadError):
     """The store refused a request in a way that retrying cannot fix (permissions, bucket, keys)."""
-
-
-class CheckpointNotFoundError(CheckpointError):
-    """Raised by ``load()`` and ``latest()`` when no committed checkpoint matches."""
 
 
 class ChecksumMismatchError(CheckpointError):

@@ -22,6 +22,8 @@ def test_retry_resumes_from_latest_committed_checkpoint(run_flow: RunFlow,
     assert r["loaded"] == "True"
     assert r["content"] == "epoch=3"  # not the latest=False "side" checkpoint
     assert r["info_attempt"] == "0"
+    assert r["bad_metadata"].startswith(
+        "CheckpointException: save(metadata=...) must be JSON-serialisable")
     assert ast.literal_eval(r["info_metadata"]) == {"epoch": 3}
     assert r["durable"] == "True" and r["state"] == "committed"
     # Newest first, both attempts, committed only.

@@ -34,6 +34,10 @@ class ResumeFlow(FlowSpec):
         with open(path) as f:
             result("content", f.read())
         result("info_attempt", current.checkpoint.info["attempt"])
+        try:
+            current.checkpoint.save(metadata={"loss": object()})
+        except Exception as e:
+            result("bad_metadata", type(e).__name__ + ": " + str(e).split(":")[0])
         result("info_metadata", current.checkpoint.info.metadata)
         # Writes into the staging directory after a load must not reach the stored copy.
         with open(path, "w") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -277,6 +278,15 @@ class CurrentCheckpoint:
         if metadata is not None and not isinstance(metadata, dict):
             raise CheckpointException(
                 f"save(metadata=...) must be a dict, got {type(metadata).__name__}.")
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as e:
+            # Checked here, in the caller's thread: the manifest that records it is only
+            # written once the upload is done, far from the line that passed it.
+            raise CheckpointException(
+                f"save(metadata=...) must be JSON-serialisable (str, numbers, bools, None, "
+                f"lists and dicts of them): {e}. Convert values such as numpy scalars with "
+                "float() or int().") from e
         if not isinstance(latest, bool):
             raise CheckpointException(f"save(latest=...) must be True or False, got {latest!r}.")
         if storage_format not in ("files", "tar"):

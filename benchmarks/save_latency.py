@@ -18,6 +18,8 @@ import statistics
 import tempfile
 import time
 
+from benchfiles import make_file
+
 from uploader import (
     CheckpointKeys,
     Engine,
@@ -29,17 +31,6 @@ from uploader import (
     new_checkpoint_id,
 )
 from uploader.config import parse_size
-
-
-def make_file(path: str, size: int) -> None:
-    chunk = os.urandom(16 << 20)
-    with open(path, "wb") as f:
-        left = size
-        while left > 0:
-            f.write(chunk[: min(left, len(chunk))])
-            left -= len(chunk)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def main() -> None:
@@ -64,6 +55,11 @@ def main() -> None:
                         log=print)
         copy_s, save_s, durable_s = [], [], []
         try:
+            # @checkpoint starts the uploader's thread when the task starts, before the
+            # step's code runs; do the same here so the first save() is not charged for it.
+            t0 = time.perf_counter()
+            engine.backend  # noqa: B018
+            start_s = time.perf_counter() - t0
             for i in range(args.repeat):
                 dst = os.path.join(tmp, f"copy-{i}.bin")
                 t0 = time.perf_counter()
@@ -85,6 +81,7 @@ def main() -> None:
     med = statistics.median
     gib = size / (1 << 30)
     print(f"file size                    {gib:.2f} GiB, {args.repeat} repeats, medians")
+    print(f"uploader start (once a task) {start_s * 1e3:10.1f} ms (before the step runs)")
     print(f"shutil.copy (baseline)       {med(copy_s) * 1e3:10.1f} ms")
     print(f"save() returns               {med(save_s) * 1e3:10.2f} ms")
     print(f"save() until durable         {med(durable_s) * 1e3:10.1f} ms (off the caller's thread)")

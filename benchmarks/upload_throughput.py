@@ -59,6 +59,7 @@ from typing import Any
 
 import aioboto3
 import boto3
+from benchfiles import make_file
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
@@ -85,17 +86,6 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the file ----------------------------------------------------------------------------
-
-def make_file(path: str, size: int) -> None:
-    chunk = os.urandom(16 << 20)
-    with open(path, "wb") as f:
-        left = size
-        while left > 0:
-            f.write(chunk[: min(left, len(chunk))])
-            left -= len(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-
 
 def read_through(path: str) -> None:
     """Read the whole file once so every contender finds it in the page cache."""

@@ -211,6 +211,7 @@ class CurrentCheckpoint:
     # -- task lifecycle (called by the decorator) ------------------------------------
 
     def _load_on_start(self, policy: str) -> None:
+        self._engine.backend  # noqa: B018  start the uploader now, not in the first save()
         if policy == "none":
             return
         found = self._latest(run_id=self._identity.run_id, task_id=self._identity.task_id)

@@ -235,3 +235,25 @@ def test_listing_is_newest_first_and_ids_never_collide(tmp_path: Path) -> None:
         assert [k.checkpoint_id for k in only_run_2] == [reqs[2].keys.checkpoint_id]
     finally:
         engine.close()
+
+
+def test_latest_hint_never_goes_back_when_commits_finish_out_of_order(tmp_path: Path) -> None:
+    import json
+
+    big, small = tmp_path / "big", tmp_path / "small"
+    write(big / "f", b"x" * 1000)
+    write(small / "f", b"y")
+    engine = make_engine(tmp_path, gated=True, copy_budget=0, max_pending=2)
+    try:
+        older = request(big)
+        engine.save(older)
+        assert engine.backend.entered.wait(30)  # type: ignore[attr-defined]
+        engine.backend.gated = False  # type: ignore[attr-defined]
+        newer = request(small)
+        engine.save(newer).wait(30)  # commits while the older one is still held
+        engine.backend.gate.set()  # type: ignore[attr-defined]
+        assert engine.drain(30).pending == []
+        hint = json.loads((tmp_path / "store" / SCOPE.latest_key).read_text())
+        assert hint["checkpoint_id"] == newer.keys.checkpoint_id
+    finally:
+        engine.close()

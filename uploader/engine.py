@@ -147,6 +147,7 @@ class Engine:
         self._closed = False
         self._told_torn = False
         self._told_unsuperseded: set[str] = set()
+        self._hinted: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -344,6 +345,11 @@ class Engine:
 
     async def _write_latest_hint(self, keys: CheckpointKeys) -> None:
         # Only a hint for humans and tools; readers list manifests. Never fails a checkpoint.
+        # Commits can finish out of order: never point the hint back at an older save.
+        hinted = self._hinted.get(keys.scope_prefix, "")
+        if keys.checkpoint_id <= hinted:
+            return
+        self._hinted[keys.scope_prefix] = keys.checkpoint_id
         hint = f'{{"checkpoint_id": "{keys.checkpoint_id}", "manifest": "{keys.manifest}"}}\n'
         assert self._backend is not None
         try:

@@ -297,9 +297,12 @@ class Engine:
                               f"manifest: {e}", checkpoint_id=keys.checkpoint_id,
                               key=e.key or keys.manifest) from e
             req.reference["size"] = manifest.total_bytes
-            handle._transition(CheckpointState.COMMITTED)
             if req.latest:
-                await self._write_latest_hint(keys)
+                # Before the handle completes, so whoever waits on it sees the hint too;
+                # shielded, since the checkpoint is already committed by its manifest.
+                with anyio.move_on_after(30, shield=True):
+                    await self._write_latest_hint(keys)
+            handle._transition(CheckpointState.COMMITTED)
         except _Torn as t:
             newer = self._has_newer(handle)
             msg = (f"checkpoint {req.name!r} ({keys.checkpoint_id}) was not committed: "

@@ -34,6 +34,7 @@ from .errors import (
     EngineClosedError,
     TornCheckpointError,
     UploadError,
+    first_error,
 )
 from .handle import CheckpointHandle, CheckpointState
 from .layout import CheckpointKeys
@@ -94,9 +95,7 @@ class DrainReport:
         for i, h in enumerate(self.handles):
             if h.state is not CheckpointState.TORN:
                 continue
-            scope = h.reference.get("scope")
-            if not any(later.state is CheckpointState.COMMITTED
-                       and later.reference.get("scope") == scope
+            if not any(later.state is CheckpointState.COMMITTED and later.scope == h.scope
                        for later in self.handles[i + 1:]):
                 out.append(h)
         return out
@@ -107,13 +106,11 @@ class _Torn(Exception):
         self.file = file
 
 
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_error(exc)
-        if not isinstance(exc, anyio.get_cancelled_exc_class()):
-            return exc
-    return group.exceptions[0]
+def _naming(e: UploadError, req: SaveRequest, what: str, key: str) -> UploadError:
+    """The backend's error, of the same class, prefixed with the checkpoint it broke."""
+    cid = req.keys.checkpoint_id
+    return type(e)(f"checkpoint {req.name!r} ({cid}), {what}: {e}", checkpoint_id=cid,
+                   key=e.key or key)
 
 
 def _safe_relpath(path: str) -> str:
@@ -148,6 +145,7 @@ class Engine:
         self._told_torn = False
         self._told_unsuperseded: set[str] = set()
         self._hinted: dict[str, str] = {}
+        self._newest: dict[str, CheckpointHandle] = {}  # per scope prefix
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -222,15 +220,17 @@ class Engine:
         except BaseException:
             self._slots.release()
             raise
+        scope = request.keys.scope_prefix
         handle = CheckpointHandle(request.keys.checkpoint_id, request.name, request.reference,
-                                  request.source)
+                                  request.source, scope=scope)
         with self._lock:
-            earlier = list(self._handles)
+            previous = self._newest.get(scope)
+            self._newest[scope] = handle
             self._handles.append(handle)
-        scope = request.reference.get("scope")
-        for h in earlier:
-            if h.state is CheckpointState.TORN and h.reference.get("scope") == scope:
-                self._note_superseded(h)
+        # Only the previous newest can be torn and not yet noted: a checkpoint torn while a
+        # newer save existed was noted when it tore.
+        if previous is not None and previous.state is CheckpointState.TORN:
+            self._note_superseded(previous)
         try:
             portal.start_task_soon(self._upload, handle, request, snap)
         except BaseException as e:
@@ -258,9 +258,7 @@ class Engine:
             try:
                 digest = await backend.put_file(key, f.path, f.size)
             except UploadError as e:
-                raise type(e)(f"checkpoint {req.name!r} ({keys.checkpoint_id}), file "
-                              f"{f.relpath!r}: {e}", checkpoint_id=keys.checkpoint_id,
-                              key=e.key or key) from e
+                raise _naming(e, req, f"file {f.relpath!r}", key) from e
             except CheckpointError:
                 raise
             except Exception as e:
@@ -279,7 +277,7 @@ class Engine:
                     for f in snap.files:
                         tg.start_soon(one, f)
             except BaseExceptionGroup as eg:
-                raise _first_error(eg) from None
+                raise first_error(eg) from None
             upload_s = time.monotonic() - t0
             manifest = Manifest(
                 checkpoint_id=keys.checkpoint_id, name=req.name, run_id=keys.run_id,
@@ -293,9 +291,7 @@ class Engine:
             try:
                 await backend.put_bytes(keys.manifest, manifest.to_json())
             except UploadError as e:
-                raise type(e)(f"checkpoint {req.name!r} ({keys.checkpoint_id}), writing its "
-                              f"manifest: {e}", checkpoint_id=keys.checkpoint_id,
-                              key=e.key or keys.manifest) from e
+                raise _naming(e, req, "writing its manifest", keys.manifest) from e
             req.reference["size"] = manifest.total_bytes
             if req.latest:
                 # Before the handle completes, so whoever waits on it sees the hint too;
@@ -341,10 +337,8 @@ class Engine:
                       "once per task.")
 
     def _has_newer(self, handle: CheckpointHandle) -> bool:
-        hs = self.handles
-        scope = handle.reference.get("scope")
-        idx = hs.index(handle)
-        return any(h.reference.get("scope") == scope for h in hs[idx + 1:])
+        with self._lock:
+            return self._newest.get(handle.scope) is not handle
 
     async def _write_latest_hint(self, keys: CheckpointKeys) -> None:
         # Only a hint for humans and tools; readers list manifests. Never fails a checkpoint.
@@ -430,4 +424,4 @@ class Engine:
                 for e in manifest.files:
                     tg.start_soon(one, e)
         except BaseExceptionGroup as eg:
-            raise _first_error(eg) from None
+            raise first_error(eg) from None

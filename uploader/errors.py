@@ -16,6 +16,8 @@ Messages name the checkpoint, the file and the storage key involved, and say wha
 
 from __future__ import annotations
 
+import anyio
+
 __all__ = [
     "CheckpointError",
     "ChecksumMismatchError",
@@ -25,6 +27,7 @@ __all__ = [
     "StorageAccessError",
     "TornCheckpointError",
     "UploadError",
+    "first_error",
 ]
 
 
@@ -73,3 +76,12 @@ class ChecksumMismatchError(CheckpointError):
 
 class EngineClosedError(CheckpointError):
     """Raised when a closed engine is asked to save or load."""
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that made a task group fail, rather than the cancellations it caused."""
+    for exc in group.exceptions:
+        found = first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if not isinstance(found, anyio.get_cancelled_exc_class()):
+            return found
+    return group.exceptions[0]

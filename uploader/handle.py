@@ -47,9 +47,10 @@ class CheckpointHandle:
     """The future of one save: its state, and ``wait()`` until it is durable."""
 
     def __init__(self, checkpoint_id: str, name: str, reference: dict[str, Any],
-                 source: str) -> None:
+                 source: str, *, scope: str = "") -> None:
         self.checkpoint_id = checkpoint_id
         self.name = name
+        self.scope = scope  # the scope prefix: a later save of the same scope supersedes it
         self.reference = reference  # what load() takes; complete once committed
         self.source = source  # the path that was saved
         self._state = CheckpointState.PENDING

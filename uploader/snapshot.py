@@ -14,7 +14,6 @@ import errno
 import fcntl
 import os
 import shutil
-import stat
 import time
 import uuid
 
@@ -67,16 +66,26 @@ class Snapshot:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _copy_small(src: str, dst: str) -> None:
+def _copy(src: str, dst: str, size: int) -> int:
+    """Copy ``src`` to a new file ``dst``; return the bytes copied.
+
+    Lean on purpose: it runs once per small file in save(). Reads are sized to the file
+    (``os.read`` allocates its whole request up front), and a short read ends the copy
+    without another call.
+    """
     fin = os.open(src, os.O_RDONLY)
     try:
         fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            want = min(size + 1, _COPY_CHUNK)
+            total = 0
             while True:
-                buf = os.read(fin, _COPY_CHUNK)
-                if not buf:
-                    break
-                os.write(fout, buf)
+                buf = os.read(fin, want)
+                if buf:
+                    os.write(fout, buf)
+                    total += len(buf)
+                if len(buf) < want:
+                    return total
         finally:
             os.close(fout)
     finally:
@@ -148,6 +157,7 @@ def take_snapshot(
     os.makedirs(dest_root, exist_ok=True)
     root = os.path.join(dest_root, f"snap-{uuid.uuid4().hex}")
     os.mkdir(root, 0o700)
+    root_dev = os.stat(root).st_dev
     made_dirs = {""}
     budget = copy_budget if mode is not SnapshotMode.COPY else None
     linked = copied = cloned = 0
@@ -160,13 +170,14 @@ def take_snapshot(
                 made_dirs.add(parent)
             dst = os.path.join(root, rel)
             shared = False
-            if budget is None or st.st_size <= budget:
-                _copy_small(src, dst)
+            size = st.st_size
+            if budget is None or size <= budget:
+                size = _copy(src, dst, size)
                 if budget is not None:
-                    budget -= st.st_size
+                    budget -= size
                 copied += 1
             elif mode in (SnapshotMode.AUTO, SnapshotMode.REFLINK) and _try_reflink(
-                src, dst, (st.st_dev, os.stat(root).st_dev)
+                src, dst, (st.st_dev, root_dev)
             ):
                 cloned += 1
             elif mode is SnapshotMode.REFLINK:
@@ -182,14 +193,13 @@ def take_snapshot(
                 except OSError as e:
                     if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                         raise
-                    shutil.copyfile(src, dst)
+                    size = _copy(src, dst, size)
                     copied += 1
-            # The fingerprint is taken from the frozen file: for a link that is the user's
-            # inode as it is now, which is what the uploader must still find when it reads.
-            fst = os.stat(dst)
-            if not stat.S_ISREG(fst.st_mode):
-                continue
-            files.append(SnapshotFile(rel, dst, fst.st_size, fingerprint_of(fst), shared))
+            # The walk's stat of the user's file is the fingerprint: a link shares that
+            # inode, so this is what the uploader must still find when it reads. Should the
+            # file change between the walk and the link, the uploader sees a mismatch and
+            # drops the checkpoint: the safe direction. Unshared copies are never checked.
+            files.append(SnapshotFile(rel, dst, size, fingerprint_of(st), shared))
     except SnapshotError:
         shutil.rmtree(root, ignore_errors=True)
         raise

@@ -42,7 +42,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..config import MIN_PART_SIZE, MiB
-from ..errors import CheckpointError, StorageAccessError, UploadError
+from ..errors import CheckpointError, StorageAccessError, UploadError, first_error
 from .base import TransferContext
 
 __all__ = ["S3Backend", "is_transient", "part_size_for"]
@@ -102,15 +102,6 @@ def _is_storage_error(exc: BaseException) -> bool:
     # propagates as it is, so the engine can tell a torn file from a failed upload.
     return isinstance(exc, (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError,
                             asyncio.TimeoutError, ConnectionError))
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error that made a task group fail, rather than the cancellations it caused."""
-    for exc in group.exceptions:
-        found = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
-        if not isinstance(found, anyio.get_cancelled_exc_class()):
-            return found
-    return group.exceptions[0]
 
 
 def _read_hashing(fd: int, offset: int, length: int, digest: Any) -> io.BytesIO:
@@ -260,7 +251,7 @@ class S3Backend:
         try:
             yield
         except Exception as e:
-            err = _first_error(e) if isinstance(e, BaseExceptionGroup) else e
+            err = first_error(e) if isinstance(e, BaseExceptionGroup) else e
             if _is_storage_error(err):
                 raise self._error(err, key, doing, permission, writing=writing) from err
             if err is not e:
@@ -362,7 +353,7 @@ class S3Backend:
                         tg.start_soon(send, number, length, body, token)
                         del body  # the part's task owns it now, and frees it when done
             except BaseExceptionGroup as eg:
-                raise _first_error(eg) from None
+                raise first_error(eg) from None
             parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
             await self._complete(okey, upload_id, parts, size)
         except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -36,12 +37,22 @@ def run_flow(tmp_path: Path, flow_env: dict[str, str]) -> RunFlow:
     """``run_flow("name.py", "--param", "x", env={...})`` runs ``tests/flows/name.py run``."""
 
     def run(flow: str, *args: str, env: dict[str, str] | None = None,
-            check: bool = True, command: str = "run") -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
+            check: bool = True, command: str = "run",
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        with subprocess.Popen(
             [sys.executable, str(FLOWS / flow), "--no-pylint", command, *args],
-            cwd=tmp_path, env={**flow_env, **(env or {})}, capture_output=True, text=True,
-            timeout=300,
-        )
+            cwd=tmp_path, env={**flow_env, **(env or {})}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True,
+        ) as p:
+            try:
+                stdout, stderr = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                # Kill the flow's tasks too, not only the runtime: a hung task would
+                # outlive the test.
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+                raise
+        proc = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"{flow} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n"
@@ -79,3 +90,55 @@ def s3_env(s3_server, flow_env: dict[str, str], tmp_path: Path) -> dict[str, str
     env["AWS_CONFIG_FILE"] = str(tmp_path / "no-aws-config")
     env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "no-aws-credentials")
     return env
+
+
+# -- real filesystems, loop-mounted (see fsimages.py) ------------------------------------
+
+from collections.abc import Iterator  # noqa: E402
+
+
+def _mount_or_skip(kind: str) -> Iterator[Path]:
+    import fsimages
+
+    try:
+        with fsimages.mounted(kind) as mnt:
+            yield mnt
+    except fsimages.FilesystemUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def coarse_mount() -> Iterator[Path]:
+    """A session's ext4 with whole-second timestamps (128-byte inodes)."""
+    yield from _mount_or_skip("ext4_coarse")
+
+
+@pytest.fixture(scope="session")
+def reflink_mount() -> Iterator[Path]:
+    """A session's XFS with reflink clones."""
+    yield from _mount_or_skip("xfs_reflink")
+
+
+def _fresh_dir(mount: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    import re
+    import shutil
+    import tempfile
+
+    # One mount per session (making one takes a while); a directory per test keeps tests
+    # apart, and removing it keeps the small image from filling up.
+    name = re.sub(r"[^\w.-]", "_", request.node.name)[:40]
+    d = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=mount))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def coarse_fs(coarse_mount: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh empty directory on ext4 with 1-second timestamps."""
+    yield from _fresh_dir(coarse_mount, request)
+
+
+@pytest.fixture
+def reflink_fs(reflink_mount: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh empty directory on XFS, where files can be reflink-cloned."""
+    yield from _fresh_dir(reflink_mount, request)

@@ -20,7 +20,7 @@ from uploader import (
     parse_settings,
 )
 from uploader.config import MiB, parse_size
-from uploader.layout import new_checkpoint_id, safe_component
+from uploader.layout import checkpoint_order, new_checkpoint_id, safe_component
 
 # -- settings -----------------------------------------------------------------------
 
@@ -183,3 +183,110 @@ def test_retry_call_retries_only_transient_errors() -> None:
     with pytest.raises(PermissionError):
         anyio.run(lambda: p.call(fatal, is_transient=is_transient))
     assert len(calls) == 1
+
+
+# -- which checkpoint is newest -------------------------------------------------------
+
+HOUR_US = 3600 * 10**6
+NOW_US = 1_718_000_000_000_000
+SCOPE = Scope("F", "n", "s").prefix
+
+
+def _cid(us: int, attempt: int, seq: int, *, task: str = "7", pid: int = 4242) -> str:
+    # The format new_checkpoint_id writes, with every field chosen by the test.
+    return "%016d-%s-a%d-%d.%d-%s" % (us, task, attempt, pid, seq, "0a1b2c3d")
+
+
+saves = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 10_000),
+                           st.integers(NOW_US - 10 * HOUR_US, NOW_US + 10 * HOUR_US)),
+                 min_size=1, max_size=30, unique_by=lambda t: (t[0], t[1]))
+
+
+@given(saves)
+def test_newest_is_by_attempt_then_save_order_whatever_the_clocks_say(
+        found: list[tuple[int, int, int]]) -> None:
+    keys = [CheckpointKeys(SCOPE, "12", _cid(us, attempt, seq)) for attempt, seq, us in found]
+    ordered = CheckpointKeys.newest_first(keys)
+    got = [checkpoint_order(k.checkpoint_id)[:2] for k in ordered]
+    assert got == sorted(((a, s) for a, s, _ in found), reverse=True)
+
+
+def test_a_retry_on_a_host_an_hour_behind_is_still_the_newest() -> None:
+    first = CheckpointKeys(SCOPE, "12", _cid(NOW_US, 0, 5))
+    retry = CheckpointKeys(SCOPE, "12", _cid(NOW_US - HOUR_US, 1, 0))
+    assert retry.checkpoint_id < first.checkpoint_id  # what a string sort would have trusted
+    assert CheckpointKeys.newest_first([first, retry]) == [retry, first]
+
+
+def test_within_a_process_the_sequence_beats_a_clock_that_stepped_back() -> None:
+    # Same attempt and process: the counter, not the timestamp, says which came later.
+    before = CheckpointKeys(SCOPE, "12", _cid(NOW_US, 0, 3))
+    after = CheckpointKeys(SCOPE, "12", _cid(NOW_US - 5, 0, 4))
+    assert CheckpointKeys.newest_first([before, after]) == [after, before]
+
+
+@given(names, st.integers(0, 99))
+def test_ids_as_written_parse_back(task: str, attempt: int) -> None:
+    import time
+
+    lo = time.time_ns() // 1000
+    got = checkpoint_order(new_checkpoint_id(task, attempt))
+    assert got[0] == attempt and got[1] >= 0 and got[2] >= lo
+
+
+def test_ids_already_stored_keep_parsing() -> None:
+    assert checkpoint_order("1718000000000000-3-a0-4242.0-deadbeef") == (0, 0, 1718000000000000)
+    # A task id with dashes, even ones that look like the fields after it.
+    assert checkpoint_order("1718000000000001-my-a9-1.2-ff-task-a2-77.13-0a1b2c3d") == (
+        2, 13, 1718000000000001)
+
+
+GARBAGE = ["", "latest", "abc-def", "-a1-2.3-ff", "1718000000000000-t-ax-2.3-ff",
+           "1718000000000000-t-a1-2.x-ff", "1718000000000000-t-a1-2.3-XY",
+           "12-t-a1-2.3-ff", "1718000000000000--a1-2.3-ff", "1718000000000000-t-a1-2.3-",
+           "\u00b9718000000000000-t-a1-2.3-ff", "1718000000000000-t-a\u00b2-2.3-ff"]
+
+
+@given(st.text() | st.sampled_from(GARBAGE))
+def test_order_never_raises(text: str) -> None:
+    attempt, seq, us = checkpoint_order(text)
+    assert min(attempt, seq, us) >= 0 or (attempt, seq, us) == (-1, -1, -1)
+
+
+def test_unparsable_ids_sort_last_and_do_not_stop_a_listing() -> None:
+    good = [CheckpointKeys(SCOPE, "12", _cid(NOW_US - HOUR_US, 0, 0)),
+            CheckpointKeys(SCOPE, "12", _cid(NOW_US - 2 * HOUR_US, 1, 0))]
+    bad = [CheckpointKeys(SCOPE, "12", g) for g in GARBAGE]
+    for g in GARBAGE:
+        assert checkpoint_order(g) == (-1, -1, -1), g
+    ordered = CheckpointKeys.newest_first(bad + good)
+    assert ordered[:2] == [good[1], good[0]]
+    assert set(ordered[2:]) == set(bad)
+    # A run holding nothing but unparsable ids ranks below every run that parses.
+    stray = CheckpointKeys(SCOPE, "99", "latest")
+    assert CheckpointKeys.newest_first([stray, *good])[-1] == stray
+
+
+@given(st.dictionaries(st.sampled_from(["1", "2", "3", "x-4"]), saves, min_size=1))
+def test_runs_rank_by_their_newest_timestamp_and_stay_together(
+        runs: dict[str, list[tuple[int, int, int]]]) -> None:
+    keys = [CheckpointKeys(SCOPE, run, _cid(us, a, s)) for run, found in runs.items()
+            for a, s, us in found]
+    ordered = CheckpointKeys.newest_first(reversed(keys))
+    # Each run's checkpoints come as one block ...
+    blocks = [k.run_id for i, k in enumerate(ordered)
+              if i == 0 or ordered[i - 1].run_id != k.run_id]
+    assert sorted(blocks) == sorted(runs)
+    # ... the blocks ordered by each run's newest timestamp ...
+    newest = {run: max(us for _, _, us in found) for run, found in runs.items()}
+    assert [newest[r] for r in blocks] == sorted(newest.values(), reverse=True)
+    # ... and inside a block, by attempt then save order.
+    for run in runs:
+        inside = [k.order[:2] for k in ordered if k.run_id == run]
+        assert inside == sorted(inside, reverse=True)
+
+
+def test_a_later_run_beats_a_higher_attempt_of_an_earlier_run() -> None:
+    old = [CheckpointKeys(SCOPE, "1", _cid(NOW_US - HOUR_US, 3, s)) for s in range(3)]
+    new = [CheckpointKeys(SCOPE, "2", _cid(NOW_US, 0, 0))]
+    assert CheckpointKeys.newest_first(old + new) == [new[0], old[2], old[1], old[0]]

@@ -17,7 +17,7 @@ from .errors import (
     UploadError,
 )
 from .handle import CheckpointHandle, CheckpointState
-from .layout import CheckpointKeys, Scope, new_checkpoint_id
+from .layout import CheckpointKeys, Scope, checkpoint_order, new_checkpoint_id
 from .manifest import FileEntry, Manifest
 from .retry import RetryPolicy
 from .snapshot import Snapshot, take_snapshot
@@ -47,6 +47,7 @@ __all__ = [
     "TornCheckpointError",
     "TransferContext",
     "UploadError",
+    "checkpoint_order",
     "new_checkpoint_id",
     "parse_settings",
     "take_snapshot",

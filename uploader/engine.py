@@ -18,6 +18,7 @@ import os
 import posixpath
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -40,15 +41,21 @@ from .handle import CheckpointHandle, CheckpointState
 from .layout import CheckpointKeys
 from .manifest import FileEntry, Manifest
 from .retry import RetryPolicy
-from .snapshot import Snapshot, SnapshotFile, fingerprint_of, take_snapshot
+from .snapshot import Fingerprint, Snapshot, SnapshotFile, fingerprint_of, take_snapshot
 
 __all__ = ["BackendFactory", "DrainReport", "Engine", "SaveRequest"]
 
 BackendFactory = Callable[[TransferContext], Backend]
 
 TORN_ADVICE = (
-    "To avoid this, write each file under a new name and os.replace() it over the old one, "
-    "or call save(wait=True) before rewriting, or set METAFLOW_CHECKPOINT_SNAPSHOT=copy."
+    "From now on save() freezes that file with a private copy, so later checkpoints "
+    "commit. To keep save() O(files), write each file under a new name and os.replace() it "
+    "over the old one, or call save(wait=True) before rewriting it."
+)
+REWRITE_ADVICE = (
+    "torch.save(), safetensors' save_file() and open(path, 'wb') rewrite the same inode, "
+    "which a hardlink snapshot shares. To keep save() O(files), write each checkpoint file "
+    "under a new name and os.replace() it over the old one."
 )
 
 
@@ -90,14 +97,18 @@ class DrainReport:
 
     @property
     def torn_unsuperseded(self) -> list[CheckpointHandle]:
-        """Torn checkpoints that no later save of the same scope has replaced."""
+        """Torn checkpoints that no later committed save of the same name and scope replaced.
+
+        Only like replaces like: a later "last" never stands in for a torn "best".
+        """
         out = []
-        for i, h in enumerate(self.handles):
-            if h.state is not CheckpointState.TORN:
-                continue
-            if not any(later.state is CheckpointState.COMMITTED and later.scope == h.scope
-                       for later in self.handles[i + 1:]):
+        replaced: set[tuple[str, str]] = set()
+        for h in reversed(self.handles):
+            if h.state is CheckpointState.COMMITTED:
+                replaced.add((h.scope, h.name))
+            elif h.state is CheckpointState.TORN and (h.scope, h.name) not in replaced:
                 out.append(h)
+        out.reverse()
         return out
 
 
@@ -120,8 +131,29 @@ def _safe_relpath(path: str) -> str:
     return norm
 
 
+_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+# What forked children inherited from their parent's engines, kept referenced forever:
+# collecting the parent's portal context would try to stop a loop that has no thread here.
+_inherited: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (a DataLoader worker, a multiprocessing helper) has none of the
+    # parent's threads: its copy of every engine must never wait on the parent's loop.
+    for engine in list(_live_engines):
+        engine._forget_parent()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Engine:
-    """Background uploader for checkpoints. Thread-safe; one per task."""
+    """Background uploader for checkpoints. Thread-safe; one per task.
+
+    In a process forked from the one that made it, an engine starts afresh: it never
+    touches the parent's loop or uploads, and its saves complete before ``save()``
+    returns (nothing in a child drains them at exit).
+    """
 
     def __init__(
         self,
@@ -135,17 +167,41 @@ class Engine:
         self._backend_factory = backend_factory
         self._snapshot_dir = snapshot_dir
         self._log = log
-        self._slots = threading.BoundedSemaphore(settings.max_pending)
+        self._closed = False
+        self._forked_from: int | None = None
+        self._fresh_state()
+        _live_engines.add(self)
+
+    def _fresh_state(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.settings.max_pending)
         self._handles: list[CheckpointHandle] = []
         self._lock = threading.Lock()
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
         self._backend: Backend | None = None
-        self._closed = False
         self._told_torn = False
-        self._told_unsuperseded: set[str] = set()
         self._hinted: dict[str, str] = {}
-        self._newest: dict[str, CheckpointHandle] = {}  # per scope prefix
+        self._newest: dict[tuple[str, str], CheckpointHandle] = {}  # per (scope, name)
+        # Per source path: the inode seen rewritten in place (frozen privately from then on
+        # while it keeps that inode), and its fingerprint and handle at its last save.
+        self._rewritten: dict[str, int] = {}
+        self._last_seen: dict[str, tuple[Fingerprint, CheckpointHandle]] = {}
+        # Per inode: how many times this engine linked or unlinked it. Each moves its
+        # ctime, which must then not be mistaken for a rewrite.
+        self._link_events: dict[int, int] = {}
+        self._told_rewrite = False
+
+    def _forget_parent(self) -> None:
+        # Runs in the child right after fork(), single-threaded: the locks, the portal
+        # and the handles all belong to the parent (its loop thread was not copied).
+        self._forked_from = os.getppid()
+        _inherited.append((self._portal_cm, self._portal, self._backend, self._handles))
+        self._fresh_state()
+
+    @property
+    def synchronous(self) -> bool:
+        """True in a forked child, where ``save()`` returns only once the upload is done."""
+        return self._forked_from is not None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -216,32 +272,81 @@ class Engine:
         try:
             snap = take_snapshot(request.source, self._snapshot_dir,
                                  mode=self.settings.snapshot,
-                                 copy_budget=self.settings.copy_budget)
+                                 copy_budget=self.settings.copy_budget,
+                                 private=self._must_freeze_privately)
         except BaseException:
             self._slots.release()
             raise
-        scope = request.keys.scope_prefix
+        key = (request.keys.scope_prefix, request.name)
         handle = CheckpointHandle(request.keys.checkpoint_id, request.name, request.reference,
-                                  request.source, scope=scope)
+                                  request.source, scope=key[0])
         with self._lock:
-            previous = self._newest.get(scope)
-            self._newest[scope] = handle
+            previous = self._newest.get(key)
+            self._newest[key] = handle
             self._handles.append(handle)
-        # Only the previous newest can be torn and not yet noted: a checkpoint torn while a
-        # newer save existed was noted when it tore.
+        events: dict[str, int] = {}
+        for f in snap.files:
+            self._last_seen[f.source] = (f.fingerprint, handle)
+            if f.shared:
+                events[f.relpath] = self._count_link_event(f)
+        if snap.private:
+            self._note_private(snap)
+        # Only the previous newest of this name can be torn and not yet noted: one torn
+        # while a newer save of its name existed was noted when it tore.
         if previous is not None and previous.state is CheckpointState.TORN:
             self._note_superseded(previous)
         try:
-            portal.start_task_soon(self._upload, handle, request, snap)
+            portal.start_task_soon(self._upload, handle, request, snap, events)
         except BaseException as e:
             snap.release()
             self._slots.release()
             handle._transition(CheckpointState.FAILED, UploadError(
                 f"checkpoint {request.name!r} could not be queued: {e}",
                 checkpoint_id=handle.checkpoint_id))
+        if self.synchronous:
+            handle._done.wait()
         return handle
 
-    async def _upload(self, handle: CheckpointHandle, req: SaveRequest, snap: Snapshot) -> None:
+    def _must_freeze_privately(self, path: str, st: os.stat_result) -> bool:
+        """Whether ``path`` must not be hardlinked: it is known to be rewritten in place."""
+        if self._rewritten.get(path) == st.st_ino:
+            return True
+        last = self._last_seen.get(path)
+        if last is None:
+            return False
+        fingerprint, handle = last
+        if (fingerprint.inode == st.st_ino and not handle.done()
+                and not fingerprint.same_content(fingerprint_of(st), relinked=True)):
+            # Rewritten in place while the upload that shares its inode is still pending:
+            # that checkpoint is probably lost, and every later one would be too.
+            self._rewritten[path] = st.st_ino
+            return True
+        return False
+
+    def _note_private(self, snap: Snapshot) -> None:
+        if self._told_rewrite:
+            return
+        self._told_rewrite = True
+        one = len(snap.private) == 1
+        names = ", ".join(repr(r) for r in snap.private[:3]) + ("" if len(snap.private) <= 3
+                                                                 else ", ...")
+        it = "it" if one else "them"
+        if snap.private_bytes:
+            cost = (f"copies {it} in save() from now on (this save copied "
+                    f"{snap.private_bytes / 2**20:.1f} MiB in {snap.private_seconds * 1e3:.0f} ms)")
+        else:
+            cost = f"clones {it} (reflink) in save() from now on, at no cost"
+        self._log(f"note: {names} {'is' if one else 'are'} rewritten in place while an upload "
+                  f"of {it} is pending, so @checkpoint {cost}. {REWRITE_ADVICE} "
+                  "This note is shown once per task.")
+
+    def _count_link_event(self, f: SnapshotFile) -> int:
+        ino = f.fingerprint.inode
+        self._link_events[ino] = n = self._link_events.get(ino, 0) + 1
+        return n
+
+    async def _upload(self, handle: CheckpointHandle, req: SaveRequest, snap: Snapshot,
+                      events: dict[str, int]) -> None:
         backend = self._backend
         assert backend is not None
         keys = req.keys
@@ -249,7 +354,11 @@ class Engine:
         entries: dict[str, FileEntry] = {}
 
         def check(f: SnapshotFile) -> None:
-            if f.shared and fingerprint_of(os.stat(f.path)) != f.fingerprint:
+            if not f.shared:
+                return
+            relinked = self._link_events.get(f.fingerprint.inode) != events[f.relpath]
+            if not f.fingerprint.same_content(fingerprint_of(os.stat(f.path)),
+                                              relinked=relinked):
                 raise _Torn(f)
 
         async def one(f: SnapshotFile) -> None:
@@ -300,6 +409,8 @@ class Engine:
                     await self._write_latest_hint(keys)
             handle._transition(CheckpointState.COMMITTED)
         except _Torn as t:
+            # Freeze this path privately from now on: at most this checkpoint is lost.
+            self._rewritten[t.file.source] = t.file.fingerprint.inode
             newer = self._has_newer(handle)
             msg = (f"checkpoint {req.name!r} ({keys.checkpoint_id}) was not committed: "
                    f"{t.file.relpath!r} was rewritten in place while its upload was pending. ")
@@ -325,6 +436,9 @@ class Engine:
             self._log(f"ERROR: {err}")
         finally:
             with anyio.CancelScope(shield=True):
+                for f in snap.files:
+                    if f.shared:
+                        self._count_link_event(f)
                 await anyio.to_thread.run_sync(snap.release)
             self._slots.release()
 
@@ -337,8 +451,9 @@ class Engine:
                       "once per task.")
 
     def _has_newer(self, handle: CheckpointHandle) -> bool:
-        with self._lock:
-            return self._newest.get(handle.scope) is not handle
+        # No lock: a dict read is atomic, and the loop thread must never wait on a lock
+        # that a signal handler's interrupted code may hold.
+        return self._newest.get((handle.scope, handle.name)) is not handle
 
     async def _write_latest_hint(self, keys: CheckpointKeys) -> None:
         # Only a hint for humans and tools; readers list manifests. Never fails a checkpoint.
@@ -360,13 +475,22 @@ class Engine:
         deadline = time.monotonic() + limit
         for h in self.handles:
             h._done.wait(max(0.0, deadline - time.monotonic()))
-        report = DrainReport(self.handles)
-        for h in report.torn_unsuperseded:
-            if h.checkpoint_id not in self._told_unsuperseded:
-                self._told_unsuperseded.add(h.checkpoint_id)
-                self._log(f"ERROR: {h.error} It is the newest checkpoint of its scope, so "
-                          "no later save replaces it.")
-        return report
+        return DrainReport(self.handles)
+
+    def drain_for_signal(self, timeout: float) -> DrainReport:
+        """Like :meth:`drain`, for a signal handler: takes no lock and waits on no event.
+
+        The handler runs on the main thread between two bytecodes of whatever it
+        interrupted, which may hold this engine's lock or be inside an event's wait.
+        """
+        deadline = time.monotonic() + timeout
+        handles = tuple(self._handles)  # a list copy is atomic; no lock
+        # The state, not the event: the event's set() may wait on a lock the interrupted
+        # code holds, but the state is final before it.
+        while not all(h.state.is_final for h in handles) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return DrainReport(handles)
+
 
     # -- reading -----------------------------------------------------------------
 
@@ -380,7 +504,7 @@ class Engine:
                 out.append(CheckpointKeys.from_manifest_key(k))
             except ValueError:
                 continue
-        out.sort(key=lambda c: c.checkpoint_id, reverse=True)
+        out = CheckpointKeys.newest_first(out)
         return out
 
     def read_manifest(self, keys: CheckpointKeys) -> Manifest | None:

@@ -12,6 +12,7 @@ The engine's loop drives the transitions; any thread may wait on the handle.
 from __future__ import annotations
 
 import enum
+import os
 import threading
 from typing import Any
 
@@ -57,6 +58,7 @@ class CheckpointHandle:
         self._error: CheckpointError | None = None
         self._done = threading.Event()
         self._lock = threading.Lock()
+        self._pid = os.getpid()  # the process whose loop uploads it
 
     def __repr__(self) -> str:
         return f"<CheckpointHandle {self.name!r} {self.checkpoint_id} {self._state.value}>"
@@ -78,6 +80,12 @@ class CheckpointHandle:
         Raises the checkpoint's :class:`~uploader.errors.UploadError` if it was torn or
         failed, and :class:`TimeoutError` if ``timeout`` seconds pass first.
         """
+        if not self._done.is_set() and os.getpid() != self._pid:
+            # A forked child has no copy of the loop that would finish it.
+            raise UploadError(
+                f"checkpoint {self.name!r} ({self.checkpoint_id}) is uploaded by process "
+                f"{self._pid}, of which this process is a fork; wait for it there.",
+                checkpoint_id=self.checkpoint_id)
         if not self._done.wait(timeout):
             raise TimeoutError(
                 f"checkpoint {self.name!r} ({self.checkpoint_id}) is still {self._state.value} "

@@ -9,9 +9,15 @@ Under the datastore root::
 
 ``<foreach>`` is the path of foreach *indices* (``i0``, ``i3.1``) so two branches that
 happen to carry equal values never share checkpoints. Attempts of one task share the
-scope, which is what lets ``@retry`` resume. Checkpoint ids start with a fixed-width
-timestamp, so a lexicographic sort of keys is a sort by save time, and carry the task,
-attempt, a per-process sequence number and random bits, so no two saves collide.
+scope, which is what lets ``@retry`` resume. Checkpoint ids carry a fixed-width
+timestamp, the task, the attempt, a per-process sequence number and random bits, so no
+two saves collide.
+
+Ids are not compared as strings to find the newest: that would trust the clock of
+whichever host saved each one, and the hosts that run a task's attempts need not agree.
+:meth:`CheckpointKeys.newest_first` orders one task's checkpoints by attempt, then by
+save order within the attempt (:func:`checkpoint_order`); only different runs, which
+share no counter, are ordered by their timestamps.
 """
 
 from __future__ import annotations
@@ -22,12 +28,20 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-__all__ = ["ROOT_PREFIX", "CheckpointKeys", "Scope", "new_checkpoint_id", "safe_component"]
+__all__ = ["ROOT_PREFIX", "CheckpointKeys", "Scope", "checkpoint_order", "new_checkpoint_id",
+           "safe_component"]
 
 ROOT_PREFIX = "mf.checkpoints"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# The pieces of a checkpoint id, ASCII digits only (``str.isdigit`` accepts "²").
+_ID_HEAD = re.compile(r"([0-9]{16,})-.+")
+_ID_ATTEMPT = re.compile(r"a([0-9]+)")
+_ID_PROCESS = re.compile(r"[0-9]+\.([0-9]+)")
+_ID_RANDOM = re.compile(r"[0-9a-f]+")
+# Below every parsed order: an id this package did not write counts as the oldest.
+_UNORDERED = (-1, -1, -1)
 _seq = itertools.count()
 _last_us = 0
 
@@ -94,6 +108,30 @@ class CheckpointKeys:
     def data(self, relpath: str) -> str:
         return self.data_prefix + relpath
 
+    @property
+    def order(self) -> tuple[int, int, int]:
+        """``(attempt, seq, µs)``: see :func:`checkpoint_order`."""
+        return checkpoint_order(self.checkpoint_id)
+
+    @classmethod
+    def newest_first(cls, keys: Iterable[CheckpointKeys]) -> list[CheckpointKeys]:
+        """``keys`` sorted newest first, without trusting one host's clock over another's.
+
+        Within one run (and scope) the checkpoints are one task's: ordered by attempt, then
+        by save order within the attempt, so a retry on a host whose clock lags still
+        counts as newer than the attempt before it. Different runs are different tasks
+        with nothing shared but wall-clock time: a run ranks by its newest timestamp.
+        """
+        runs: dict[tuple[str, str], list[CheckpointKeys]] = {}
+        for k in keys:
+            runs.setdefault((k.scope_prefix, k.run_id), []).append(k)
+        for members in runs.values():
+            # The id breaks exact ties (ids that do not parse), so the result is stable.
+            members.sort(key=lambda k: (k.order, k.checkpoint_id), reverse=True)
+        ranked = sorted(runs, reverse=True,
+                        key=lambda run: (max(k.order[2] for k in runs[run]), run))
+        return [k for run in ranked for k in runs[run]]
+
     @classmethod
     def from_manifest_key(cls, key: str) -> CheckpointKeys:
         head, sep, tail = key.rpartition("/manifests/")
@@ -103,8 +141,31 @@ class CheckpointKeys:
         return cls(head, run, leaf[: -len(".json")])
 
 
+def checkpoint_order(checkpoint_id: str) -> tuple[int, int, int]:
+    """``(attempt, seq, µs)`` of a checkpoint id: larger was saved later in its task.
+
+    The sequence number counts saves in one process, so within an attempt it orders saves
+    however the host's clock moved; the timestamp only breaks ties. An id that does not
+    parse sorts as the oldest, so one stray key never stops a listing.
+    """
+    # From the right: the task id may itself contain "-", the three last fields never do.
+    parts = checkpoint_id.rsplit("-", 3)
+    if len(parts) != 4:
+        return _UNORDERED
+    head, attempt, process, rand = parts
+    m_us = _ID_HEAD.fullmatch(head)
+    m_attempt = _ID_ATTEMPT.fullmatch(attempt)
+    m_seq = _ID_PROCESS.fullmatch(process)
+    if m_us is None or m_attempt is None or m_seq is None or not _ID_RANDOM.fullmatch(rand):
+        return _UNORDERED
+    return int(m_attempt[1]), int(m_seq[1]), int(m_us[1])
+
+
 def new_checkpoint_id(task_id: str, attempt: int) -> str:
-    """``<µs since epoch, 16 digits>-<task>-a<attempt>-<pid>.<seq>-<random>``: sortable, unique."""
+    """``<µs since epoch, 16 digits>-<task>-a<attempt>-<pid>.<seq>-<random>``: unique.
+
+    :func:`checkpoint_order` reads the order back; compare ids through it, not as strings.
+    """
     global _last_us
     # Never go backwards within a process, even if the wall clock does.
     _last_us = max(time.time_ns() // 1000, _last_us + 1)

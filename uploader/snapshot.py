@@ -1,52 +1,119 @@
 """Freeze a directory (or one file) in O(files): the first step of every save.
 
-Each regular file is reflink-cloned where the filesystem supports it, else hardlinked
-into a private directory on the same filesystem, else copied. Small files are copied
-outright while a per-save byte budget lasts: as cheap as a link, and immune to in-place
-rewrites. Every file that shares its inode with the source gets a :class:`Fingerprint`
-so the uploader can tell whether the user rewrote it in place before it was read.
+Each regular file is frozen one of three ways (:class:`Freeze`):
+
+- **clone**: a reflink, where the filesystem has them; private, and as cheap as a link;
+- **link**: a hardlink into a private directory on the same filesystem; it shares the
+  user's inode, so it gets a :class:`Fingerprint` the uploader checks after reading;
+- **copy**: small files within a per-save byte budget (as cheap as a link, and immune to
+  in-place rewrites), files on another device, and files the caller asks to keep private
+  (``private=``: the engine names files it has seen rewritten in place).
+
+A fingerprint is only as good as the filesystem's timestamps. Where they are coarse (ext4
+with 128-byte inodes keeps whole seconds; kernels before 6.13 one clock tick; some network
+and FUSE filesystems), a rewrite in the same granule as the fingerprint leaves it
+unchanged. There a snapshot waits, before it returns, until the filesystem's clock has
+moved past the granule of every link it made, so any later change is seen; where that
+wait would cost more than copying the linked bytes, it copies them instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import errno
 import fcntl
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 
 from .config import SnapshotMode
 from .errors import SnapshotError
 
-__all__ = ["Fingerprint", "Snapshot", "SnapshotFile", "fingerprint_of", "take_snapshot"]
+__all__ = [
+    "Fingerprint",
+    "Freeze",
+    "PrivatePredicate",
+    "Snapshot",
+    "SnapshotFile",
+    "fingerprint_of",
+    "take_snapshot",
+    "timestamp_granularity",
+]
 
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int), from linux/fs.h
 _COPY_CHUNK = 1 << 20
+# What a kernel copy is assumed to move per second when choosing between waiting out a
+# coarse timestamp and copying instead (a cold page cache on a slow disk is slower; the
+# choice only sets the cost of save(), never its safety).
+_COPY_BYTES_PER_S = 1 << 30
+_MAX_WAIT_S = 2.0
+_SECOND_NS = 1_000_000_000
+_COPY_FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                                   errno.EBADF, errno.EPERM})
 _reflink_ok: dict[tuple[int, int], bool] = {}
+_granularity: dict[tuple[int, int], int] = {}
+
+PrivatePredicate = Callable[[str, os.stat_result], bool]
+"""``(absolute path, its stat) -> True`` where the file must not share its inode."""
+
+
+class Freeze(enum.Enum):
+    """How one file was frozen."""
+
+    LINK = "link"  # shares the user's inode: checked by fingerprint
+    CLONE = "clone"  # a private reflink
+    COPY = "copy"  # a private copy
 
 
 @dataclasses.dataclass(frozen=True)
 class Fingerprint:
-    """What identifies a file's content cheaply: inode, size and modification time."""
+    """What identifies a file's content cheaply: inode, size, timestamps, link count.
+
+    ``ctime`` catches writers that restore ``mtime`` afterwards (nothing in user space can
+    set it), but every link and unlink of the inode moves it too: snapshots' own links,
+    and ``os.replace()`` over the user's name. :meth:`same_content` allows for those.
+    """
 
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int
+    nlink: int = 1
+
+    def same_content(self, now: Fingerprint, *, relinked: bool = False) -> bool:
+        """Whether a file that had this fingerprint still holds the same bytes.
+
+        A ctime that moved while mtime did not is explained by a change of links (the
+        link count differs, or ``relinked`` says the caller linked or unlinked the inode
+        meanwhile); otherwise it means the file was rewritten and its mtime restored.
+        """
+        if (now.inode, now.size, now.mtime_ns) != (self.inode, self.size, self.mtime_ns):
+            return False
+        return now.ctime_ns == self.ctime_ns or now.nlink != self.nlink or relinked
 
 
 def fingerprint_of(st: os.stat_result) -> Fingerprint:
-    return Fingerprint(st.st_ino, st.st_size, st.st_mtime_ns)
+    return Fingerprint(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
 
 
 @dataclasses.dataclass(frozen=True)
 class SnapshotFile:
     relpath: str  # POSIX separators, relative to the snapshot root
     path: str  # absolute path of the frozen file
-    size: int
+    size: int  # of the frozen file itself
+    # Of the shared inode after linking (what the uploader must still find); for a clone
+    # or a copy, of the user's file as the walk saw it.
     fingerprint: Fingerprint
-    shared: bool  # True when the inode is shared with the user's file (hardlink)
+    how: Freeze = Freeze.LINK
+    source: str = ""  # absolute path of the user's file
+
+    @property
+    def shared(self) -> bool:
+        """True when the frozen file is the user's inode (a hardlink)."""
+        return self.how is Freeze.LINK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +121,26 @@ class Snapshot:
     root: str
     files: tuple[SnapshotFile, ...]
     seconds: float
-    linked: int
-    copied: int
-    cloned: int
+    private: tuple[str, ...] = ()  # relpaths frozen privately because ``private=`` asked
+    private_bytes: int = 0
+    private_seconds: float = 0.0
+    waited_s: float = 0.0  # spent waiting out a coarse timestamp granule
+    granularity_ns: int = 0  # of the snapshot filesystem's timestamps, where links were made
+
+    def _count(self, how: Freeze) -> int:
+        return sum(1 for f in self.files if f.how is how)
+
+    @property
+    def linked(self) -> int:
+        return self._count(Freeze.LINK)
+
+    @property
+    def cloned(self) -> int:
+        return self._count(Freeze.CLONE)
+
+    @property
+    def copied(self) -> int:
+        return self._count(Freeze.COPY)
 
     @property
     def total_bytes(self) -> int:
@@ -92,9 +176,38 @@ def _copy(src: str, dst: str, size: int) -> int:
         os.close(fin)
 
 
-def _try_reflink(src: str, dst: str, key: tuple[int, int]) -> bool:
+def _kernel_copy(src: str, dst: str) -> int:
+    """Copy ``src`` to a new file ``dst`` inside the kernel; return the copy's size.
+
+    ``copy_file_range`` moves the bytes without bringing them into Python (and lets
+    filesystems that can share extents do so); ``sendfile`` is the fallback.
+    """
+    fin = os.open(src, os.O_RDONLY)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                while os.copy_file_range(fin, fout, 1 << 30):
+                    pass
+            except OSError as e:
+                if e.errno not in _COPY_FALLBACK_ERRNOS:
+                    raise
+                os.lseek(fin, 0, os.SEEK_SET)
+                os.ftruncate(fout, 0)
+                os.lseek(fout, 0, os.SEEK_SET)
+                while os.sendfile(fout, fin, None, 1 << 30):
+                    pass
+            return os.fstat(fout).st_size
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+
+
+def _try_reflink(src: str, dst: str, key: tuple[int, int]) -> int | None:
+    """Clone ``src`` to ``dst``; return the clone's size, or None where cloning fails."""
     if _reflink_ok.get(key) is False:
-        return False
+        return None
     fin = os.open(src, os.O_RDONLY)
     try:
         fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -104,12 +217,94 @@ def _try_reflink(src: str, dst: str, key: tuple[int, int]) -> bool:
             os.close(fout)
             os.unlink(dst)
             _reflink_ok[key] = False
-            return False
+            return None
+        # The clone's own size: the file may have changed since the walk saw it.
+        size = os.fstat(fout).st_size
         os.close(fout)
     finally:
         os.close(fin)
     _reflink_ok[key] = True
-    return True
+    return size
+
+
+def _freeze_private(src: str, dst: str, key: tuple[int, int]) -> tuple[Freeze, int]:
+    size = _try_reflink(src, dst, key)
+    if size is not None:
+        return Freeze.CLONE, size
+    return Freeze.COPY, _kernel_copy(src, dst)
+
+
+def _probe_ctime(fd: int) -> int:
+    os.pwrite(fd, b"t", 0)
+    return os.fstat(fd).st_ctime_ns
+
+
+def timestamp_granularity(directory: str) -> int:
+    """The step, in ns, of the timestamps a write gets on ``directory``'s filesystem.
+
+    0 means fine: a write right after a ``stat`` always gets a new timestamp (as with
+    the multigrain timestamps of Linux 6.13+). Measured once per filesystem with a probe
+    file: four write+fstat pairs that all change ctime mean fine; whole-second values
+    mean one second; otherwise the step between two observed changes (a clock tick).
+    """
+    # The filesystem id as well as the device: a loop device's number is reused by the
+    # next image mounted on it, which may keep coarser timestamps.
+    dev = (os.stat(directory).st_dev, os.statvfs(directory).f_fsid)
+    known = _granularity.get(dev)
+    if known is not None:
+        return known
+    path = os.path.join(directory, f".granularity-probe-{uuid.uuid4().hex}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        prev = _probe_ctime(fd)
+        changes = 0
+        for _ in range(4):
+            now = _probe_ctime(fd)
+            changes += now != prev
+            prev = now
+        if changes == 4:
+            gran = 0
+        elif prev % _SECOND_NS == 0:
+            gran = _SECOND_NS
+        else:
+            gran = _SECOND_NS
+            first: int | None = None
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                now = _probe_ctime(fd)
+                if now != prev:
+                    if first is not None:
+                        gran = now - first
+                        break
+                    first = now
+                prev = now
+                time.sleep(0.0002)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    _granularity[dev] = gran
+    return gran
+
+
+def _wait_past(directory: str, ctime_ns: int, gran: int, deadline: float) -> bool:
+    """Wait until a write on ``directory``'s filesystem gets a ctime after ``ctime_ns``.
+
+    The filesystem's own clock decides, read through a probe file; the wall clock only
+    paces the polling. False if ``deadline`` (monotonic) passes first.
+    """
+    path = os.path.join(directory, f".clock-probe-{uuid.uuid4().hex}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while True:
+            if _probe_ctime(fd) > ctime_ns:
+                return True
+            left_ns = ctime_ns + gran - time.time_ns()
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(max(left_ns / 1e9, 0.0005), 0.05))
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def _walk(source: str) -> list[tuple[str, str, os.stat_result]]:
@@ -131,18 +326,61 @@ def _walk(source: str) -> list[tuple[str, str, os.stat_result]]:
     return out
 
 
+def _settle_links(root: str, files: list[SnapshotFile], dev_key: Callable[[str], tuple[int, int]]
+                  ) -> tuple[float, int]:
+    """Make every linked file's fingerprint sound on this filesystem's timestamps.
+
+    Returns (seconds waited, granularity). Replaces entries of ``files`` in place with
+    private copies where waiting is not worth it, or where the file changed meanwhile.
+    """
+    linked = [i for i, f in enumerate(files) if f.how is Freeze.LINK]
+    if not linked:
+        return 0.0, 0
+    gran = timestamp_granularity(root)
+    if gran == 0:
+        return 0.0, 0
+    # The link set the inode's ctime to the filesystem's "now". A file whose mtime is
+    # still in that granule could be rewritten within it, leaving mtime as it is: wait
+    # for the filesystem's clock to pass it, or copy, whichever is cheaper.
+    risky = [i for i in linked if files[i].fingerprint.mtime_ns >= files[i].fingerprint.ctime_ns]
+    if not risky:
+        return 0.0, gran
+    newest = max(files[i].fingerprint.mtime_ns for i in risky)
+    expected_wait = max(0.0, (newest + gran - time.time_ns()) / 1e9)
+    risky_bytes = sum(files[i].size for i in risky)
+    t0 = time.monotonic()
+    settled = False
+    if expected_wait <= min(_MAX_WAIT_S, risky_bytes / _COPY_BYTES_PER_S):
+        settled = _wait_past(root, newest, gran, t0 + expected_wait + 0.5)
+    waited = time.monotonic() - t0
+    for i in risky:
+        f = files[i]
+        now = fingerprint_of(os.stat(f.path))
+        if settled and f.fingerprint.same_content(now):
+            files[i] = dataclasses.replace(f, fingerprint=now)
+            continue
+        # Changed while we waited, or not worth waiting for: freeze a private copy.
+        os.unlink(f.path)
+        how, size = _freeze_private(f.source, f.path, dev_key(f.source))
+        files[i] = dataclasses.replace(f, how=how, size=size,
+                                       fingerprint=fingerprint_of(os.stat(f.path)))
+    return waited, gran
+
+
 def take_snapshot(
     source: str,
     dest_root: str,
     *,
     mode: SnapshotMode = SnapshotMode.AUTO,
     copy_budget: int = 0,
+    private: PrivatePredicate | None = None,
 ) -> Snapshot:
     """Freeze ``source`` (a directory or a file) into a new directory under ``dest_root``.
 
     ``dest_root`` should be on the same filesystem as ``source`` so links work; where they
-    cannot (another device), files are copied. Raises :class:`SnapshotError` when the
-    source does not exist or cannot be read.
+    cannot (another device), files are copied. ``private(path, stat)`` returning True
+    keeps that file from sharing its inode: it is cloned, else copied by the kernel.
+    Raises :class:`SnapshotError` when the source does not exist or cannot be read.
     """
     t0 = time.perf_counter()
     if not os.path.exists(source):
@@ -160,26 +398,42 @@ def take_snapshot(
     root_dev = os.stat(root).st_dev
     made_dirs = {""}
     budget = copy_budget if mode is not SnapshotMode.COPY else None
-    linked = copied = cloned = 0
     files: list[SnapshotFile] = []
+    privates: list[str] = []
+    private_bytes = 0
+    private_s = 0.0
+    devs: dict[str, tuple[int, int]] = {}
+
+    def dev_key(path: str) -> tuple[int, int]:
+        return devs[path]
+
+    waited = 0.0
+    gran = 0
     try:
         for rel, src, st in entries:
+            devs[src] = (st.st_dev, root_dev)
             parent = rel.rpartition("/")[0]
             if parent not in made_dirs:
                 os.makedirs(os.path.join(root, parent), exist_ok=True)
                 made_dirs.add(parent)
             dst = os.path.join(root, rel)
-            shared = False
+            how = Freeze.COPY
             size = st.st_size
+            fp = fingerprint_of(st)
             if budget is None or size <= budget:
                 size = _copy(src, dst, size)
                 if budget is not None:
                     budget -= size
-                copied += 1
-            elif mode in (SnapshotMode.AUTO, SnapshotMode.REFLINK) and _try_reflink(
-                src, dst, (st.st_dev, root_dev)
-            ):
-                cloned += 1
+            elif private is not None and private(src, st):
+                t1 = time.perf_counter()
+                how, size = _freeze_private(src, dst, devs[src])
+                private_s += time.perf_counter() - t1
+                private_bytes += size if how is Freeze.COPY else 0
+                privates.append(rel)
+            elif mode in (SnapshotMode.AUTO, SnapshotMode.REFLINK) and (
+                cloned := _try_reflink(src, dst, devs[src])
+            ) is not None:
+                how, size = Freeze.CLONE, cloned
             elif mode is SnapshotMode.REFLINK:
                 raise SnapshotError(
                     f"METAFLOW_CHECKPOINT_SNAPSHOT=reflink but the filesystem under {source!r} "
@@ -188,22 +442,24 @@ def take_snapshot(
             else:
                 try:
                     os.link(src, dst)
-                    shared = True
-                    linked += 1
+                    how = Freeze.LINK
+                    # After the link: linking changes the inode's ctime, and the uploader
+                    # must find exactly this. A rewrite between the walk and the link is
+                    # in the linked inode, and so in this fingerprint: the snapshot holds
+                    # the newer content, whole.
+                    lst = os.stat(dst)
+                    fp, size = fingerprint_of(lst), lst.st_size
                 except OSError as e:
                     if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                         raise
-                    size = _copy(src, dst, size)
-                    copied += 1
-            # The walk's stat of the user's file is the fingerprint: a link shares that
-            # inode, so this is what the uploader must still find when it reads. Should the
-            # file change between the walk and the link, the uploader sees a mismatch and
-            # drops the checkpoint: the safe direction. Unshared copies are never checked.
-            files.append(SnapshotFile(rel, dst, size, fingerprint_of(st), shared))
+                    size = _kernel_copy(src, dst)
+            files.append(SnapshotFile(rel, dst, size, fp, how, src))
+        waited, gran = _settle_links(root, files, dev_key)
     except SnapshotError:
         shutil.rmtree(root, ignore_errors=True)
         raise
     except OSError as e:
         shutil.rmtree(root, ignore_errors=True)
         raise SnapshotError(f"cannot snapshot {source!r}: {e}") from e
-    return Snapshot(root, tuple(files), time.perf_counter() - t0, linked, copied, cloned)
+    return Snapshot(root, tuple(files), time.perf_counter() - t0, tuple(privates),
+                    private_bytes, private_s, waited, gran)

@@ -97,35 +97,21 @@ class CheckpointDecorator(StepDecorator):
     def _install_sigterm_handler(self) -> None:
         # Preemption sends SIGTERM and allows a grace period: use it to commit what was
         # saved, then die the way the previous handler would have.
-        import os
-        import signal
-        import threading
+        from . import preemption
+        from .current_checkpoint import _log
 
-        if threading.current_thread() is not threading.main_thread():
-            return
-        previous = signal.getsignal(signal.SIGTERM)
-        grace = self._settings.sigterm_grace
-
-        def on_sigterm(signum: int, frame: Any) -> None:
-            current = self._current
-            if current is not None:
-                print(f"[@checkpoint] SIGTERM: committing pending checkpoints "
-                      f"(up to {grace:g}s, METAFLOW_CHECKPOINT_SIGTERM_GRACE)", flush=True)
-                current._engine.drain(grace)
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-            if callable(previous):
-                previous(signum, frame)
-            elif previous != signal.SIG_IGN:
-                os.kill(os.getpid(), signum)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-        self._restore_sigterm = lambda: signal.signal(signal.SIGTERM, previous)
+        current = self._current
+        self._restore_sigterm = preemption.install(
+            drain=current._drain_for_signal, grace=self._settings.sigterm_grace,
+            cleanup=current._remove_files, log=_log)
 
     def task_post_step(self, step_name, flow, graph, retry_count,
                        max_user_code_retries):  # type: ignore[no-untyped-def]
         if self._current is not None and not self._finished:
             self._finished = True
-            self._current._finish(success=True)
+            # Artifacts set by this step, so an error can name the one holding a reference.
+            artifacts = {k: v for k, v in vars(flow).items() if not k.startswith("_")}
+            self._current._finish(success=True, artifacts=artifacts)
 
     def task_exception(self, exception, step_name, flow, graph, retry_count,
                        max_user_code_retries):  # type: ignore[no-untyped-def]

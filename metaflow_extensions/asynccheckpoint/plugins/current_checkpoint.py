@@ -7,7 +7,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from uploader import (
@@ -29,6 +29,21 @@ from .reference import CheckpointReference, reference_fields, reference_from_man
 from .storage import backend_factory
 
 DEFAULT_NAME = "mfchckpt"
+
+
+def _holders(key: Any, artifacts: Mapping[str, Any]) -> list[str]:
+    """Names of artifacts that hold the reference with ``key`` (directly or one level in)."""
+
+    def holds(value: Any) -> bool:
+        return isinstance(value, dict) and value.get("key") == key
+
+    out = []
+    for name, value in artifacts.items():
+        inner = value.values() if isinstance(value, dict) and not holds(value) else \
+            value if isinstance(value, list | tuple) else ()
+        if holds(value) or any(holds(v) for v in inner):
+            out.append(f"self.{name}")
+    return out
 
 
 def _log(msg: str) -> None:
@@ -132,7 +147,8 @@ class CurrentCheckpoint:
         except CheckpointError as e:
             raise CheckpointException(str(e)) from e
         ref._handle = handle
-        if wait:
+        if wait or self._engine.synchronous:
+            # In a forked child nothing drains at exit: its saves finish before returning.
             self._wait_one(handle)
         return ref
 
@@ -226,23 +242,29 @@ class CurrentCheckpoint:
                   f"(attempt {self._loaded['attempt']}, {manifest.created_on}), "
                   f"{len(manifest.files)} file(s), {manifest.total_bytes} bytes.")
 
-    def _finish(self, *, success: bool) -> None:
-        """Drain pending uploads. On success, raise if a checkpoint failed for good."""
+    def _finish(self, *, success: bool, artifacts: Mapping[str, Any] | None = None) -> None:
+        """Drain pending uploads. On success, raise if a checkpoint failed for good.
+
+        A torn checkpoint that no later save of its name replaced fails a successful
+        step, naming the artifact that holds its reference. The one exception is the
+        default name, whose content is "the step's latest state": its newest save is
+        taken again now that the step has returned and nothing can change the files.
+        A name the user chose ("best") is never given content other than what was saved.
+        """
         report = self._engine.drain()
-        torn = report.torn_unsuperseded
         if success:
-            for h in torn:
-                # The step has returned, so the files can no longer change under us: save the
-                # final state once more so the last checkpoint of the step is consistent.
-                self._log(f"ERROR: the newest checkpoint {h.name!r} was torn; saving "
-                          f"{h.source} again now that the step has finished.")
-                ref = h.reference
+            defaults = [h for h in report.handles if h.name == DEFAULT_NAME]
+            newest = defaults[-1] if defaults else None
+            if newest is not None and newest.state is CheckpointState.TORN:
+                self._log(f"ERROR: the newest checkpoint {newest.name!r} was torn; saving "
+                          f"{newest.source} again now that the step has finished.")
+                ref = newest.reference
                 try:
-                    self.save(h.source, name=h.name, metadata=ref.get("metadata"),
+                    self.save(newest.source, name=newest.name, metadata=ref.get("metadata"),
                               latest=True, wait=True)
                 except CheckpointException as e:
                     self._log(f"ERROR: saving again failed: {e}")
-            report = self._engine.drain()
+                report = self._engine.drain()
         problems: list[str] = []
         if report.pending:
             problems.append(
@@ -251,8 +273,12 @@ class CurrentCheckpoint:
                     len(report.pending), self._engine.settings.drain_timeout,
                     ", ".join(f"{h.name!r} ({h.checkpoint_id})" for h in report.pending)))
         problems += [str(h.error) for h in report.failed]
-        if not success:
-            problems += [str(h.error) for h in report.torn_unsuperseded]
+        for h in report.torn_unsuperseded:
+            held = _holders(h.reference.get("key"), artifacts or {})
+            problems.append(
+                f"{h.error} No later save named {h.name!r} was committed to replace it"
+                + (f"; the artifact(s) {', '.join(held)} hold its reference, which no "
+                   "reader can load" if held else "") + ".")
         committed = len(report.committed)
         if report.handles:
             self._log(f"{committed} of {len(report.handles)} checkpoint(s) of this attempt "
@@ -263,12 +289,29 @@ class CurrentCheckpoint:
                 raise CheckpointUploadException(text)
             self._log("ERROR: " + text)
 
+    def _drain_for_signal(self, grace: float) -> None:
+        """Commit what is pending within ``grace`` seconds; safe inside a signal handler."""
+        report = self._engine.drain_for_signal(grace)
+        if report.pending:
+            self._log(
+                "ERROR: %d checkpoint(s) were still uploading after "
+                "METAFLOW_CHECKPOINT_SIGTERM_GRACE=%gs and are lost: %s. Raise it if the "
+                "platform allows that long between SIGTERM and SIGKILL." % (
+                    len(report.pending), grace,
+                    ", ".join(f"{h.name!r} ({h.checkpoint_id})" for h in report.pending)))
+        elif report.handles:
+            self._log(f"SIGTERM: {len(report.committed)} of {len(report.handles)} "
+                      "checkpoint(s) of this attempt committed.")
+
+    def _remove_files(self) -> None:
+        shutil.rmtree(self._directory, ignore_errors=True)
+        shutil.rmtree(self._snapshot_dir, ignore_errors=True)
+
     def _close(self) -> None:
         self._engine.close()
         for e in self._readers.values():
             e.close()
-        shutil.rmtree(self._directory, ignore_errors=True)
-        shutil.rmtree(self._snapshot_dir, ignore_errors=True)
+        self._remove_files()
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -319,6 +362,8 @@ class CurrentCheckpoint:
 
     def _latest(self, *, run_id: str | None, task_id: str | None) -> tuple[str, Manifest] | None:
         scope = self._scope
+        # The listing is newest first by attempt and save order, not by the hosts' clocks,
+        # so the first match is the one to resume from.
         for keys in self._engine.list_manifest_keys(scope.manifests_prefix(run_id)):
             m = self._engine.read_manifest(keys)
             if m is None or not m.latest:

@@ -16,7 +16,7 @@ from .errors import (
     TornCheckpointError,
     UploadError,
 )
-from .handle import CheckpointHandle, CheckpointState
+from .handle import CheckpointHandle, CheckpointState, SaveStats
 from .layout import CheckpointKeys, Scope, checkpoint_order, new_checkpoint_id
 from .manifest import FileEntry, Manifest
 from .retry import RetryPolicy
@@ -38,6 +38,7 @@ __all__ = [
     "Manifest",
     "RetryPolicy",
     "SaveRequest",
+    "SaveStats",
     "Scope",
     "Settings",
     "Snapshot",

@@ -41,16 +41,17 @@ from .handle import CheckpointHandle, CheckpointState
 from .layout import CheckpointKeys
 from .manifest import FileEntry, Manifest
 from .retry import RetryPolicy
-from .snapshot import Fingerprint, Snapshot, SnapshotFile, fingerprint_of, take_snapshot
+from .rewrites import RewriteTracker
+from .snapshot import Snapshot, SnapshotFile, take_snapshot
 
 __all__ = ["BackendFactory", "DrainReport", "Engine", "SaveRequest"]
 
 BackendFactory = Callable[[TransferContext], Backend]
 
 TORN_ADVICE = (
-    "From now on save() freezes that file with a private copy, so later checkpoints "
-    "commit. To keep save() O(files), write each file under a new name and os.replace() it "
-    "over the old one, or call save(wait=True) before rewriting it."
+    "From now on save() freezes that file privately (a clone, else a copy), so later "
+    "checkpoints commit. To keep save() O(files), write each file under a new name and "
+    "os.replace() it over the old one, or call save(wait=True) before rewriting it."
 )
 REWRITE_ADVICE = (
     "torch.save(), safetensors' save_file() and open(path, 'wb') rewrite the same inode, "
@@ -182,13 +183,7 @@ class Engine:
         self._told_torn = False
         self._hinted: dict[str, str] = {}
         self._newest: dict[tuple[str, str], CheckpointHandle] = {}  # per (scope, name)
-        # Per source path: the inode seen rewritten in place (frozen privately from then on
-        # while it keeps that inode), and its fingerprint and handle at its last save.
-        self._rewritten: dict[str, int] = {}
-        self._last_seen: dict[str, tuple[Fingerprint, CheckpointHandle]] = {}
-        # Per inode: how many times this engine linked or unlinked it. Each moves its
-        # ctime, which must then not be mistaken for a rewrite.
-        self._link_events: dict[int, int] = {}
+        self._rewrites = RewriteTracker()
         self._told_rewrite = False
 
     def _forget_parent(self) -> None:
@@ -268,27 +263,27 @@ class Engine:
         cannot be snapshotted; nothing is uploaded then.
         """
         portal = self._ensure_started()
+        t0, saved_at = time.perf_counter(), time.time()
         self._slots.acquire()
         try:
             snap = take_snapshot(request.source, self._snapshot_dir,
                                  mode=self.settings.snapshot,
                                  copy_budget=self.settings.copy_budget,
-                                 private=self._must_freeze_privately)
+                                 private=self._rewrites.must_freeze)
         except BaseException:
             self._slots.release()
             raise
         key = (request.keys.scope_prefix, request.name)
         handle = CheckpointHandle(request.keys.checkpoint_id, request.name, request.reference,
                                   request.source, scope=key[0])
+        handle.stats.saved_at = saved_at
+        handle.stats.files, handle.stats.bytes = len(snap.files), snap.total_bytes
+        handle.stats.private_bytes = snap.private_bytes
         with self._lock:
             previous = self._newest.get(key)
             self._newest[key] = handle
             self._handles.append(handle)
-        events: dict[str, int] = {}
-        for f in snap.files:
-            self._last_seen[f.source] = (f.fingerprint, handle)
-            if f.shared:
-                events[f.relpath] = self._count_link_event(f)
+        events = self._rewrites.saved(snap, handle)
         if snap.private:
             self._note_private(snap)
         # Only the previous newest of this name can be torn and not yet noted: one torn
@@ -303,25 +298,10 @@ class Engine:
             handle._transition(CheckpointState.FAILED, UploadError(
                 f"checkpoint {request.name!r} could not be queued: {e}",
                 checkpoint_id=handle.checkpoint_id))
+        handle.stats.blocked_s = time.perf_counter() - t0
         if self.synchronous:
             handle._done.wait()
         return handle
-
-    def _must_freeze_privately(self, path: str, st: os.stat_result) -> bool:
-        """Whether ``path`` must not be hardlinked: it is known to be rewritten in place."""
-        if self._rewritten.get(path) == st.st_ino:
-            return True
-        last = self._last_seen.get(path)
-        if last is None:
-            return False
-        fingerprint, handle = last
-        if (fingerprint.inode == st.st_ino and not handle.done()
-                and not fingerprint.same_content(fingerprint_of(st), relinked=True)):
-            # Rewritten in place while the upload that shares its inode is still pending:
-            # that checkpoint is probably lost, and every later one would be too.
-            self._rewritten[path] = st.st_ino
-            return True
-        return False
 
     def _note_private(self, snap: Snapshot) -> None:
         if self._told_rewrite:
@@ -340,11 +320,6 @@ class Engine:
                   f"of {it} is pending, so @checkpoint {cost}. {REWRITE_ADVICE} "
                   "This note is shown once per task.")
 
-    def _count_link_event(self, f: SnapshotFile) -> int:
-        ino = f.fingerprint.inode
-        self._link_events[ino] = n = self._link_events.get(ino, 0) + 1
-        return n
-
     async def _upload(self, handle: CheckpointHandle, req: SaveRequest, snap: Snapshot,
                       events: dict[str, int]) -> None:
         backend = self._backend
@@ -354,11 +329,7 @@ class Engine:
         entries: dict[str, FileEntry] = {}
 
         def check(f: SnapshotFile) -> None:
-            if not f.shared:
-                return
-            relinked = self._link_events.get(f.fingerprint.inode) != events[f.relpath]
-            if not f.fingerprint.same_content(fingerprint_of(os.stat(f.path)),
-                                              relinked=relinked):
+            if f.shared and not self._rewrites.unchanged(f, events):
                 raise _Torn(f)
 
         async def one(f: SnapshotFile) -> None:
@@ -410,7 +381,7 @@ class Engine:
             handle._transition(CheckpointState.COMMITTED)
         except _Torn as t:
             # Freeze this path privately from now on: at most this checkpoint is lost.
-            self._rewritten[t.file.source] = t.file.fingerprint.inode
+            self._rewrites.torn(t.file)
             newer = self._has_newer(handle)
             msg = (f"checkpoint {req.name!r} ({keys.checkpoint_id}) was not committed: "
                    f"{t.file.relpath!r} was rewritten in place while its upload was pending. ")
@@ -436,9 +407,7 @@ class Engine:
             self._log(f"ERROR: {err}")
         finally:
             with anyio.CancelScope(shield=True):
-                for f in snap.files:
-                    if f.shared:
-                        self._count_link_event(f)
+                self._rewrites.released(snap)
                 await anyio.to_thread.run_sync(snap.release)
             self._slots.release()
 
@@ -490,7 +459,6 @@ class Engine:
         while not all(h.state.is_final for h in handles) and time.monotonic() < deadline:
             time.sleep(0.01)
         return DrainReport(handles)
-
 
     # -- reading -----------------------------------------------------------------
 

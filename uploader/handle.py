@@ -11,14 +11,16 @@ The engine's loop drives the transitions; any thread may wait on the handle.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import threading
+import time
 from typing import Any
 
 from .errors import CheckpointError, UploadError
 
-__all__ = ["CheckpointHandle", "CheckpointState"]
+__all__ = ["CheckpointHandle", "CheckpointState", "SaveStats"]
 
 
 class CheckpointState(enum.Enum):
@@ -44,6 +46,26 @@ _LEGAL: dict[CheckpointState, frozenset[CheckpointState]] = {
 }
 
 
+@dataclasses.dataclass
+class SaveStats:
+    """What one save cost, for logs and the card. Wall-clock times are ``time.time()``."""
+
+    saved_at: float  # when save() was called
+    blocked_s: float = 0.0  # how long save() held the caller (backpressure and snapshot)
+    files: int = 0
+    bytes: int = 0
+    private_bytes: int = 0  # copied in save() because the file is rewritten in place
+    upload_s: float | None = None  # from the start of the upload to its final state
+    finished_at: float | None = None  # when it was committed, torn or failed
+
+    @property
+    def throughput(self) -> float | None:
+        """Bytes per second of the upload, once it is done."""
+        if not self.upload_s:
+            return None
+        return self.bytes / self.upload_s
+
+
 class CheckpointHandle:
     """The future of one save: its state, and ``wait()`` until it is durable."""
 
@@ -59,6 +81,8 @@ class CheckpointHandle:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process whose loop uploads it
+        self.stats = SaveStats(saved_at=time.time())
+        self._upload_started: float | None = None
 
     def __repr__(self) -> str:
         return f"<CheckpointHandle {self.name!r} {self.checkpoint_id} {self._state.value}>"
@@ -103,6 +127,12 @@ class CheckpointHandle:
                     f"{self._state.value} -> {new.value}"
                 )
             self._state = new
+            if new is CheckpointState.UPLOADING:
+                self._upload_started = time.monotonic()
+            elif new.is_final:
+                self.stats.finished_at = time.time()
+                if self._upload_started is not None:
+                    self.stats.upload_s = time.monotonic() - self._upload_started
             if new is not CheckpointState.COMMITTED and new.is_final:
                 self._error = error or UploadError(
                     f"checkpoint {self.checkpoint_id} {new.value}",

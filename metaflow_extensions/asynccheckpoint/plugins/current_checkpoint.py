@@ -299,7 +299,9 @@ class CurrentCheckpoint:
                 "platform allows that long between SIGTERM and SIGKILL." % (
                     len(report.pending), grace,
                     ", ".join(f"{h.name!r} ({h.checkpoint_id})" for h in report.pending)))
-        elif report.handles:
+        for h in report.failed + report.torn_unsuperseded:
+            self._log(f"ERROR: {h.error}")
+        if report.handles:
             self._log(f"SIGTERM: {len(report.committed)} of {len(report.handles)} "
                       "checkpoint(s) of this attempt committed.")
 

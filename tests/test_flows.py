@@ -147,3 +147,18 @@ def test_sigterm_after_save_commits_within_the_grace_period(run_flow: RunFlow,
     committed = manifests(datastore_root)
     assert [m.metadata for _, m in committed] == [{"why": "sigterm"}], out.stderr
     assert verify_all(datastore_root) == 1
+
+
+def test_eager_matches_foreach_branches_by_value_across_reordered_runs(run_flow: RunFlow) -> None:
+    first = results(run_flow("reorder_flow.py").stdout)
+    assert all(json.loads(v)["loaded"] is None for v in first.values())
+    out = run_flow("reorder_flow.py", "--items", '["c", "a", "b", "a"]')
+    second = {k: json.loads(v) for k, v in results(out.stdout).items()}
+    seen = {}
+    for k in sorted(second):
+        branch = second[k]
+        loaded = branch["loaded"]
+        assert loaded is not None and loaded["value"] == branch["value"], (k, branch)
+        seen.setdefault(branch["value"], []).append(loaded["occurrence"])
+    # The two "a" branches each found their own occurrence, not the same one twice.
+    assert sorted(seen["a"]) == [0, 1]

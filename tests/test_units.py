@@ -74,7 +74,7 @@ def test_safe_component_is_safe_and_injective_enough(text: str) -> None:
 def test_scope_prefix_round_trips(flow: str, ns: str, step: str, idx: list[int]) -> None:
     scope = Scope(flow, ns, step, tuple(idx))
     back = Scope.from_prefix(scope.prefix)
-    assert back.foreach_indices == tuple(idx)
+    assert back.foreach == tuple(f"i{i}" for i in idx)
     assert back.prefix == scope.prefix
 
 
@@ -290,3 +290,33 @@ def test_a_later_run_beats_a_higher_attempt_of_an_earlier_run() -> None:
     old = [CheckpointKeys(SCOPE, "1", _cid(NOW_US - HOUR_US, 3, s)) for s in range(3)]
     new = [CheckpointKeys(SCOPE, "2", _cid(NOW_US, 0, 0))]
     assert CheckpointKeys.newest_first(old + new) == [new[0], old[2], old[1], old[0]]
+
+
+def test_foreach_tokens_follow_values_and_tell_duplicates_apart() -> None:
+    from uploader import foreach_token
+
+    first = ["a", "b", {"lr": 0.1}, "a"]
+    again = [{"lr": 0.1}, "a", "a", "b"]  # reordered between runs
+    tokens = {foreach_token(first, i)[0] for i in range(4)}
+    assert len(tokens) == 4  # the two "a" branches are told apart
+    assert foreach_token(first, 2) == foreach_token(again, 0)
+    assert foreach_token(first, 1) == foreach_token(again, 3)
+    # Among equal values, the n-th occurrence matches the n-th.
+    assert foreach_token(first, 0) == foreach_token(again, 1)
+    assert foreach_token(first, 3) == foreach_token(again, 2)
+    assert not foreach_token(first, 0)[1]
+
+
+def test_foreach_value_without_a_stable_fingerprint_falls_back_to_the_index() -> None:
+    from uploader import foreach_token, value_fingerprint
+
+    class Opaque:
+        pass
+
+    values = [Opaque(), {1, 2}, 3]
+    assert value_fingerprint(values[0]) is None and value_fingerprint(values[1]) is None
+    assert foreach_token(values, 0) == ("i0", True)
+    assert foreach_token(values, 1) == ("i1", True)
+    assert foreach_token(values, 2)[1] is False
+    with pytest.raises(ValueError, match="not a foreach token"):
+        Scope("F", "n", "s", ("x/../y",))

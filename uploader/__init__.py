@@ -17,7 +17,14 @@ from .errors import (
     UploadError,
 )
 from .handle import CheckpointHandle, CheckpointState, SaveStats
-from .layout import CheckpointKeys, Scope, checkpoint_order, new_checkpoint_id
+from .layout import (
+    CheckpointKeys,
+    Scope,
+    checkpoint_order,
+    foreach_token,
+    new_checkpoint_id,
+    value_fingerprint,
+)
 from .manifest import FileEntry, Manifest
 from .retry import RetryPolicy
 from .snapshot import Snapshot, take_snapshot
@@ -49,7 +56,9 @@ __all__ = [
     "TransferContext",
     "UploadError",
     "checkpoint_order",
+    "foreach_token",
     "new_checkpoint_id",
     "parse_settings",
     "take_snapshot",
+    "value_fingerprint",
 ]

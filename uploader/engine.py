@@ -12,6 +12,7 @@ the ``latest.json`` hint.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
@@ -145,7 +146,16 @@ def _after_fork_in_child() -> None:
         engine._forget_parent()
 
 
+def _close_at_exit() -> None:
+    # Stop every loop while its thread can still run: left to interpreter shutdown, the
+    # portal's cleanup would wait on a thread that is already frozen.
+    for engine in list(_live_engines):
+        if engine._forked_from is None or engine._portal is not None:
+            engine.close()
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)
 
 
 class Engine:

@@ -7,8 +7,11 @@ Under the datastore root::
         data/<run>/<checkpoint id>/<file path>    the files, written before their manifest
         latest.json                               a hint only; readers list manifests
 
-``<foreach>`` is the path of foreach *indices* (``i0``, ``i3.1``) so two branches that
-happen to carry equal values never share checkpoints. Attempts of one task share the
+``<foreach>`` names the foreach branch, one token per level (``root`` outside a foreach):
+``v<fingerprint>k<n>`` for the n-th occurrence of a value in its foreach list, so a
+branch finds its checkpoints of an earlier run even when the list was reordered, and
+branches with equal values never share them; ``i<index>`` where a value has no stable
+fingerprint (see :func:`foreach_token`). Attempts of one task share the
 scope, which is what lets ``@retry`` resume. Checkpoint ids carry a fixed-width
 timestamp, the task, the attempt, a per-process sequence number and random bits, so no
 two saves collide.
@@ -25,16 +28,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import os
 import re
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
-__all__ = ["ROOT_PREFIX", "CheckpointKeys", "Scope", "checkpoint_order", "new_checkpoint_id",
-           "safe_component"]
+__all__ = ["ROOT_PREFIX", "CheckpointKeys", "Scope", "checkpoint_order", "foreach_token",
+           "new_checkpoint_id", "safe_component", "value_fingerprint"]
 
 ROOT_PREFIX = "mf.checkpoints"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_FOREACH_TOKEN = re.compile(r"i[0-9]+|v[0-9a-f]{16}k[0-9]+")
 # The pieces of a checkpoint id, ASCII digits only (``str.isdigit`` accepts "²").
 _ID_HEAD = re.compile(r"([0-9]{16,})-.+")
 _ID_ATTEMPT = re.compile(r"a([0-9]+)")
@@ -55,19 +61,57 @@ def safe_component(text: str) -> str:
     return f"{cleaned.strip('.') or 'x'}-{digest}"
 
 
+def value_fingerprint(value: Any) -> str | None:
+    """16 hex digits that name a foreach value across runs, or None where none is stable.
+
+    Values made of JSON types (str, numbers, bools, None, lists, tuples, dicts) have one:
+    the hash of their canonical JSON. Anything else (an object whose repr carries its
+    address, a set, a numpy array) has none.
+    """
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def foreach_token(values: Sequence[Any], index: int) -> tuple[str, bool]:
+    """The scope token of branch ``index`` of a foreach over ``values``; and whether it is
+    the index fallback (the value has no stable fingerprint).
+
+    Among equal values the index decides: the n-th branch carrying a value is matched with
+    the n-th branch carrying it in another run, so duplicates never share a branch.
+    """
+    fp = value_fingerprint(values[index])
+    if fp is None:
+        return f"i{index}", True
+    nth = sum(1 for v in values[:index] if value_fingerprint(v) == fp)
+    return f"v{fp}k{nth}", False
+
+
 @dataclasses.dataclass(frozen=True)
 class Scope:
-    """The set of checkpoints one task's attempts share and ``eager`` searches across runs."""
+    """The set of checkpoints one task's attempts share and ``eager`` searches across runs.
+
+    ``foreach`` holds one token per foreach level, from :func:`foreach_token` (ints are
+    taken as indices).
+    """
 
     flow: str
     namespace: str
     step: str
-    foreach_indices: tuple[int, ...] = ()
+    foreach: tuple[str | int, ...] = ()
+
+    def __post_init__(self) -> None:
+        tokens = tuple(f"i{t}" if isinstance(t, int) else t for t in self.foreach)
+        for t in tokens:
+            if not _FOREACH_TOKEN.fullmatch(t):
+                raise ValueError(f"not a foreach token: {t!r}")
+        object.__setattr__(self, "foreach", tokens)
 
     @property
     def prefix(self) -> str:
-        foreach = "i" + ".".join(str(i) for i in self.foreach_indices) if self.foreach_indices \
-            else "root"
+        foreach = ".".join(str(t) for t in self.foreach) if self.foreach else "root"
         return "/".join([ROOT_PREFIX, safe_component(self.flow),
                          safe_component(self.namespace or "global"),
                          safe_component(self.step), foreach])
@@ -85,9 +129,8 @@ class Scope:
         parts = prefix.strip("/").split("/")
         if len(parts) != 5 or parts[0] != ROOT_PREFIX:
             raise ValueError(f"not a checkpoint scope prefix: {prefix!r}")
-        foreach: Sequence[int] = () if parts[4] == "root" else \
-            tuple(int(x) for x in parts[4][1:].split("."))
-        return cls(parts[1], parts[2], parts[3], tuple(foreach))
+        foreach = () if parts[4] == "root" else tuple(parts[4].split("."))
+        return cls(parts[1], parts[2], parts[3], foreach)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,16 +17,15 @@ from uploader import (
     CheckpointKeys,
     CheckpointState,
     Engine,
-    Manifest,
     SaveRequest,
     Scope,
     Settings,
     new_checkpoint_id,
 )
-from uploader.engine import _utcnow
 
-from .exceptions import CheckpointException, CheckpointUploadException
-from .reference import CheckpointReference, reference_fields, reference_from_manifest
+from .exceptions import CheckpointException, CheckpointPathNotFound, CheckpointUploadException
+from .reader import Reader
+from .reference import CheckpointReference, local_now, reference_fields
 from .storage import backend_factory
 
 DEFAULT_NAME = "mfchckpt"
@@ -88,9 +88,36 @@ class CurrentCheckpoint:
                                               dir=os.path.dirname(self._directory))
         self._engine = Engine(backend_factory(datastore, datastore_root), settings,
                               snapshot_dir=self._snapshot_dir, log=log)
-        self._readers: dict[tuple[str, str], Engine] = {}
+        self._reader = Reader(settings=settings, log=log,
+                              home=(datastore, datastore_root, self._engine))
         self._loaded: CheckpointReference | None = None
         self._told_tar = False
+
+    def environment(self) -> str:
+        """What a process this task starts needs to save for it (see ``Checkpoint``)."""
+        i = self._identity
+        return json.dumps({
+            "flow": i.flow, "run_id": i.run_id, "step": i.step, "task_id": i.task_id,
+            "attempt": i.attempt, "namespace": i.namespace, "scope": self._scope.prefix,
+            "datastore": self._datastore, "datastore_root": self._datastore_root})
+
+    @classmethod
+    def from_environment(cls, spec: str) -> CurrentCheckpoint:
+        """The checkpoint API of a task, in a process that task started."""
+        from .storage import engine_settings
+
+        try:
+            d = json.loads(spec)
+            identity = TaskIdentity(flow=d["flow"], run_id=d["run_id"], step=d["step"],
+                                    task_id=d["task_id"], attempt=int(d["attempt"]),
+                                    namespace=d["namespace"])
+            return cls(identity=identity, scope=Scope.from_prefix(d["scope"]),
+                       settings=engine_settings(), datastore=d["datastore"],
+                       datastore_root=d["datastore_root"], temp_dir_root=None)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointException(
+                f"METAFLOW_CHECKPOINT_TASK is not what a task using @checkpoint sets ({e}); "
+                "do not set it by hand.") from e
 
     # -- the published surface ----------------------------------------------------
 
@@ -108,6 +135,12 @@ class CurrentCheckpoint:
     def info(self) -> CheckpointReference | None:
         """The reference of the checkpoint loaded as the task started, else None."""
         return self._loaded
+
+    @property
+    def task_identifier(self) -> str:
+        """12 hex digits naming this step and foreach branch: the same in every attempt
+        and in every run whose branch has the same foreach values."""
+        return hashlib.sha256(self._scope.prefix.encode()).hexdigest()[:12]
 
     def save(
         self,
@@ -129,13 +162,17 @@ class CurrentCheckpoint:
         name = DEFAULT_NAME if name is None else name
         self._check_save_args(name, metadata, latest, storage_format)
         source = os.path.abspath(os.fspath(path)) if path is not None else self._directory
+        if not os.path.exists(source):
+            raise CheckpointPathNotFound(
+                f"cannot save {source!r}: no such file or directory. Pass save(path=...) an "
+                "existing file or directory, or write into current.checkpoint.directory.")
         ident = self._identity
         cid = new_checkpoint_id(ident.task_id, ident.attempt)
         keys = CheckpointKeys(self._scope.prefix, ident.run_id, cid)
         backend = self._engine.backend
         ref = CheckpointReference(reference_fields(
             manifest_key=keys.manifest, url=backend.url_of(keys.data_prefix), name=name,
-            pathspec=ident.pathspec, attempt=ident.attempt, created_on=_utcnow(),
+            pathspec=ident.pathspec, attempt=ident.attempt, created_on=local_now(),
             metadata=dict(metadata or {}), checkpoint_id=cid, scope=self._scope.prefix,
             datastore=self._datastore, datastore_root=self._datastore_root,
         ))
@@ -147,6 +184,7 @@ class CurrentCheckpoint:
         except CheckpointError as e:
             raise CheckpointException(str(e)) from e
         ref._handle = handle
+        ref["size"] = handle.stats.bytes  # known at save, as with metaflow-checkpoint
         if wait or self._engine.synchronous:
             # In a forked child nothing drains at exit: its saves finish before returning.
             self._wait_one(handle)
@@ -181,23 +219,14 @@ class CurrentCheckpoint:
         of this step and foreach branch in this namespace.
         """
         if task is not None:
-            scope_prefix, run_id, task_id = self._scope_of_task(task)
-        else:
-            scope_prefix, run_id, task_id = self._scope.prefix, self._identity.run_id, \
-                self._identity.task_id
+            return self._reader.list_task(task, name=name, attempt=attempt)
+        run_id: str | None = self._identity.run_id
+        task_id: str | None = self._identity.task_id
         if full_namespace:
-            run_id = task_id = None  # type: ignore[assignment]
-        manifests = self._manifests(self._engine, scope_prefix, run_id)
-        out = []
-        for key, m in manifests:
-            if task_id is not None and str(m.identity.get("task_id")) != str(task_id):
-                continue
-            if name is not None and m.name != name:
-                continue
-            if attempt is not None and int(m.identity.get("attempt", -1)) != int(attempt):
-                continue
-            out.append(self._ref(self._engine, key, m))
-        return out
+            run_id = task_id = None
+        catalog = self._reader.home()
+        return [self._reader.reference(catalog, e) for e in catalog.select(
+            self._scope.prefix, run_id=run_id, task_id=task_id, name=name, attempt=attempt)]
 
     def load(self, reference: dict[str, Any] | str, path: str | None = None) -> str:
         """Copy a checkpoint's files into ``path`` (default: a cleared ``directory``).
@@ -206,23 +235,20 @@ class CurrentCheckpoint:
         an artifact, in a later step or run), or its ``key``. Files are copied out of
         the datastore, never linked, and verified against their checksums.
         """
-        engine, key = self._resolve_reference(reference)
-        try:
-            manifest = engine.read_manifest(CheckpointKeys.from_manifest_key(key))
-        except ValueError as e:
-            raise CheckpointException(f"cannot load {reference!r}: {e}") from e
-        if manifest is None:
-            raise CheckpointException(
-                f"cannot load checkpoint {key!r}: it is not committed in {engine.backend.url}. "
-                "It may still be uploading (wait for it with reference.wait()), or it failed.")
+        self._wait_if_saved_here(reference)
+        catalog, entry = self._reader.resolve(
+            reference, default=(self._datastore, self._datastore_root))
         if path is None:
             path = self._directory
             self._clear_directory()
-        try:
-            engine.load(manifest, path)
-        except CheckpointError as e:
-            raise CheckpointException(str(e)) from e
-        return path
+        return self._reader.load(catalog, entry, path)
+
+    def _wait_if_saved_here(self, reference: Any) -> None:
+        # A reference saved moments ago in this task loads once it is committed.
+        key = reference.get("key") if isinstance(reference, dict) else reference
+        for h in self._engine.handles:
+            if h.reference.get("key") == key and not h.done():
+                self._wait_one(h)
 
     # -- task lifecycle (called by the decorator) ------------------------------------
 
@@ -230,14 +256,16 @@ class CurrentCheckpoint:
         self._engine.backend  # noqa: B018  start the uploader now, not in the first save()
         if policy == "none":
             return
-        found = self._latest(run_id=self._identity.run_id, task_id=self._identity.task_id)
+        catalog = self._reader.home()
+        found = catalog.latest(self._scope.prefix, run_id=self._identity.run_id,
+                               task_id=self._identity.task_id)
         if found is None and policy == "eager":
-            found = self._latest(run_id=None, task_id=None)
+            found = catalog.latest(self._scope.prefix)
         if found is None:
             return
-        key, manifest = found
-        self._engine.load(manifest, self._directory)
-        self._loaded = self._ref(self._engine, key, manifest)
+        catalog.load(found, self._directory)
+        manifest = found.manifest
+        self._loaded = self._reader.reference(catalog, found)
         self._log(f"Loaded checkpoint {manifest.name!r} saved by {self._loaded['pathspec']} "
                   f"(attempt {self._loaded['attempt']}, {manifest.created_on}), "
                   f"{len(manifest.files)} file(s), {manifest.total_bytes} bytes.")
@@ -305,14 +333,17 @@ class CurrentCheckpoint:
             self._log(f"SIGTERM: {len(report.committed)} of {len(report.handles)} "
                       "checkpoint(s) of this attempt committed.")
 
+    def _handles(self) -> tuple[CheckpointHandle, ...]:
+        """Every save of this attempt so far, oldest first; safe from any thread (the card)."""
+        return self._engine.handles
+
     def _remove_files(self) -> None:
         shutil.rmtree(self._directory, ignore_errors=True)
         shutil.rmtree(self._snapshot_dir, ignore_errors=True)
 
     def _close(self) -> None:
         self._engine.close()
-        for e in self._readers.values():
-            e.close()
+        self._reader.close()
         self._remove_files()
 
     # -- helpers ---------------------------------------------------------------------
@@ -352,65 +383,6 @@ class CurrentCheckpoint:
             else:
                 os.unlink(entry.path)
 
-    def _manifests(self, engine: Engine, scope_prefix: str,
-                   run_id: str | None) -> list[tuple[str, Manifest]]:
-        scope = Scope.from_prefix(scope_prefix)
-        out = []
-        for keys in engine.list_manifest_keys(scope.manifests_prefix(run_id)):
-            m = engine.read_manifest(keys)
-            if m is not None:
-                out.append((keys.manifest, m))
-        return out
-
-    def _latest(self, *, run_id: str | None, task_id: str | None) -> tuple[str, Manifest] | None:
-        scope = self._scope
-        # The listing is newest first by attempt and save order, not by the hosts' clocks,
-        # so the first match is the one to resume from.
-        for keys in self._engine.list_manifest_keys(scope.manifests_prefix(run_id)):
-            m = self._engine.read_manifest(keys)
-            if m is None or not m.latest:
-                continue
-            if task_id is not None and str(m.identity.get("task_id")) != str(task_id):
-                continue
-            return keys.manifest, m
-        return None
-
-    def _ref(self, engine: Engine, key: str, m: Manifest) -> CheckpointReference:
-        keys = CheckpointKeys.from_manifest_key(key)
-        return reference_from_manifest(
-            m, manifest_key=key, url=engine.backend.url_of(keys.data_prefix),
-            datastore=engine.backend.kind, datastore_root=engine.backend.url)
-
-    def _engine_for(self, datastore: str, root: str) -> Engine:
-        if (datastore, root) == (self._datastore, self._datastore_root):
-            return self._engine
-        if (datastore, root) not in self._readers:
-            self._readers[(datastore, root)] = Engine(
-                backend_factory(datastore, root), self._engine.settings,
-                snapshot_dir=self._snapshot_dir, log=self._log)
-        return self._readers[(datastore, root)]
-
-    def _resolve_reference(self, reference: dict[str, Any] | str) -> tuple[Engine, str]:
-        if isinstance(reference, str):
-            return self._engine, reference
-        if isinstance(reference, dict) and isinstance(reference.get("key"), str):
-            ds = reference.get("datastore") or self._datastore
-            root = reference.get("datastore_root") or self._datastore_root
-            return self._engine_for(str(ds), str(root)), reference["key"]
-        raise CheckpointException(
-            f"load() takes a reference returned by save() or list() (a dict with a 'key'), "
-            f"or that key as a string; got {type(reference).__name__}.")
-
-    def _scope_of_task(self, task: Any) -> tuple[str, str, str]:
-        from metaflow import Task
-
-        t = task if isinstance(task, Task) else Task(str(task), _namespace_check=False)
-        scope = t.metadata_dict.get("checkpoint-scope")
-        if not scope:
-            raise CheckpointException(
-                f"task {t.pathspec} has no checkpoints: it did not run with @checkpoint.")
-        _flow, run_id, _step, task_id = t.pathspec.split("/")
-        return scope, run_id, task_id
 
 
 __all__ = ["CheckpointState", "CurrentCheckpoint", "TaskIdentity"]

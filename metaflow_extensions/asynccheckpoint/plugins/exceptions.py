@@ -13,3 +13,16 @@ class CheckpointConfigException(CheckpointException):
 
 class CheckpointUploadException(CheckpointException):
     headline = "@checkpoint upload failed"
+
+
+class CheckpointReferenceError(CheckpointException, ValueError):
+    """A reference that names no checkpoint; a ValueError, as metaflow-checkpoint raises."""
+
+    headline = "@checkpoint reference error"
+
+
+class CheckpointPathNotFound(CheckpointException, FileNotFoundError):
+    """save(path=...) of a path that does not exist; a FileNotFoundError, as metaflow-checkpoint
+    raises."""
+
+    headline = "@checkpoint path not found"

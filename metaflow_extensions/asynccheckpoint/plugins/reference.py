@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 from typing import Any
 
 from uploader import CheckpointHandle, CheckpointState, Manifest
@@ -37,11 +40,24 @@ class CheckpointReference(dict[str, Any]):
     def done(self) -> bool:
         return self._handle is None or self._handle.done()
 
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict, as ``info.to_dict()`` of metaflow-checkpoint gives."""
+        return dict(self)
+
     def wait(self, timeout: float | None = None) -> CheckpointReference:
         """Block until this checkpoint is durable; raise if it was torn or failed."""
         if self._handle is not None:
             self._handle.wait(timeout)
         return self
+
+
+def local_now() -> str:
+    """Naive local time in ISO format: how metaflow-checkpoint writes ``created_on``."""
+    return datetime.datetime.now().isoformat()
+
+
+def pathspec_hash(pathspec: str) -> str:
+    return hashlib.sha256(json.dumps(pathspec).encode()).hexdigest()[:8]
 
 
 def reference_fields(*, manifest_key: str, url: str, name: str, pathspec: str, attempt: int,
@@ -54,12 +70,14 @@ def reference_fields(*, manifest_key: str, url: str, name: str, pathspec: str, a
         "url": url,
         "name": name,
         "pathspec": pathspec,
+        "pathspec_hash": pathspec_hash(pathspec),
         "attempt": attempt,
         "created_on": created_on,
         "metadata": metadata,
         "size": size,
         "version_id": checkpoint_id,
         "storage_format": "files",
+        "creation_context": "task",
         "scope": scope,
         "datastore": datastore,
         "datastore_root": datastore_root,

@@ -1,0 +1,180 @@
+"""Finding and loading checkpoints from anywhere: a task, its subprocesses, a notebook.
+
+A thin adapter over :class:`uploader.catalog.Catalog`: it turns what users hand us (a
+reference dict, a manifest key, a task pathspec, a ``metaflow.Task``) into a store and a
+manifest, and manifests back into references.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from uploader import CheckpointError, Engine, Settings
+from uploader.catalog import Catalog, Entry
+
+from .exceptions import CheckpointException, CheckpointReferenceError
+from .reference import CheckpointReference, reference_from_manifest
+from .storage import backend_factory
+
+__all__ = ["Reader", "TaskCheckpoints", "default_location"]
+
+
+def default_location() -> tuple[str, str]:
+    """The datastore type and root Metaflow would use here (for notebooks and scripts)."""
+    from metaflow import metaflow_config
+    from metaflow.plugins import DATASTORES
+
+    ds = metaflow_config.DEFAULT_DATASTORE
+    impl = next((d for d in DATASTORES if ds == d.TYPE), None)
+    if impl is None:
+        raise CheckpointException(f"the default datastore {ds!r} is not available here.")
+    root = impl.get_datastore_root_from_config(lambda *a, **k: None, create_on_absent=False)
+    if not root:
+        raise CheckpointException(
+            f"cannot find the {ds} datastore from here; set METAFLOW_DATASTORE_SYSROOT_"
+            f"{ds.upper()} or run from the directory the flows ran in.")
+    return ds, str(root)
+
+
+class TaskCheckpoints:
+    """Where one task's checkpoints are: its scope, run and task id, and its store."""
+
+    def __init__(self, *, scope: str, run_id: str, task_id: str, datastore: str,
+                 datastore_root: str) -> None:
+        self.scope, self.run_id, self.task_id = scope, run_id, task_id
+        self.datastore, self.datastore_root = datastore, datastore_root
+
+    @classmethod
+    def of(cls, task: Any) -> TaskCheckpoints | None:
+        """For a ``metaflow.Task`` or its pathspec; None if it saved no checkpoints."""
+        from metaflow import Task
+        from metaflow.exception import MetaflowNotFound
+
+        try:
+            t = task if isinstance(task, Task) else Task(str(task), _namespace_check=False)
+            meta = t.metadata_dict
+        except MetaflowNotFound as e:
+            raise CheckpointReferenceError(f"no such task {task!r}: {e}") from e
+        scope = meta.get("checkpoint-scope")
+        if not scope:
+            return None
+        _flow, run_id, _step, task_id = t.pathspec.split("/")
+        ds, root = default_location() if "ds-type" not in meta else (
+            meta["ds-type"], meta["ds-root"])
+        return cls(scope=scope, run_id=run_id, task_id=task_id, datastore=ds,
+                   datastore_root=root)
+
+
+class Reader:
+    """Lists and loads committed checkpoints, keeping one reading engine per store.
+
+    ``home`` is the running task's own engine and store, reused rather than duplicated.
+    """
+
+    def __init__(self, *, settings: Settings, log: Callable[[str], None],
+                 home: tuple[str, str, Engine] | None = None) -> None:
+        self._settings, self._log = settings, log
+        self._engines: dict[tuple[str, str], Engine] = {}
+        self._owned: list[Engine] = []
+        self._home = home
+        if home is not None:
+            self._engines[(home[0], home[1])] = home[2]
+        self._scratch: str | None = None
+
+    def catalog(self, datastore: str, root: str) -> Catalog:
+        if (datastore, root) not in self._engines:
+            if self._scratch is None:
+                # A reader never snapshots, but an engine needs a place for it.
+                self._scratch = tempfile.mkdtemp(prefix="metaflow_checkpoint_reader_")
+            engine = Engine(backend_factory(datastore, root), self._settings,
+                            snapshot_dir=self._scratch, log=self._log)
+            self._engines[(datastore, root)] = engine
+            self._owned.append(engine)
+        return Catalog(self._engines[(datastore, root)])
+
+    def home(self) -> Catalog:
+        assert self._home is not None
+        return self.catalog(self._home[0], self._home[1])
+
+    def reference(self, catalog: Catalog, entry: Entry) -> CheckpointReference:
+        backend = catalog.engine.backend
+        return reference_from_manifest(
+            entry.manifest, manifest_key=entry.keys.manifest,
+            url=backend.url_of(entry.keys.data_prefix), datastore=backend.kind,
+            datastore_root=backend.url)
+
+    def list_task(self, task: Any, *, name: str | None = None,
+                  attempt: int | None = None) -> list[CheckpointReference]:
+        """The committed checkpoints of ``task`` (newest first); [] if it saved none."""
+        where = TaskCheckpoints.of(task)
+        if where is None:
+            return []
+        catalog = self.catalog(where.datastore, where.datastore_root)
+        return [self.reference(catalog, e) for e in catalog.select(
+            where.scope, run_id=where.run_id, task_id=where.task_id, name=name,
+            attempt=attempt)]
+
+    def resolve(self, reference: Any, *, default: tuple[str, str] | None = None
+                ) -> tuple[Catalog, Entry]:
+        """The committed checkpoint ``reference`` names.
+
+        ``reference`` is a reference dict (from ``save()``, ``list()`` or an artifact), a
+        manifest key, a task pathspec (``Flow/run/step/task``: its latest checkpoint) or a
+        ``metaflow.Task``. Raises :class:`CheckpointReferenceError` for anything else and
+        :class:`CheckpointException` for one that is not committed.
+        """
+        from metaflow import Task
+
+        if isinstance(reference, dict) and isinstance(reference.get("key"), str):
+            ds = reference.get("datastore")
+            root = reference.get("datastore_root")
+            location = (str(ds), str(root)) if ds and root else (default or default_location())
+            return self._read(self.catalog(*location), reference["key"])
+        if isinstance(reference, str) and "/manifests/" in reference:
+            return self._read(self.catalog(*(default or default_location())), reference)
+        if isinstance(reference, Task) or (isinstance(reference, str)
+                                           and reference.count("/") == 3):
+            where = TaskCheckpoints.of(reference)
+            label = getattr(reference, "pathspec", reference)
+            if where is None:
+                raise CheckpointReferenceError(
+                    f"task {label} has no checkpoints: it did not run with @checkpoint.")
+            catalog = self.catalog(where.datastore, where.datastore_root)
+            found = catalog.latest(where.scope, run_id=where.run_id, task_id=where.task_id)
+            if found is None:
+                raise CheckpointReferenceError(f"task {label} committed no checkpoint.")
+            return catalog, found
+        raise CheckpointReferenceError(
+            "load() takes a reference returned by save() or list() (a dict with a 'key'), "
+            "its key, a task pathspec 'Flow/run/step/task' or a metaflow.Task; got "
+            f"{reference!r:.200}.")
+
+    def _read(self, catalog: Catalog, key: str) -> tuple[Catalog, Entry]:
+        try:
+            entry = catalog.read(key)
+        except ValueError as e:
+            raise CheckpointReferenceError(f"cannot load {key!r}: {e}") from e
+        if entry is None:
+            raise CheckpointException(
+                f"cannot load checkpoint {key!r}: it is not committed in "
+                f"{catalog.engine.backend.url}. It may still be uploading (wait for it with "
+                "reference.wait()), or it failed.")
+        return catalog, entry
+
+    def load(self, catalog: Catalog, entry: Entry, path: str) -> str:
+        try:
+            catalog.load(entry, path)
+        except CheckpointError as e:
+            raise CheckpointException(str(e)) from e
+        return path
+
+    def close(self) -> None:
+        for engine in self._owned:
+            engine.close()
+        if self._scratch is not None:
+            import shutil
+
+            shutil.rmtree(self._scratch, ignore_errors=True)
+

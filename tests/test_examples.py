@@ -1,0 +1,168 @@
+"""The examples, run exactly as the README tells users to: ``python examples/<name>.py run``.
+
+Each example fails on purpose in the first attempt of its training step, and ``@retry``
+must resume it from a checkpoint. Resuming is checked three ways: the log says so, the
+stored checkpoints are the ones the example saved, and the final metric equals that of
+a run that never failed (each example seeds everything, so an exact resume reproduces
+it to the printed digit, and a resume that lost the optimizer or the shuffle order
+does not).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from storekit import manifests, verify_all
+
+pytestmark = pytest.mark.flow
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+# Each example takes seconds; the bound only keeps a hung run from hanging the suite.
+TIMEOUT = 240
+
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="torch cannot be imported: install the extra with pip install '.[torch]'")
+needs_xgboost = pytest.mark.skipif(
+    importlib.util.find_spec("xgboost") is None,
+    reason="xgboost cannot be imported: install the extra with pip install '.[xgboost]'")
+
+
+def run_example(name: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run an example on a private local datastore under ``cwd``; return its whole log."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("METAFLOW_")}
+    full_env.update({
+        "METAFLOW_DEFAULT_DATASTORE": "local",
+        "METAFLOW_DEFAULT_METADATA": "local",
+        "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(cwd / "ds"),
+        "USERNAME": "tester",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    })
+    with subprocess.Popen(
+        [sys.executable, str(EXAMPLES / name), "run", *args], cwd=cwd, env=full_env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    ) as p:
+        try:
+            out, _ = p.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # Kill the flow's tasks too, not only the runtime.
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+    assert p.returncode == 0, f"{' '.join([name, *args])} exited {p.returncode}\n{out}"
+    return out
+
+
+def final_line(text: str, unit: str, metric: str) -> tuple[int | None, str]:
+    """(the epoch or round resumed from, or None; the final metric as printed)."""
+    m = re.search(rf"(?:Resumed from {unit} (\d+)|Trained .*without a resume); "
+                  rf"final {metric} (\d+\.\d+)$", text, re.MULTILINE)
+    assert m, f"no final line in the output:\n{text}"
+    return (int(m.group(1)) if m.group(1) else None), m.group(2)
+
+
+def first_value(text: str, pattern: str) -> float:
+    m = re.search(pattern, text)
+    assert m, f"{pattern!r} is not in the output:\n{text}"
+    return float(m.group(1))
+
+
+def committed(cwd: Path, key: str) -> set[tuple[int, int]]:
+    """(attempt, metadata[key]) of every committed checkpoint, each verified byte for byte."""
+    root = cwd / "ds" / ".metaflow"
+    found = {(int(m.identity["attempt"]), int(m.metadata[key])) for _, m in manifests(root)}
+    assert verify_all(root) == len(found)
+    return found
+
+
+Uninterrupted = Callable[[str, str, str], str]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Uninterrupted:
+    """The final metric of an example run with ``--fail-at -1``, run once per module."""
+    cache: dict[str, str] = {}
+
+    def final(name: str, unit: str, metric: str) -> str:
+        if name not in cache:
+            cwd = tmp_path_factory.mktemp(name.removesuffix(".py"))
+            text = run_example(name, "--fail-at", "-1", cwd=cwd)
+            resumed, value = final_line(text, unit, metric)
+            assert resumed is None and "Deliberate failure" not in text, text
+            cache[name] = value
+        return cache[name]
+
+    return final
+
+
+@needs_torch
+@pytest.mark.parametrize("copy_budget", [None, "0"], ids=["as-written", "every-file-linked"])
+def test_pytorch_example_resumes_model_and_optimizer(
+        tmp_path: Path, uninterrupted: Uninterrupted, copy_budget: str | None) -> None:
+    # With no copy budget, state.pt is hardlinked into each snapshot and torch.save's
+    # in-place rewrite of it races the upload: the path a large model takes.
+    env = {} if copy_budget is None else {"METAFLOW_CHECKPOINT_COPY_BUDGET": copy_budget}
+    text = run_example("pytorch_resume.py", cwd=tmp_path, env=env)
+    assert "Deliberate failure after epoch 3 of the first attempt" in text
+    assert "Loaded checkpoint" in text
+    assert "Resuming at epoch 4 from the checkpoint of epoch 3 (saved by attempt 0)" in text
+    resumed, final = final_line(text, "epoch", "loss")
+    assert resumed == 3
+    assert float(final) < first_value(text, r"epoch 0 loss (\d+\.\d+)")
+    assert final == uninterrupted("pytorch_resume.py", "epoch", "loss")
+
+    saved = committed(tmp_path, "epoch")
+    if copy_budget is None:
+        # state.pt is far below the default copy budget: each save copies it, so every
+        # epoch's checkpoint commits.
+        assert saved == {(0, e) for e in range(4)} | {(1, e) for e in range(4, 8)}
+    else:
+        # The last save of an attempt always commits; a rewrite in place costs at most
+        # one checkpoint in each attempt before the file is frozen by copying.
+        assert {(0, 3), (1, 7)} <= saved
+        assert len([a for a, _ in saved if a == 0]) >= 3, saved
+        assert len([a for a, _ in saved if a == 1]) >= 3, saved
+
+
+@needs_xgboost
+def test_xgboost_example_resumes_the_booster(tmp_path: Path,
+                                             uninterrupted: Uninterrupted) -> None:
+    text = run_example("xgboost_resume.py", cwd=tmp_path)
+    assert "Deliberate failure after round 35 of the first attempt" in text
+    assert "Loaded checkpoint" in text
+    assert "Resuming at round 30 from the checkpointed booster (saved by attempt 0)" in text
+    resumed, final = final_line(text, "round", "validation rmse")
+    assert resumed == 30
+    assert float(final) < first_value(text, r"round 10 valid rmse (\d+\.\d+)")
+    assert final == uninterrupted("xgboost_resume.py", "round", "validation rmse")
+    assert committed(tmp_path, "round") == {(0, 10), (0, 20), (0, 30),
+                                            (1, 40), (1, 50), (1, 60)}
+
+
+def test_callback_example_saves_through_the_checkpoint_class(
+        tmp_path: Path, uninterrupted: Uninterrupted) -> None:
+    text = run_example("callback_checkpoint.py", cwd=tmp_path)
+    assert "Deliberate failure after epoch 6 of the first attempt" in text
+    assert "Loaded checkpoint" in text
+    assert ("Resuming at epoch 7 from the checkpoint 'trainer' of epoch 6 "
+            "(saved by attempt 0)") in text
+    resumed, final = final_line(text, "epoch", "loss")
+    assert resumed == 6
+    assert float(final) < first_value(text, r"epoch 0 loss (\d+\.\d+)")
+    assert final == uninterrupted("callback_checkpoint.py", "epoch", "loss")
+    assert committed(tmp_path, "epoch") == {(0, e) for e in range(7)} | {
+        (1, e) for e in range(7, 15)}
+    # The callback saved a file path: each checkpoint holds that one file, under its name,
+    # which is what lets the retry find it in current.checkpoint.directory.
+    for _, m in manifests(tmp_path / "ds" / ".metaflow"):
+        assert m.name == "trainer"
+        assert [f.path for f in m.files] == ["trainer_state.json"]

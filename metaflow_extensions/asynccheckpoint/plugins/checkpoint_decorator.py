@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from metaflow.decorators import StepDecorator
@@ -9,6 +10,33 @@ from metaflow.decorators import StepDecorator
 from .exceptions import CheckpointConfigException
 
 LOAD_POLICIES = ("fresh", "eager", "none")
+
+
+def _foreach_tokens(flow: Any) -> tuple[str, ...]:
+    """This task's foreach branch, one token per level: by value, else by index.
+
+    A branch matches a branch of an earlier run with the same values (the n-th
+    occurrence of a value matching the n-th), so neither a reordered list nor duplicate
+    values hand a branch another branch's checkpoints.
+    """
+    from uploader import foreach_token
+
+    tokens = []
+    for frame in getattr(flow, "_foreach_stack", None) or []:
+        index = int(frame.index)
+        try:
+            values = list(getattr(flow, frame.var))
+            token, by_index = foreach_token(values, index)
+        except (AttributeError, TypeError, IndexError):
+            token, by_index = f"i{index}", True
+        if by_index:
+            from .current_checkpoint import _log
+
+            _log(f"note: the value of foreach branch {index} over '{frame.var}' has no stable "
+                 "fingerprint (only JSON-like values do), so its checkpoints are matched to "
+                 "earlier runs by index: reordering that list between runs mixes branches up.")
+        tokens.append(token)
+    return tuple(tokens)
 
 
 class CheckpointDecorator(StepDecorator):
@@ -25,7 +53,9 @@ class CheckpointDecorator(StepDecorator):
     temp_dir_root : str, optional, default None
         Where the staging directory (and the snapshots taken from it) are created.
     show_card : bool, default True
-        Accepted for compatibility with metaflow-checkpoint.
+        Add a card (id "checkpoint") showing the checkpoint loaded at task start and
+        each save's state, size and timings, refreshed while the task runs. It sits
+        next to any card of the step's own (``--with card``). False adds nothing.
 
     MF Add To Current
     -----------------
@@ -53,6 +83,12 @@ class CheckpointDecorator(StepDecorator):
         if not isinstance(show_card, bool):
             raise CheckpointConfigException(
                 f"{where}: show_card={show_card!r} must be True or False.")
+        self._card_interval: float | None = None
+        if show_card:
+            from .card import attach
+
+            self._card_interval = attach(decorators)
+        self._card: Any = None
         root = self.attributes["temp_dir_root"]
         if root is not None and not isinstance(root, str):
             raise CheckpointConfigException(
@@ -73,11 +109,10 @@ class CheckpointDecorator(StepDecorator):
 
         from uploader import Scope
 
-        from .current_checkpoint import CurrentCheckpoint, TaskIdentity
+        from .current_checkpoint import CurrentCheckpoint, TaskIdentity, _log
 
         namespace = current.namespace or f"user:{current.username}"
-        indices = tuple(int(f.index) for f in (getattr(flow, "_foreach_stack", None) or []))
-        scope = Scope(flow.name, namespace, step_name, indices)
+        scope = Scope(flow.name, namespace, step_name, _foreach_tokens(flow))
         identity = TaskIdentity(flow=flow.name, run_id=str(run_id), step=step_name,
                                 task_id=str(task_id), attempt=int(retry_count),
                                 namespace=namespace)
@@ -87,12 +122,40 @@ class CheckpointDecorator(StepDecorator):
             datastore_root=self._flow_datastore.datastore_root,
             temp_dir_root=self.attributes["temp_dir_root"])
         current._update_env({"checkpoint": self._current})
+        # Processes the step starts (torchrun workers, subprocesses) save for this task.
+        import os
+
+        from .checkpoint_api import ENV_TASK
+
+        self._previous_env = os.environ.get(ENV_TASK)
+        os.environ[ENV_TASK] = self._current.environment()
         metadata.register_metadata(run_id, step_name, task_id, [MetaDatum(
             field="checkpoint-scope", value=scope.prefix, type="checkpoint-scope",
             tags=[f"attempt_id:{retry_count}"])])
         self._finished = False
         self._install_sigterm_handler()
+        started = time.time()
         self._current._load_on_start(self._load_policy)
+        if self._card_interval is not None:
+            from .card import CheckpointCard
+
+            self._card = CheckpointCard(
+                handles=self._current._handles, started_at=started,
+                pathspec=identity.pathspec, attempt=identity.attempt,
+                load_policy=self._load_policy, interval=self._card_interval, log=_log)
+            self._card.loaded(self._current.info, time.time() - started)
+
+    def task_decorate(self, step_func, flow, graph, retry_count, max_user_code_retries,
+                      ubf_context):  # type: ignore[no-untyped-def]
+        # The card goes up here, not in task_pre_step: @card's own task_pre_step, which
+        # may run after ours, is what makes current.card usable.
+        if self._card is not None:
+            self._card.start()
+        return step_func
+
+    def _finish_card(self, *, task_ok: bool) -> None:
+        if self._card is not None:
+            self._card.finish(task_ok=task_ok)
 
     def _install_sigterm_handler(self) -> None:
         # Preemption sends SIGTERM and allows a grace period: use it to commit what was
@@ -111,7 +174,12 @@ class CheckpointDecorator(StepDecorator):
             self._finished = True
             # Artifacts set by this step, so an error can name the one holding a reference.
             artifacts = {k: v for k, v in vars(flow).items() if not k.startswith("_")}
-            self._current._finish(success=True, artifacts=artifacts)
+            ok = False
+            try:
+                self._current._finish(success=True, artifacts=artifacts)
+                ok = True
+            finally:
+                self._finish_card(task_ok=ok)
 
     def task_exception(self, exception, step_name, flow, graph, retry_count,
                        max_user_code_retries):  # type: ignore[no-untyped-def]
@@ -123,6 +191,7 @@ class CheckpointDecorator(StepDecorator):
                 self._current._finish(success=False)
             except Exception as e:
                 print(f"[@checkpoint] ERROR while draining uploads: {e}")
+            self._finish_card(task_ok=False)
         return None
 
     def task_finished(self, step_name, flow, graph, is_task_ok, retry_count,
@@ -135,9 +204,18 @@ class CheckpointDecorator(StepDecorator):
                 self._finished = True
                 self._current._finish(success=False)
         finally:
+            self._finish_card(task_ok=is_task_ok)
             restore = getattr(self, "_restore_sigterm", None)
             if restore is not None:
                 restore()
                 self._restore_sigterm = None
             self._current._close()
             self._current = None
+            import os
+
+            from .checkpoint_api import ENV_TASK
+
+            if getattr(self, "_previous_env", None) is None:
+                os.environ.pop(ENV_TASK, None)
+            else:
+                os.environ[ENV_TASK] = self._previous_env

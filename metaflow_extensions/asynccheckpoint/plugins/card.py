@@ -1,0 +1,388 @@
+"""The checkpoint card: what the task loaded, and where each of its saves stands.
+
+``@checkpoint(show_card=True)`` adds a ``@card(type="blank", id="checkpoint")`` to its
+step (unless the step already has a card with that id), so the card exists without the
+user writing ``@card``, and next to any card of their own (``--with card``). Its content:
+
+- the checkpoint loaded at task start (or "started fresh");
+- a table of the saves of this attempt: name, state, files, size, how long ``save()``
+  blocked, upload time and throughput;
+- a timeline of saves against commits.
+
+While the task runs, a daemon thread updates the components and calls the card's
+``refresh()`` at most once per refresh interval (Metaflow renders in a subprocess, so
+this costs the training loop next to nothing). The layout never changes after the first
+render, so every later refresh only sends data. At the end of a successful task,
+Metaflow renders the final card from the components as the drained engine left them.
+
+Only this module imports Metaflow's card machinery, and only inside functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from uploader import CheckpointHandle, CheckpointState
+
+CARD_ID = "checkpoint"
+REFRESH_INTERVAL = 5.0  # seconds; Metaflow's default for realtime cards
+TABLE_ROWS = 50  # newest saves shown in the table; the summary counts all of them
+CHART_SAVES = 500  # newest saves drawn in the timeline
+_TICK = 1.0  # how often the refresher looks for news; refreshes stay rate-limited
+_JOIN_TIMEOUT = 0.05  # the end of the task never waits longer for the refresher
+NBSP = "\u00a0"  # keeps "20.0 MiB" on one line in a table cell
+
+STATES = ("pending", "uploading", "committed", "superseded", "torn", "failed")
+_COLOURS = ("#9e9e9e", "#1f77b4", "#2ca02c", "#bcbd22", "#ff7f0e", "#d62728")
+
+__all__ = ["CARD_ID", "CheckpointCard", "LoadInfo", "SaveRow", "attach", "save_rows"]
+
+
+# -- attaching ------------------------------------------------------------------------
+
+def attach(decorators: list[Any]) -> float | None:
+    """Make sure the step has the checkpoint card; return its refresh interval.
+
+    Called from ``@checkpoint``'s ``step_init`` with the step's decorator list. The card
+    is added as a non-static decorator, so Metaflow passes it to the task's command line
+    like ``--with card:...``; in the task it is then already present and not added twice.
+    """
+    for deco in decorators:
+        if getattr(deco, "name", None) == "card" and deco.attributes.get("id") == CARD_ID:
+            return float(deco.attributes.get("refresh_interval") or REFRESH_INTERVAL)
+    from metaflow.plugins.cards.card_decorator import CardDecorator
+
+    card = CardDecorator(attributes={"type": "blank", "id": CARD_ID,
+                                     "refresh_interval": int(REFRESH_INTERVAL)})
+    card.external_init()
+    decorators.append(card)
+    return REFRESH_INTERVAL
+
+
+# -- what the card shows ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LoadInfo:
+    """The checkpoint loaded into the staging directory as the task started."""
+
+    name: str
+    pathspec: str  # of the task that saved it
+    attempt: int
+    created_on: str
+    size: int | None
+    seconds: float  # how long the load took
+
+    @classmethod
+    def from_reference(cls, ref: Mapping[str, Any], seconds: float) -> LoadInfo:
+        return cls(name=str(ref.get("name", "")), pathspec=str(ref.get("pathspec", "")),
+                   attempt=int(ref.get("attempt", 0)), created_on=str(ref.get("created_on", "")),
+                   size=ref.get("size"), seconds=seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveRow:
+    number: int  # 1-based, in save order
+    name: str
+    checkpoint_id: str
+    state: str  # one of STATES
+    files: int
+    bytes: int
+    blocked_s: float
+    upload_s: float | None
+    throughput: float | None  # bytes per second
+    saved_s: float  # seconds since the task started
+    finished_s: float | None
+    error: str | None
+
+
+def save_rows(handles: Sequence[CheckpointHandle], *, started_at: float) -> list[SaveRow]:
+    """One row per save, oldest first; a torn save a later commit replaced is "superseded".
+
+    Only a committed save of the same scope and name replaces a torn one, as in the
+    engine's drain report: a later "last" never stands in for a torn "best".
+    """
+    replaced: set[tuple[str, str]] = set()
+    superseded: set[int] = set()
+    for i in range(len(handles) - 1, -1, -1):
+        h = handles[i]
+        if h.state is CheckpointState.COMMITTED:
+            replaced.add((h.scope, h.name))
+        elif h.state is CheckpointState.TORN and (h.scope, h.name) in replaced:
+            superseded.add(i)
+    rows = []
+    for i, h in enumerate(handles):
+        s = h.stats
+        state = "superseded" if i in superseded else h.state.value
+        rows.append(SaveRow(
+            number=i + 1, name=h.name, checkpoint_id=h.checkpoint_id, state=state,
+            files=s.files, bytes=s.bytes, blocked_s=s.blocked_s, upload_s=s.upload_s,
+            throughput=s.throughput, saved_s=s.saved_at - started_at,
+            finished_s=None if s.finished_at is None else s.finished_at - started_at,
+            error=None if h.error is None or state == "committed" else str(h.error)))
+    return rows
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _rate(bytes_per_s: float) -> str:
+    mib = bytes_per_s / 2**20
+    return f"{mib:.{0 if mib >= 100 else 1 if mib >= 10 else 2}f} MiB/s"
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    if s < 120:
+        return f"{s:.2f} s"
+    return f"{s / 60:.1f} min"
+
+
+def _md(text: str) -> str:
+    # User-chosen names go into Markdown (and tables): keep them literal.
+    for ch in "\\`*_[]<>|#":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def header_markdown(*, pathspec: str, attempt: int, load_policy: str,
+                    loaded: LoadInfo | None) -> str:
+    lines = ["# Checkpoints", f"Task `{pathspec}`, attempt {attempt}.", ""]
+    if loaded is None:
+        why = {"none": "load_policy='none' loads nothing",
+               "eager": "no earlier attempt or run of this step committed one"}.get(
+            load_policy, "no earlier attempt of this task committed one")
+        lines.append(f"**Started fresh**: no checkpoint was loaded ({why}).")
+    else:
+        run = loaded.pathspec.split("/")[1] if loaded.pathspec.count("/") == 3 else "?"
+        this_run = pathspec.split("/")[1] if pathspec.count("/") == 3 else None
+        origin = (f"attempt {loaded.attempt} of this task" if run == this_run
+                  else f"run {_md(run)}, attempt {loaded.attempt}")
+        lines.append(
+            f"**Loaded `{_md(loaded.name)}`** at task start in {_duration(loaded.seconds)}: "
+            f"saved by {origin} (`{_md(loaded.pathspec)}`), {_size(loaded.size)}, "
+            f"created {_md(loaded.created_on)}.")
+    return "\n".join(lines)
+
+
+def summary_markdown(rows: Sequence[SaveRow], *, final: bool, now: float) -> str:
+    if not rows:
+        text = "No saves yet."
+    else:
+        counts = [(s, sum(r.state == s for r in rows)) for s in STATES]
+        committed = sum(r.bytes for r in rows if r.state == "committed")
+        blocked = [r.blocked_s for r in rows]
+        text = (f"**{len(rows)} save{'s' if len(rows) != 1 else ''}**: "
+                + ", ".join(f"{n} {s}" for s, n in counts if n)
+                + f". {_size(committed)} committed. save() blocked {_duration(sum(blocked))} "
+                f"in all, {_duration(max(blocked))} at most.")
+    when = time.strftime("%H:%M:%S", time.localtime(now))
+    status = (f"_Final, as the task ended ({when})._" if final else
+              f"_Live: updated {when}, every few seconds while the task runs._")
+    problems = [f"- **#{r.number} `{_md(r.name)}` {r.state}**: {_md(r.error)}"
+                for r in rows if r.error and r.state in ("torn", "failed")]
+    return "\n\n".join([text, *(["\n".join(problems)] if problems else []), status])
+
+
+def table_markdown(rows: Sequence[SaveRow]) -> str:
+    shown = rows[-TABLE_ROWS:]
+    lines = ["| # | name | state | files | size | save() blocked | upload | throughput "
+             "| saved at |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in shown:
+        # Only a committed upload moved all its bytes: a torn or failed one stopped early.
+        speed = _rate(r.throughput) if r.throughput and r.state == "committed" else "-"
+        cells = [_size(r.bytes), _duration(r.blocked_s), _duration(r.upload_s), speed,
+                 f"+{r.saved_s:.{2 if r.saved_s < 100 else 0}f} s"]
+        size, blocked, upload, speed, at = (c.replace(" ", NBSP) for c in cells)
+        lines.append(f"| {r.number} | {_md(r.name)} | {r.state} | {r.files} | {size} "
+                     f"| {blocked} | {upload} | {speed} | {at} |")
+    if not shown:
+        lines.append("| | _no saves yet_ | | | | | | | |")
+    note = (f"\n\nThe newest {TABLE_ROWS} of {len(rows)} saves." if len(rows) > TABLE_ROWS
+            else "")
+    return "### Saves\n\n" + "\n".join(lines) + note
+
+
+def timeline_spec(rows: Sequence[SaveRow], *, now_s: float) -> dict[str, Any]:
+    """A Vega-Lite chart: one line per save from ``save()`` to its final state."""
+    shown = rows[-CHART_SAVES:]
+    spans = [{"save": r.number, "name": r.name, "state": r.state, "from": round(r.saved_s, 3),
+              "to": round(r.finished_s if r.finished_s is not None else max(now_s, r.saved_s),
+                          3)} for r in shown]
+    marks = [{"save": r.number, "name": r.name, "state": r.state, "event": "save() called",
+              "t": round(r.saved_s, 3)} for r in shown]
+    marks += [{"save": r.number, "name": r.name, "state": r.state, "event": "finished",
+               "t": round(r.finished_s, 3)} for r in shown if r.finished_s is not None]
+    x_title = "seconds since the task started"
+    colour = {"field": "state", "type": "nominal", "title": "state",
+              "scale": {"domain": list(STATES), "range": list(_COLOURS)}}
+    y = {"field": "save", "type": "quantitative", "title": "save #",
+         "axis": {"tickMinStep": 1, "format": "d"},
+         "scale": {"domain": [0.5, max(1, len(rows)) + 0.5] if not shown else
+                   [shown[0].number - 0.5, shown[-1].number + 0.5]}}
+    return {
+        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+        "title": "Saves and commits",
+        "height": 220,
+        "layer": [
+            {"data": {"values": spans},
+             "mark": {"type": "rule", "strokeWidth": 3},
+             "encoding": {"x": {"field": "from", "type": "quantitative", "title": x_title},
+                          "x2": {"field": "to"}, "y": y, "color": colour}},
+            {"data": {"values": marks},
+             "mark": {"type": "point", "filled": True, "size": 70},
+             "encoding": {
+                 "x": {"field": "t", "type": "quantitative", "title": x_title},
+                 "y": y, "color": colour,
+                 "shape": {"field": "event", "type": "nominal", "title": "mark",
+                           "scale": {"domain": ["save() called", "finished"],
+                                     "range": ["circle", "diamond"]}},
+                 "tooltip": [{"field": "save", "title": "#"}, {"field": "name"},
+                             {"field": "event"}, {"field": "state"},
+                             {"field": "t", "title": "seconds"}]}},
+        ],
+    }
+
+
+# -- the live card ------------------------------------------------------------------------
+
+class CheckpointCard:
+    """The card of one task attempt, kept current from the engine's handles.
+
+    ``handles`` returns every save of the attempt so far (it is called from the refresher
+    thread, so it must be thread-safe, as ``Engine.handles`` is). Nothing here ever fails
+    the task: a card that cannot be drawn is reported once and left alone.
+    """
+
+    def __init__(self, *, handles: Callable[[], Sequence[CheckpointHandle]], started_at: float,
+                 pathspec: str, attempt: int, load_policy: str,
+                 interval: float = REFRESH_INTERVAL, tick: float = _TICK,
+                 log: Callable[[str], None] | None = None) -> None:
+        self._handles = handles
+        self._started_at = started_at
+        self._pathspec, self._attempt, self._load_policy = pathspec, attempt, load_policy
+        self._tick = tick
+        self._interval = max(float(interval), tick)
+        self._log = log
+        self._loaded: LoadInfo | None = None
+        self._card: Any = None
+        self._parts: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()  # a forked child has no refresher and must not render
+        self._failed = False
+        self._finished = False
+
+    def loaded(self, ref: Mapping[str, Any] | None, seconds: float) -> None:
+        self._loaded = None if ref is None else LoadInfo.from_reference(ref, seconds)
+
+    def start(self) -> None:
+        """Put the components on the card and start refreshing it; needs ``current.card``."""
+        try:
+            from metaflow import current
+            from metaflow.cards import Markdown, VegaChart
+
+            card = current.card[CARD_ID] if hasattr(current, "card") else None
+            if card is None or not hasattr(card, "refresh"):
+                return  # the step has no such card (e.g. it was run without it)
+            rows = self._rows()
+            now = time.time()
+            parts = {
+                "header": Markdown(self._header()),
+                "summary": Markdown(summary_markdown(rows, final=False, now=now)),
+                "saves": Markdown(table_markdown(rows)),
+                "timeline": VegaChart(timeline_spec(rows, now_s=now - self._started_at)),
+            }
+            for key, component in parts.items():
+                card.append(component, id=f"{CARD_ID}-{key}")
+            self._card, self._parts = card, parts
+            self._thread = threading.Thread(target=self._run, name="checkpoint-card",
+                                            daemon=True)
+            self._thread.start()
+        except Exception as e:
+            self._report(e)
+
+    def finish(self, *, task_ok: bool) -> None:
+        """Stop refreshing and leave the components in their final state.
+
+        Called once the uploads are drained. On success Metaflow renders the card right
+        after; on failure it does not, so the card is refreshed one last time (rate
+        limits allowing), without waiting for that render.
+        """
+        if self._finished or os.getpid() != self._pid:
+            return
+        self._finished = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(_JOIN_TIMEOUT)
+        if self._card is None:
+            return
+        try:
+            self._update(final=True)
+            if not task_ok:
+                self._card.refresh()
+        except Exception as e:
+            self._report(e)
+
+    # -- internals ----------------------------------------------------------------
+
+    def _header(self) -> str:
+        return header_markdown(pathspec=self._pathspec, attempt=self._attempt,
+                               load_policy=self._load_policy, loaded=self._loaded)
+
+    def _rows(self) -> list[SaveRow]:
+        return save_rows(self._handles(), started_at=self._started_at)
+
+    def _update(self, *, final: bool) -> list[SaveRow]:
+        rows = self._rows()
+        now = time.time()
+        with self._lock:
+            self._parts["summary"].update(summary_markdown(rows, final=final, now=now))
+            self._parts["saves"].update(table_markdown(rows))
+            self._parts["timeline"].update(timeline_spec(rows, now_s=now - self._started_at))
+        return rows
+
+    def _run(self) -> None:
+        last: tuple[tuple[str, str], ...] | None = None
+        last_refresh = float("-inf")
+        # A wait on the stop event, not a sleep: finish() ends the loop at once.
+        while not self._stop.wait(self._tick):
+            if time.monotonic() - last_refresh < self._interval:
+                continue  # Metaflow would drop a refresh this soon anyway
+            try:
+                rows = self._rows()
+                seen = tuple((r.checkpoint_id, r.state) for r in rows)
+                moving = any(r.state in ("pending", "uploading") for r in rows)
+                if seen == last and not moving and last is not None:
+                    continue
+                rows = self._update(final=False)
+                if self._stop.is_set():
+                    return  # the final state is finish()'s to draw
+                self._card.refresh()
+                last = tuple((r.checkpoint_id, r.state) for r in rows)
+                last_refresh = time.monotonic()
+            except Exception as e:
+                self._report(e)
+                return
+
+    def _report(self, e: Exception) -> None:
+        if not self._failed and self._log is not None:
+            self._log(f"note: the checkpoint card could not be updated "
+                      f"({type(e).__name__}: {e}); checkpoints are not affected.")
+        self._failed = True

@@ -22,21 +22,33 @@ def test_retry_resumes_from_latest_committed_checkpoint(run_flow: RunFlow,
     assert r["loaded"] == "True"
     assert r["content"] == "epoch=3"  # not the latest=False "side" checkpoint
     assert r["info_attempt"] == "0"
-    assert r["bad_metadata"].startswith(
-        "CheckpointException: save(metadata=...) must be JSON-serialisable")
+    assert json.loads(r["odd_metadata"]) == {"loss": "<value cannot be JSON serialized>",
+                                             "epoch": 3}
+    assert "metadata['loss'] cannot be JSON serialized" in out.stdout + out.stderr
     assert ast.literal_eval(r["info_metadata"]) == {"epoch": 3}
     assert r["durable"] == "True" and r["state"] == "committed"
     # Newest first, both attempts, committed only.
-    assert r["listed"] == "mfchckpt@1,side@0,mfchckpt@0"
+    assert r["listed"] == "mfchckpt@1,odd_metadata@1,side@0,mfchckpt@0"
     # The reference persisted as an artifact is a plain dict.
     assert r["artifact_type"] == "dict"
     # The scribbling after the load never reached a stored checkpoint.
-    assert verify_all(datastore_root) == 3
+    assert verify_all(datastore_root) == 4
     first = [(k, m) for k, m in manifests(datastore_root)
              if m.identity["attempt"] == 0 and m.name == "mfchckpt"]
     assert stored_bytes(datastore_root, first[0][0], "state.txt") == b"epoch=3"
-    latest = [(k, m) for k, m in manifests(datastore_root) if m.identity["attempt"] == 1]
+    latest = [(k, m) for k, m in manifests(datastore_root)
+              if m.identity["attempt"] == 1 and m.name == "mfchckpt"]
     assert stored_bytes(datastore_root, latest[0][0], "state.txt") == b"scribbled over"
+
+
+def test_a_corrupt_newest_checkpoint_never_bricks_the_retry(run_flow: RunFlow) -> None:
+    out = run_flow("fallback_flow.py")
+    r = results(out.stdout + out.stderr)
+    assert r["loaded"] == "True" and r["content"] == "epoch=1", out.stderr
+    assert r["backslash"] == "kept" and r["files"] == "True"
+    text = out.stdout + out.stderr
+    assert "ERROR: could not load checkpoint 'mfchckpt'" in text
+    assert "SHA-256" in text and "loading the next older one" in text
 
 
 def test_foreach_branches_with_equal_values_keep_their_own_checkpoints(

@@ -110,9 +110,11 @@ def test_manifest_round_trip(files: list[tuple[str, int]], metadata: dict[str, o
     assert m.total_bytes == sum(s for _, s in files)
 
 
-def test_manifest_of_another_format_is_refused() -> None:
-    with pytest.raises(ValueError, match="format"):
-        Manifest.from_json(b'{"format": 99}')
+def test_manifest_only_newer_readers_may_read_is_refused() -> None:
+    from uploader import ManifestError
+
+    with pytest.raises(ManifestError, match="newer version"):
+        Manifest.from_json(b'{"format": 99, "min_reader": 99}')
 
 
 # -- lifecycle ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from .engine import Engine
+from .errors import ManifestError
 from .layout import CheckpointKeys, Scope
 from .manifest import Manifest
 
@@ -45,12 +46,26 @@ class Catalog:
     def entries(self, scope_prefix: str, *, run_id: str | None = None) -> list[Entry]:
         """Every committed checkpoint of a scope (of one run, if given), newest first."""
         prefix = Scope.from_prefix(scope_prefix).manifests_prefix(run_id)
+        found = self.engine.list_manifest_keys(prefix)
         out = []
-        for keys in self.engine.list_manifest_keys(prefix):
-            m = self.engine.read_manifest(keys)
-            if m is not None:
+        # Read all at once: on S3, one at a time costs a round trip per checkpoint.
+        for keys, m in zip(found, self.engine.read_manifests(found), strict=True):
+            if isinstance(m, ManifestError):
+                self._skip(keys, m)
+            elif m is not None:
                 out.append(Entry(keys, m))
         return out
+
+    def _skip(self, keys: CheckpointKeys, e: ManifestError) -> None:
+        """One warning for a manifest that cannot be read; listings go on without it.
+
+        One corrupt manifest, or one a newer version wrote for newer readers only, must
+        not stop a listing, nor a task start that resumes from an older checkpoint.
+        """
+        url = self.engine.backend.url_of(keys.manifest)
+        self.engine.warn_once(keys.manifest, (
+            f"WARNING: skipping checkpoint manifest {url}: {e}. Readers ignore it; older "
+            "checkpoints are unaffected."))
 
     def select(self, scope_prefix: str, *, run_id: str | None = None,
                task_id: str | None = None, name: str | None = None,
@@ -78,5 +93,8 @@ class Catalog:
         return None if m is None else Entry(keys, m)
 
     def load(self, entry: Entry, dest: str) -> None:
-        """Copy ``entry``'s files into ``dest``, verifying each checksum."""
-        self.engine.load(entry.manifest, dest)
+        """Copy ``entry``'s files into ``dest``, verifying each checksum.
+
+        Data is read under the key the manifest was found at, whatever its body says.
+        """
+        self.engine.load(entry.manifest, dest, keys=entry.keys)

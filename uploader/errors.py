@@ -7,8 +7,11 @@
     ├── SnapshotError                    save() could not snapshot the source path
     ├── UploadError                      a checkpoint could not be stored; raised by wait()/drain
     │   ├── TornCheckpointError          a file changed in place while its upload was pending
-    │   └── StorageAccessError           not retryable: denied, no such bucket, bad credentials
-    ├── ChecksumMismatchError            stored bytes differ from the manifest; raised on load
+    │   ├── StorageAccessError           not retryable: denied, no such bucket, bad credentials
+    │   └── SourceReadError              a file being saved could not be read (the user's side)
+    ├── LoadError                        a committed checkpoint could not be loaded; raised on load
+    │   ├── ChecksumMismatchError        stored bytes differ from the manifest
+    │   └── ManifestError                a manifest that cannot be read (corrupt, or too new)
     └── EngineClosedError                the engine was used after close()
 
 Messages name the checkpoint, the file and the storage key involved, and say what to do.
@@ -23,7 +26,10 @@ __all__ = [
     "ChecksumMismatchError",
     "ConfigError",
     "EngineClosedError",
+    "LoadError",
+    "ManifestError",
     "SnapshotError",
+    "SourceReadError",
     "StorageAccessError",
     "TornCheckpointError",
     "UploadError",
@@ -70,8 +76,33 @@ class StorageAccessError(UploadError):
     """The store refused a request in a way that retrying cannot fix (permissions, bucket, keys)."""
 
 
-class ChecksumMismatchError(CheckpointError):
+class SourceReadError(UploadError):
+    """A file of the checkpoint could not be read while it was uploaded.
+
+    The user's side, not the store's: its permissions changed, or it was removed from
+    under the snapshot. Raised by ``wait()`` on that checkpoint.
+    """
+
+
+class LoadError(CheckpointError):
+    """Raised by ``load()`` when a committed checkpoint cannot be copied out of the store.
+
+    A stored object is missing or unreadable, or the destination refuses a file. The
+    destination is left as it was: files are placed only once every one is verified.
+    """
+
+
+class ChecksumMismatchError(LoadError):
     """Raised by ``load()`` when a stored file's bytes do not match the checksum in its manifest."""
+
+
+class ManifestError(LoadError):
+    """A manifest that cannot be read: not JSON, missing fields, or written by a newer version
+    that older readers must not read.
+
+    Raised by :meth:`uploader.manifest.Manifest.from_json`; readers that list checkpoints
+    skip such a manifest with a warning rather than fail.
+    """
 
 
 class EngineClosedError(CheckpointError):

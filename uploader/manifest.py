@@ -3,17 +3,32 @@
 Data objects are written first; the manifest, listing every file with its size and
 SHA-256, is written last. A checkpoint whose manifest is missing does not exist for any
 reader, and readers verify each file against the manifest when they load it.
+
+Compatibility, both ways:
+
+- ``format`` is the version that wrote the manifest. A reader reads any format: fields it
+  does not know are ignored, and fields an older writer left out take their defaults.
+- ``min_reader`` (absent means 1) is the oldest reader that may read it. A writer sets it
+  only for a change older readers would misread; they then refuse the manifest with a
+  :class:`~uploader.errors.ManifestError`, which listings turn into a skip and a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import re
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["FORMAT_VERSION", "FileEntry", "Manifest"]
+from .errors import ManifestError
+
+__all__ = ["FORMAT_VERSION", "PLACEHOLDER", "FileEntry", "Manifest", "freeze_metadata"]
 
 FORMAT_VERSION = 1
+PLACEHOLDER = "<value cannot be JSON serialized>"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +65,107 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
-        d = json.loads(data)
-        if not isinstance(d, dict) or d.get("format") != FORMAT_VERSION:
-            raise ValueError("not a checkpoint manifest of format %d" % FORMAT_VERSION)
-        d["files"] = tuple(FileEntry(**f) for f in d["files"])
-        return cls(**d)
+        """Parse a manifest of any format; raise :class:`ManifestError` saying what is wrong."""
+        try:
+            d = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ManifestError(f"not a checkpoint manifest: it is not JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ManifestError("not a checkpoint manifest: it is not a JSON object")
+        fmt = d.get("format", 1)
+        min_reader = d.get("min_reader", 1)
+        if not _is_int(fmt) or not _is_int(min_reader):
+            raise ManifestError("not a checkpoint manifest: 'format' and 'min_reader' must be "
+                                "integers")
+        if min_reader > FORMAT_VERSION:
+            raise ManifestError(
+                f"written in manifest format {fmt} by a newer version of this package, which "
+                f"readers of format {FORMAT_VERSION} cannot read; upgrade the package here")
+        return cls(
+            checkpoint_id=_field(d, "checkpoint_id", str),
+            name=_field(d, "name", str),
+            run_id=_field(d, "run_id", str),
+            scope_prefix=_field(d, "scope_prefix", str),
+            created_on=_field(d, "created_on", str, ""),
+            committed_on=_field(d, "committed_on", str, ""),
+            latest=_field(d, "latest", bool, True),
+            files=tuple(_file_entry(f) for f in _field(d, "files", list)),
+            metadata=_field(d, "metadata", dict, {}),
+            identity=_field(d, "identity", dict, {}),
+            source=_field(d, "source", str, "directory"),
+            timings=_field(d, "timings", dict, {}),
+            format=fmt,
+        )
+
+
+_MISSING: Any = object()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _field(d: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
+    if name not in d:
+        if default is _MISSING:
+            raise ManifestError(f"not a checkpoint manifest: it has no {name!r}")
+        return default
+    value = d[name]
+    if not isinstance(value, kind):
+        raise ManifestError(f"not a checkpoint manifest: {name!r} is {type(value).__name__}, "
+                            f"not {kind.__name__}")
+    return value
+
+
+def _file_entry(f: Any) -> FileEntry:
+    if not isinstance(f, dict):
+        raise ManifestError("not a checkpoint manifest: a file entry is not an object")
+    path, size, sha = f.get("path"), f.get("size"), f.get("sha256")
+    if not isinstance(path, str) or not isinstance(size, int) or isinstance(size, bool) \
+            or size < 0 or not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise ManifestError(f"not a checkpoint manifest: bad file entry {f!r:.200}")
+    return FileEntry(path, size, sha)
+
+
+def freeze_metadata(metadata: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A JSON-safe deep copy of ``metadata``, and where values had to be replaced.
+
+    Made when ``save()`` is called, so later changes to the caller's dict are not recorded
+    and nothing can fail when the manifest is written. As ``metaflow-checkpoint`` does:
+    datetimes (and dates, times) become ISO strings, and a value JSON cannot hold becomes
+    :data:`PLACEHOLDER`. Numpy scalars become the Python numbers they hold, tuples lists,
+    and keys that are not strings become strings as ``json.dumps`` writes them.
+    """
+    replaced: list[str] = []
+
+    def key_of(k: Any, where: str) -> str:
+        if isinstance(k, str):
+            return k
+        if k is None or isinstance(k, bool | int | float):
+            return json.dumps(k)
+        replaced.append(f"{where} (key {k!r:.40})")
+        return str(k)
+
+    def freeze(v: Any, where: str, seen: frozenset[int]) -> Any:
+        if v is None or isinstance(v, str | bool | int | float):
+            return v
+        if isinstance(v, datetime.datetime | datetime.date | datetime.time):
+            return v.isoformat()
+        if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0 \
+                and hasattr(v, "item"):
+            return freeze(v.item(), where, seen)
+        if isinstance(v, Mapping | list | tuple):
+            if id(v) in seen:  # a container that holds itself
+                replaced.append(where)
+                return PLACEHOLDER
+            inner = seen | {id(v)}
+            if isinstance(v, Mapping):
+                return {key_of(k, where): freeze(x, f"{where}[{k!r}]", inner)
+                        for k, x in v.items()}
+            return [freeze(x, f"{where}[{i}]", inner) for i, x in enumerate(v)]
+        replaced.append(where)
+        return PLACEHOLDER
+
+    frozen = freeze(dict(metadata), "metadata", frozenset())
+    assert isinstance(frozen, dict)
+    return frozen, replaced

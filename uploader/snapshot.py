@@ -9,6 +9,11 @@ Each regular file is frozen one of three ways (:class:`Freeze`):
   in-place rewrites), files on another device, and files the caller asks to keep private
   (``private=``: the engine names files it has seen rewritten in place).
 
+What is walked (:class:`_Walk`): regular files, and what symlinks inside the saved
+directory point to, stored as regular files; a link that dangles, loops or leaves the
+saved directory fails ``save()``; FIFOs, sockets and devices are left out and listed. A
+name must be UTF-8 without control characters, so it can be a storage key on any store.
+
 A fingerprint is only as good as the filesystem's timestamps. Where they are coarse (ext4
 with 128-byte inodes keeps whole seconds; kernels before 6.13 one clock tick; some network
 and FUSE filesystems), a rewrite in the same granule as the fingerprint leaves it
@@ -24,7 +29,9 @@ import enum
 import errno
 import fcntl
 import os
+import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -53,6 +60,7 @@ _MAX_WAIT_S = 2.0
 _SECOND_NS = 1_000_000_000
 _COPY_FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
                                    errno.EBADF, errno.EPERM})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _reflink_ok: dict[tuple[int, int], bool] = {}
 _granularity: dict[tuple[int, int], int] = {}
 
@@ -126,6 +134,7 @@ class Snapshot:
     private_seconds: float = 0.0
     waited_s: float = 0.0  # spent waiting out a coarse timestamp granule
     granularity_ns: int = 0  # of the snapshot filesystem's timestamps, where links were made
+    skipped: tuple[str, ...] = ()  # relpaths of FIFOs, sockets and devices: left out
 
     def _count(self, how: Freeze) -> int:
         return sum(1 for f in self.files if f.how is how)
@@ -307,23 +316,109 @@ def _wait_past(directory: str, ctime_ns: int, gran: int, deadline: float) -> boo
         os.unlink(path)
 
 
-def _walk(source: str) -> list[tuple[str, str, os.stat_result]]:
-    """(relpath, abspath, stat) of every regular file under ``source``, sorted by relpath."""
-    if os.path.isfile(source):
-        return [(os.path.basename(source), source, os.stat(source))]
-    out: list[tuple[str, str, os.stat_result]] = []
-    stack = [("", source)]
-    while stack:
-        rel, path = stack.pop()
-        with os.scandir(path) as it:
-            for entry in it:
-                child_rel = f"{rel}/{entry.name}" if rel else entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append((child_rel, entry.path))
-                elif entry.is_file(follow_symlinks=True):
-                    out.append((child_rel, entry.path, entry.stat(follow_symlinks=True)))
-    out.sort(key=lambda t: t[0])
-    return out
+class _Walk:
+    """Every regular file under a source, by the rule for links and special files.
+
+    Symlinks are followed, to files and to directories alike, and stored as what they
+    point to: a checkpoint holds regular files only. A link must point inside the saved
+    directory, so a checkpoint never picks up files from elsewhere (a link to ``/etc``,
+    a home directory or a dataset); a link that dangles, escapes, or leads back into a
+    directory containing it is a :class:`SnapshotError` naming the link. FIFOs, sockets
+    and devices hold no data to store: they are left out and listed in ``skipped``.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.real_root = os.path.realpath(source)
+        self.files: list[tuple[str, str, os.stat_result]] = []  # relpath, path, stat
+        self.skipped: list[str] = []
+
+    def run(self) -> None:
+        st = os.stat(self.source)
+        if not stat.S_ISDIR(st.st_mode):
+            # A file the caller named is taken wherever a link to it points.
+            if not stat.S_ISREG(st.st_mode):
+                raise SnapshotError(
+                    f"cannot save {self.source!r}: it is not a regular file or a directory.")
+            self._add(os.path.basename(self.source), self.real_root, st)
+            return
+        stack = [("", self.source, frozenset({(st.st_dev, st.st_ino)}))]
+        while stack:
+            rel, path, ancestors = stack.pop()
+            with os.scandir(path) as it:
+                for entry in it:
+                    child = f"{rel}/{entry.name}" if rel else entry.name
+                    if entry.is_symlink():
+                        self._link(child, entry.path, ancestors, stack)
+                    elif entry.is_dir(follow_symlinks=False):
+                        dst = entry.stat(follow_symlinks=False)
+                        stack.append((child, entry.path,
+                                      ancestors | {(dst.st_dev, dst.st_ino)}))
+                    elif entry.is_file(follow_symlinks=False):
+                        self._add(child, entry.path, entry.stat(follow_symlinks=False))
+                    else:
+                        self.skipped.append(child)
+        self.files.sort(key=lambda t: t[0])
+        self.skipped.sort()
+
+    def _link(self, rel: str, path: str, ancestors: frozenset[tuple[int, int]],
+              stack: list[tuple[str, str, frozenset[tuple[int, int]]]]) -> None:
+        target = os.path.realpath(path)
+        where = f"cannot save {self.source!r}: the symlink {rel!r} points to {target!r}"
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise SnapshotError(f"{where}, a chain of links that never ends. Remove the "
+                                    "link or point it at a file.") from e
+            raise SnapshotError(f"{where}, which does not exist. Remove the link, or create "
+                                "its target before save().") from e
+        if os.path.commonpath([self.real_root, target]) != self.real_root:
+            raise SnapshotError(
+                f"{where}, outside the saved directory. A checkpoint stores what a link points "
+                "to only inside the saved directory, so it never picks up files from "
+                "elsewhere: copy the file in, or save the target itself with "
+                "save(path=...).")
+        if stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in ancestors:
+                raise SnapshotError(f"{where}, a directory that contains the link itself, so "
+                                    "following it would never end. Remove the link.")
+            stack.append((rel, path, ancestors | {(st.st_dev, st.st_ino)}))
+        elif stat.S_ISREG(st.st_mode):
+            # Read through the real path: it is the file the user's writes change.
+            self._add(rel, target, st)
+        else:
+            self.skipped.append(rel)
+
+    def _add(self, rel: str, path: str, st: os.stat_result) -> None:
+        # Names become storage keys: checked here, so any name save() takes, load() gives
+        # back, on every store.
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SnapshotError(
+                f"cannot save {self.source!r}: the name {rel!r} is not valid UTF-8, which "
+                "storage keys must be. Rename the file.") from None
+        if _CONTROL.search(rel):
+            raise SnapshotError(
+                f"cannot save {self.source!r}: the name {rel!r} contains a control character, "
+                "which storage keys cannot carry safely (S3 listings cannot hold most of them, "
+                "and some S3-compatible servers refuse a newline). Rename the file.")
+        self.files.append((rel, path, st))
+
+
+class _Found(list[tuple[str, str, os.stat_result]]):
+    """(relpath, path, stat) of every file to save; ``skipped``: what was left out."""
+
+    skipped: tuple[str, ...] = ()
+
+
+def _walk(source: str) -> _Found:
+    walk = _Walk(source)
+    walk.run()
+    found = _Found(walk.files)
+    found.skipped = tuple(walk.skipped)
+    return found
 
 
 def _settle_links(root: str, files: list[SnapshotFile], dev_key: Callable[[str], tuple[int, int]]
@@ -440,6 +535,9 @@ def take_snapshot(
                     "cannot clone files; use auto, link or copy."
                 )
             else:
+                if not os.access(src, os.R_OK):
+                    # A link needs no read permission, but the upload will.
+                    raise PermissionError(errno.EACCES, "Permission denied", src)
                 try:
                     os.link(src, dst)
                     how = Freeze.LINK
@@ -460,6 +558,13 @@ def take_snapshot(
         raise
     except OSError as e:
         shutil.rmtree(root, ignore_errors=True)
+        if e.filename is not None and not str(e.filename).startswith(root):
+            # The user's side: name the file and what to do about it.
+            raise SnapshotError(
+                f"cannot save {source!r}: cannot read {e.filename!r} ({e.strerror}). Make it "
+                "readable by this user (chmod u+r), or move it out of the saved directory."
+            ) from e
         raise SnapshotError(f"cannot snapshot {source!r}: {e}") from e
     return Snapshot(root, tuple(files), time.perf_counter() - t0, tuple(privates),
-                    private_bytes, private_s, waited, gran)
+                    private_bytes, private_s, waited, gran,
+                    getattr(entries, "skipped", ()))

@@ -1,5 +1,6 @@
 """Attempt 0 saves twice and fails; attempt 1 must resume from the latest=True checkpoint."""
 
+import json
 import os
 
 from metaflow import FlowSpec, checkpoint, current, retry, step
@@ -34,10 +35,11 @@ class ResumeFlow(FlowSpec):
         with open(path) as f:
             result("content", f.read())
         result("info_attempt", current.checkpoint.info["attempt"])
-        try:
-            current.checkpoint.save(metadata={"loss": object()})
-        except Exception as e:
-            result("bad_metadata", type(e).__name__ + ": " + str(e).split(":")[0])
+        # Metadata JSON cannot hold is stored as a placeholder, with a warning: never a failure.
+        odd = current.checkpoint.save(name="odd_metadata", metadata={"loss": object(),
+                                                                      "epoch": 3},
+                                      latest=False, wait=True)
+        result("odd_metadata", json.dumps(odd["metadata"]))
         result("info_metadata", current.checkpoint.info.metadata)
         # Writes into the staging directory after a load must not reach the stored copy.
         with open(path, "w") as f:

@@ -2,6 +2,12 @@
 
 Files are copied in (never hardlinked: a stored checkpoint must not share an inode with
 a file the user may rewrite), through a temporary name, fsynced and renamed into place.
+
+Durable when a write returns: the file's bytes, its name in its directory, and the name of
+every directory above it up to the root. A directory is fsynced after each entry made in
+it, but concurrent writers share one fsync (:class:`_DirSync`), so a checkpoint of many
+files in one directory costs few directory fsyncs. A file is opened only while its
+request holds a slot of the shared limiter.
 """
 
 from __future__ import annotations
@@ -10,50 +16,95 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import uuid
+from collections.abc import Callable, Iterator
+from typing import Literal, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from ..errors import StorageAccessError
+from ..errors import CheckpointError, LoadError, SourceReadError, StorageAccessError, UploadError
 from .base import TransferContext
 
 __all__ = ["LocalBackend"]
 
+T = TypeVar("T")
+
 _CHUNK = 8 << 20
 _TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT})
+# Temporary names are short and fixed-length, so a stored name may use all of NAME_MAX.
+_TMP_PREFIX = ".ckpt-tmp-"
+_TMP_NAME = re.compile(r"\.ckpt-tmp-[0-9a-f]{32}|.*\.tmp-[0-9a-f]{32}")  # ours, older ones
+
+Side = Literal["read", "write"]
+
+
+class _SideError(Exception):
+    """An OSError on one side of a copy: reading the source or writing the destination."""
+
+    def __init__(self, side: Side, error: OSError) -> None:
+        super().__init__(str(error))
+        self.side = side
+        self.error = error
 
 
 def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, _SideError):
+        exc = exc.error
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 
 
 def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _copy_hashing(src: str, dst: str) -> str:
-    """Copy ``src`` to ``dst`` through a temporary name; return the SHA-256 of the bytes."""
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
+def _tmp_path(directory: str) -> str:
+    return os.path.join(directory, f"{_TMP_PREFIX}{uuid.uuid4().hex}")
+
+
+@contextlib.contextmanager
+def _side(side: Side) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise _SideError(side, e) from e
+
+
+def _copy_hashing(src: str, dst: str, *, durable: bool) -> str:
+    """Copy ``src`` to ``dst`` through a temporary name; return the SHA-256 of the bytes.
+
+    ``dst``'s directory must exist. Errors come as :class:`_SideError`, telling a source
+    that cannot be read from a destination that cannot be written.
+    """
+    tmp = _tmp_path(os.path.dirname(dst))
     digest = hashlib.sha256()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     try:
-        with open(src, "rb", buffering=0) as fin, open(tmp, "wb", buffering=0) as fout:
-            while True:
-                n = fin.readinto(buf)
-                if not n:
-                    break
-                digest.update(view[:n])
-                fout.write(view[:n])
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
+        with _side("read"):
+            fin = open(src, "rb", buffering=0)  # noqa: SIM115  closed below
+        with fin:
+            with _side("write"):
+                fout = open(tmp, "xb", buffering=0)  # noqa: SIM115
+            with fout:
+                while True:
+                    with _side("read"):
+                        n = fin.readinto(buf)
+                    if not n:
+                        break
+                    digest.update(view[:n])
+                    with _side("write"):
+                        fout.write(view[:n])
+                if durable:
+                    with _side("write"):
+                        os.fsync(fout.fileno())
+        with _side("write"):
+            os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -62,20 +113,39 @@ def _copy_hashing(src: str, dst: str) -> str:
 
 
 def _write_atomic(dst: str, data: bytes) -> None:
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
+    tmp = _tmp_path(os.path.dirname(dst))
     try:
-        with open(tmp, "wb") as f:
+        with _side("write"), open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, dst)
-        _fsync_dir(parent)
+        with _side("write"):
+            os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _makedirs(path: str) -> list[str]:
+    """``os.makedirs(path, exist_ok=True)``; return the directories it made, top first."""
+    made: list[str] = []
+    missing: list[str] = []
+    p = path
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+            made.append(d)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+    return made
 
 
 def _list(root: str, prefix: str) -> list[str]:
@@ -86,12 +156,55 @@ def _list(root: str, prefix: str) -> list[str]:
     for dirpath, _dirs, names in os.walk(base):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         for n in names:
-            if ".tmp-" in n:
+            if _TMP_NAME.fullmatch(n):
                 continue
             key = n if rel_dir == "." else f"{rel_dir}/{n}"
             if key.startswith(prefix):
                 out.append(key)
     return out
+
+
+class _DirSync:
+    """Makes directory entries durable, sharing one fsync among concurrent writers.
+
+    Each entry made in a directory (a rename into it, a new subdirectory) gets a number
+    from :meth:`changed`; :meth:`sync` returns once an fsync of that directory that
+    started after that number was given has finished: its own, or a concurrent one's.
+    A directory made before this process looked (by an earlier process that may have
+    died before syncing its parent) is synced into its parent once.
+    """
+
+    def __init__(self, root: str) -> None:
+        self._root = root
+        self._changes: dict[str, int] = {}
+        self._synced: dict[str, int] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self._durable: set[str] = {root}
+
+    def changed(self, directory: str) -> int:
+        self._changes[directory] = n = self._changes.get(directory, 0) + 1
+        return n
+
+    async def sync(self, directory: str, change: int) -> None:
+        lock = self._locks.setdefault(directory, anyio.Lock())
+        async with lock:
+            if self._synced.get(directory, 0) >= change:
+                return
+            upto = self._changes[directory]
+            await anyio.to_thread.run_sync(_fsync_dir, directory)
+            self._synced[directory] = upto
+
+    async def ancestors(self, directory: str) -> None:
+        """Make the names of ``directory`` and every directory above it (to the root) durable."""
+        chain: list[str] = []
+        d = directory
+        while d not in self._durable and d.startswith(self._root + os.sep):
+            chain.append(d)
+            d = os.path.dirname(d)
+        for d in reversed(chain):  # top first: a name is only as durable as its parent's
+            parent = os.path.dirname(d)
+            await self.sync(parent, self.changed(parent))
+            self._durable.add(d)
 
 
 class LocalBackend:
@@ -100,34 +213,65 @@ class LocalBackend:
     def __init__(self, root: str, ctx: TransferContext) -> None:
         self.url = os.path.abspath(root)
         self._ctx = ctx
+        self._dirs = _DirSync(self.url)
 
     def _path(self, key: str) -> str:
         parts = key.split("/")
-        if any(p in ("", ".", "..") for p in parts):
+        if any(p in ("", ".", "..") or "\0" in p for p in parts):
             raise ValueError(f"unsafe storage key {key!r}")
         return os.path.join(self.url, *parts)
 
     def url_of(self, key: str) -> str:
         return self._path(key.rstrip("/")) + ("/" if key.endswith("/") else "")
 
-    async def _run(self, fn: object, *args: object, key: str) -> object:
-        async with self._ctx.limiter:
-            try:
-                return await self._ctx.retry.call(
-                    lambda: anyio.to_thread.run_sync(fn, *args),  # type: ignore[arg-type]
-                    is_transient=_is_transient,
-                )
-            except PermissionError as e:
-                raise StorageAccessError(
-                    f"permission denied writing {self._path(key)!r}; check that the datastore "
-                    f"root {self.url!r} is writable by this user.", key=key
-                ) from e
+    async def _thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in a worker thread, retried on transient errors. Hold a slot around it."""
+        return await self._ctx.retry.call(lambda: anyio.to_thread.run_sync(fn),
+                                          is_transient=_is_transient)
+
+    def _store_error(self, e: _SideError | OSError, key: str, doing: str) -> CheckpointError:
+        err = e.error if isinstance(e, _SideError) else e
+        if isinstance(err, PermissionError):
+            return StorageAccessError(
+                f"permission denied {doing} {self._path(key)!r}; check that the datastore "
+                f"root {self.url!r} is writable by this user.", key=key)
+        return UploadError(f"{doing} {self._path(key)!r} failed: {err}. Check that the "
+                           f"datastore root {self.url!r} has space and is writable.", key=key)
+
+    async def _store(self, key: str, write: Callable[[str], T], doing: str) -> T:
+        """Write ``key`` durably with ``write(path)``: its directories, the file, the names."""
+        path = self._path(key)
+        parent = os.path.dirname(path)
+        def run() -> tuple[list[str], T]:
+            with _side("write"):
+                made = _makedirs(parent)
+            return made, write(path)
+
+        try:
+            async with self._ctx.limiter:
+                made, result = await self._thread(run)
+                # The new directories' names, then the file's name, in their parents.
+                for d in made:
+                    self._dirs.changed(os.path.dirname(d))
+                await self._dirs.ancestors(parent)
+                await self._dirs.sync(parent, self._dirs.changed(parent))
+        except _SideError as e:
+            if e.side == "read":
+                raise SourceReadError(
+                    f"cannot read the file being saved ({e.error}). Check that it stays "
+                    "readable, and that nothing removes it or changes its permissions while "
+                    "its upload is pending.", key=key) from e.error
+            raise self._store_error(e, key, doing) from e.error
+        except OSError as e:
+            raise self._store_error(e, key, doing) from e
+        return result
 
     async def put_file(self, key: str, path: str, size: int) -> str:
-        return str(await self._run(_copy_hashing, path, self._path(key), key=key))
+        return await self._store(key, lambda dst: _copy_hashing(path, dst, durable=True),
+                                 "writing")
 
     async def put_bytes(self, key: str, data: bytes) -> None:
-        await self._run(_write_atomic, self._path(key), data, key=key)
+        await self._store(key, lambda dst: _write_atomic(dst, data), "writing")
 
     async def get_bytes(self, key: str) -> bytes | None:
         path = self._path(key)
@@ -139,11 +283,32 @@ class LocalBackend:
             except FileNotFoundError:
                 return None
 
-        result = await self._run(read, key=key)
-        return result if isinstance(result, bytes) else None
+        try:
+            async with self._ctx.limiter:
+                return await self._thread(read)
+        except OSError as e:
+            raise LoadError(f"cannot read {path!r}: {e}") from e
 
     async def get_file(self, key: str, dest: str, size: int) -> str:
-        return str(await self._run(_copy_hashing, self._path(key), dest, key=key))
+        """Copy ``key`` to ``dest``, whose directory must exist; not fsynced (a copy out)."""
+        src = self._path(key)
+
+        def copy() -> str:
+            with _side("write"):
+                os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+            return _copy_hashing(src, dest, durable=False)
+
+        try:
+            async with self._ctx.limiter:
+                return await self._thread(copy)
+        except _SideError as e:
+            if e.side == "write":
+                raise LoadError(f"cannot write {dest!r} ({e.error}); check that the "
+                                "destination is writable and has space.") from e.error
+            if isinstance(e.error, FileNotFoundError):
+                raise LoadError(f"the stored file {src!r} is missing: the checkpoint is "
+                                "incomplete in the store.") from e.error
+            raise LoadError(f"cannot read the stored file {src!r}: {e.error}") from e.error
 
     async def list_keys(self, prefix: str) -> list[str]:
         result = await anyio.to_thread.run_sync(_list, self.url, prefix)

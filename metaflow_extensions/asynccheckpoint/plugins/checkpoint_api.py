@@ -163,19 +163,22 @@ class Checkpoint:
                 "'Flow/run/step/task' or a metaflow.Task.")
         return list(writer.list(name=name, attempt=attempt, full_namespace=full_namespace))
 
-    def load(self, reference: Any, path: str | os.PathLike[str] | None = None) -> str:
+    def load(self, reference: Any, path: str | os.PathLike[str] | None = None, *,
+             datastore_root: str | None = None) -> str:
         """Copy a checkpoint's files into ``path`` (default: ``directory``); return the path.
 
         ``reference``: what ``save()`` or ``list()`` returned (or an artifact holding
         it), its ``key``, a task pathspec ``Flow/run/step/task`` or a ``metaflow.Task``
-        (its latest checkpoint). Files are copied, never linked, and verified.
+        (its latest checkpoint). Files are copied, never linked, and verified. A
+        reference saved under another datastore root than the one in use here loads
+        only from the root passed as ``datastore_root``.
         """
         dest = self._path_or_directory(path, "load")
         writer = _writer()
         if writer is not None:
-            return str(writer.load(reference, dest))
+            return str(writer.load(reference, dest, datastore_root=datastore_root))
         reader = _reader()
-        catalog, entry = reader.resolve(reference)
+        catalog, entry = reader.resolve(reference, datastore_root=datastore_root)
         return str(reader.load(catalog, entry, dest))
 
     def wait(self, timeout: float | None = None) -> list[dict[str, Any]]:

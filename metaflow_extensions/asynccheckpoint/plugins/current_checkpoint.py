@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,6 +25,7 @@ from uploader import (
     Settings,
     new_checkpoint_id,
 )
+from uploader.manifest import PLACEHOLDER, freeze_metadata
 
 from .exceptions import CheckpointException, CheckpointPathNotFound, CheckpointUploadException
 from .reader import Reader
@@ -161,6 +165,13 @@ class CurrentCheckpoint:
         """
         name = DEFAULT_NAME if name is None else name
         self._check_save_args(name, metadata, latest, storage_format)
+        # Serialised now, as metaflow-checkpoint does: later changes to the caller's dict
+        # are not recorded, and a value JSON cannot hold is a placeholder, not a failure.
+        frozen, replaced = freeze_metadata(metadata or {})
+        if replaced:
+            self._log(f"WARNING: save(name={name!r}, metadata=...): {', '.join(replaced[:5])} "
+                      f"cannot be JSON serialized and is stored as {PLACEHOLDER!r}. Convert "
+                      "such values to str, numbers, lists or dicts before save().")
         source = os.path.abspath(os.fspath(path)) if path is not None else self._directory
         if not os.path.exists(source):
             raise CheckpointPathNotFound(
@@ -173,13 +184,13 @@ class CurrentCheckpoint:
         ref = CheckpointReference(reference_fields(
             manifest_key=keys.manifest, url=backend.url_of(keys.data_prefix), name=name,
             pathspec=ident.pathspec, attempt=ident.attempt, created_on=local_now(),
-            metadata=dict(metadata or {}), checkpoint_id=cid, scope=self._scope.prefix,
+            metadata=copy.deepcopy(frozen), checkpoint_id=cid, scope=self._scope.prefix,
             datastore=self._datastore, datastore_root=self._datastore_root,
         ))
         try:
             handle = self._engine.save(SaveRequest(
                 source=source, keys=keys, name=name, latest=latest,
-                metadata=dict(metadata or {}), identity=ident.as_dict(), reference=ref,
+                metadata=frozen, identity=ident.as_dict(), reference=ref,
             ))
         except CheckpointError as e:
             raise CheckpointException(str(e)) from e
@@ -193,9 +204,10 @@ class CurrentCheckpoint:
     def wait(self, timeout: float | None = None) -> list[CheckpointReference]:
         """Block until every save so far is durable; raise if the newest could not be.
 
-        A torn checkpoint that a later save superseded is not an error here.
+        A torn checkpoint that a later save superseded is not an error here. With
+        ``timeout=None`` it waits for as long as the uploads take.
         """
-        report = self._engine.drain(timeout)
+        report = self._engine.drain(math.inf if timeout is None else timeout)
         if report.pending:
             raise CheckpointUploadException(
                 "%d checkpoint(s) still uploading after %ss" % (len(report.pending), timeout))
@@ -228,16 +240,23 @@ class CurrentCheckpoint:
         return [self._reader.reference(catalog, e) for e in catalog.select(
             self._scope.prefix, run_id=run_id, task_id=task_id, name=name, attempt=attempt)]
 
-    def load(self, reference: dict[str, Any] | str, path: str | None = None) -> str:
+    def load(self, reference: dict[str, Any] | str, path: str | None = None, *,
+             datastore_root: str | None = None) -> str:
         """Copy a checkpoint's files into ``path`` (default: a cleared ``directory``).
 
         ``reference`` is what ``save()`` or ``list()`` returned (possibly read back from
         an artifact, in a later step or run), or its ``key``. Files are copied out of
-        the datastore, never linked, and verified against their checksums.
+        the datastore, never linked, and verified against their checksums; symlinks
+        already in ``path`` are replaced, never written through.
+
+        A reference saved under another datastore root than this flow's is loaded only
+        from the root passed as ``datastore_root``: a reference is data, and should not
+        on its own decide which bucket or directory a task reads.
         """
         self._wait_if_saved_here(reference)
         catalog, entry = self._reader.resolve(
-            reference, default=(self._datastore, self._datastore_root))
+            reference, default=(self._datastore, self._datastore_root),
+            datastore_root=datastore_root)
         if path is None:
             path = self._directory
             self._clear_directory()
@@ -257,13 +276,29 @@ class CurrentCheckpoint:
         if policy == "none":
             return
         catalog = self._reader.home()
-        found = catalog.latest(self._scope.prefix, run_id=self._identity.run_id,
-                               task_id=self._identity.task_id)
-        if found is None and policy == "eager":
-            found = catalog.latest(self._scope.prefix)
+        candidates = catalog.select(self._scope.prefix, run_id=self._identity.run_id,
+                                    task_id=self._identity.task_id, latest_only=True)
+        if policy == "eager":
+            own = {e.keys for e in candidates}
+            candidates += [e for e in catalog.select(self._scope.prefix, latest_only=True)
+                           if e.keys not in own]
+        found = None
+        for i, entry in enumerate(candidates):
+            try:
+                catalog.load(entry, self._directory)
+            except CheckpointError as e:
+                # Loud, but never a task that cannot start: the next older one will do.
+                self._clear_directory()
+                older = ("loading the next older one" if i + 1 < len(candidates)
+                         else "no older checkpoint is left, so the task starts without one")
+                self._log(f"ERROR: could not load checkpoint {entry.manifest.name!r} "
+                          f"({entry.keys.checkpoint_id}): {e} Resuming from it is skipped; "
+                          f"{older}.")
+                continue
+            found = entry
+            break
         if found is None:
             return
-        catalog.load(found, self._directory)
         manifest = found.manifest
         self._loaded = self._reader.reference(catalog, found)
         self._log(f"Loaded checkpoint {manifest.name!r} saved by {self._loaded['pathspec']} "
@@ -279,20 +314,27 @@ class CurrentCheckpoint:
         taken again now that the step has returned and nothing can change the files.
         A name the user chose ("best") is never given content other than what was saved.
         """
+        # One deadline for everything below, the save taken again included.
+        deadline = time.monotonic() + self._engine.settings.drain_timeout
         report = self._engine.drain()
         if success:
             defaults = [h for h in report.handles if h.name == DEFAULT_NAME]
             newest = defaults[-1] if defaults else None
             if newest is not None and newest.state is CheckpointState.TORN:
-                self._log(f"ERROR: the newest checkpoint {newest.name!r} was torn; saving "
-                          f"{newest.source} again now that the step has finished.")
-                ref = newest.reference
-                try:
-                    self.save(newest.source, name=newest.name, metadata=ref.get("metadata"),
-                              latest=True, wait=True)
-                except CheckpointException as e:
-                    self._log(f"ERROR: saving again failed: {e}")
-                report = self._engine.drain()
+                if report.pending or time.monotonic() >= deadline:
+                    self._log(f"ERROR: the newest checkpoint {newest.name!r} was torn, and "
+                              "METAFLOW_CHECKPOINT_DRAIN_TIMEOUT leaves no time to save it "
+                              "again.")
+                else:
+                    self._log(f"ERROR: the newest checkpoint {newest.name!r} was torn; saving "
+                              f"{newest.source} again now that the step has finished.")
+                    ref = newest.reference
+                    try:
+                        self.save(newest.source, name=newest.name,
+                                  metadata=ref.get("metadata"), latest=True)
+                    except CheckpointException as e:
+                        self._log(f"ERROR: saving again failed: {e}")
+                    report = self._engine.drain(max(0.0, deadline - time.monotonic()))
         problems: list[str] = []
         if report.pending:
             problems.append(
@@ -355,15 +397,6 @@ class CurrentCheckpoint:
         if metadata is not None and not isinstance(metadata, dict):
             raise CheckpointException(
                 f"save(metadata=...) must be a dict, got {type(metadata).__name__}.")
-        try:
-            json.dumps(metadata)
-        except (TypeError, ValueError) as e:
-            # Checked here, in the caller's thread: the manifest that records it is only
-            # written once the upload is done, far from the line that passed it.
-            raise CheckpointException(
-                f"save(metadata=...) must be JSON-serialisable (str, numbers, bools, None, "
-                f"lists and dicts of them): {e}. Convert values such as numpy scalars with "
-                "float() or int().") from e
         if not isinstance(latest, bool):
             raise CheckpointException(f"save(latest=...) must be True or False, got {latest!r}.")
         if storage_format not in ("files", "tar"):

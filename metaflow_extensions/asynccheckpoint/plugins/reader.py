@@ -7,6 +7,7 @@ manifest, and manifests back into references.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,16 @@ def default_location() -> tuple[str, str]:
             f"cannot find the {ds} datastore from here; set METAFLOW_DATASTORE_SYSROOT_"
             f"{ds.upper()} or run from the directory the flows ran in.")
     return ds, str(root)
+
+
+def _kind_of(root: str) -> str:
+    return "s3" if root.startswith("s3://") else "local"
+
+
+def _same_root(a: str, b: str) -> bool:
+    if _kind_of(a) == "s3" or _kind_of(b) == "s3":
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 class TaskCheckpoints:
@@ -116,24 +127,40 @@ class Reader:
             where.scope, run_id=where.run_id, task_id=where.task_id, name=name,
             attempt=attempt)]
 
-    def resolve(self, reference: Any, *, default: tuple[str, str] | None = None
-                ) -> tuple[Catalog, Entry]:
+    def resolve(self, reference: Any, *, default: tuple[str, str] | None = None,
+                datastore_root: str | None = None) -> tuple[Catalog, Entry]:
         """The committed checkpoint ``reference`` names.
 
         ``reference`` is a reference dict (from ``save()``, ``list()`` or an artifact), a
         manifest key, a task pathspec (``Flow/run/step/task``: its latest checkpoint) or a
         ``metaflow.Task``. Raises :class:`CheckpointReferenceError` for anything else and
         :class:`CheckpointException` for one that is not committed.
+
+        A reference or key is read from ``default`` (the flow's datastore), or from
+        ``datastore_root`` where the caller names one. A reference recording another root
+        is refused unless the caller names that root: the dict is data (an artifact, a
+        JSON string), and must not on its own point a load at any bucket or directory.
         """
         from metaflow import Task
 
+        explicit = None if datastore_root is None else (_kind_of(datastore_root),
+                                                        datastore_root)
         if isinstance(reference, dict) and isinstance(reference.get("key"), str):
             ds = reference.get("datastore")
             root = reference.get("datastore_root")
-            location = (str(ds), str(root)) if ds and root else (default or default_location())
-            return self._read(self.catalog(*location), reference["key"])
+            home = explicit or default or default_location()
+            if ds and root and not (ds == home[0] and _same_root(str(root), home[1])):
+                key = reference["key"]
+                other = (f"this flow's ({home[1]!r})" if explicit is None
+                         else f"the datastore_root={datastore_root!r} passed")
+                raise CheckpointReferenceError(
+                    f"the checkpoint {key!r} was saved under the datastore root {root!r}, not "
+                    f"{other}. A reference alone does not decide where a task reads from; if "
+                    f"you trust that root, say so: load(reference, datastore_root={str(root)!r}).")
+            return self._read(self.catalog(*home), reference["key"])
         if isinstance(reference, str) and "/manifests/" in reference:
-            return self._read(self.catalog(*(default or default_location())), reference)
+            return self._read(self.catalog(*(explicit or default or default_location())),
+                              reference)
         if isinstance(reference, Task) or (isinstance(reference, str)
                                            and reference.count("/") == 3):
             where = TaskCheckpoints.of(reference)

@@ -1,9 +1,11 @@
 """Upload throughput of one large checkpoint: our uploader against s3transfer and s5cmd.
 
 One file of random bytes (1 GiB by default, written once and fsynced before any timing)
-is uploaded to a plain-file S3-compatible server that this script starts on 127.0.0.1
-(``localbucket`` by default, ``--server nanio`` to switch; its data directory is in the
-same temporary directory as the file, so on the same disk, and deleted at the end).
+is uploaded to an S3-compatible server that this script starts on 127.0.0.1:
+``--server memory`` (``memserver.py``, in memory: the clients set the pace, which is what
+the ratios are about) or a plain-file server, ``localbucket`` (the default) or ``nanio``
+(data directory on the same disk as the file, deleted at the end), for an end-to-end
+figure in which the server's own work is part of every total.
 The same run uploads it with:
 
 * ours: an ``Engine`` with an ``S3Backend``; timed from ``save()`` until the checkpoint
@@ -27,8 +29,8 @@ every contender's total includes that same server-side work, so it is reported, 
 estimate of each contender's throughput without it.
 
 Reported: median seconds, throughput (10^6 bytes/s and MiB/s), client CPU-seconds per
-GiB (in-process contenders: ``time.process_time()`` of this process, every thread; s5cmd:
-``RUSAGE_CHILDREN``), the server's CPU-seconds per GiB from ``/proc`` (a separate
+GiB (in-process contenders: this process and its upload worker, every thread, from
+``/proc``; s5cmd: ``RUSAGE_CHILDREN``), the server's CPU-seconds per GiB from ``/proc`` (a separate
 process, never counted as client CPU), and ours' throughput over each baseline's.
 
     python benchmarks/upload_throughput.py [--size 1GiB] [--repeat 3] [--server localbucket]
@@ -60,6 +62,8 @@ from typing import Any
 import aioboto3
 import boto3
 from benchfiles import make_file
+from benchkit import _TICK, _proc_stat, system_busy, tree_cpu
+from benchrows import Row
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
@@ -82,7 +86,6 @@ REGION = "us-east-1"
 CONTENDERS = ("ours", "s3transfer", "s5cmd")
 GOAL_VS_S3TRANSFER = 1.00  # ours at least as fast as s3transfer
 GOAL_VS_S5CMD = 0.90  # ours within 10% of s5cmd
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the file ----------------------------------------------------------------------------
@@ -96,45 +99,6 @@ def read_through(path: str) -> None:
 
 
 # -- CPU accounting ------------------------------------------------------------------------
-
-def _proc_stat(pid: int | str, task: int | str | None = None) -> list[str]:
-    path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
-    with open(path) as f:
-        data = f.read()
-    return data[data.rindex(")") + 2:].split()  # fields from 3 (state) on
-
-
-def tree_cpu(root: int) -> float | None:
-    """CPU-seconds (user + system) of ``root`` and its live descendants, from /proc."""
-    try:
-        stats = {}
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                with contextlib.suppress(OSError):
-                    stats[int(name)] = _proc_stat(name)
-    except OSError:
-        return None  # no /proc: server CPU is not reported
-    children: dict[int, list[int]] = {}
-    for pid, st in stats.items():
-        children.setdefault(int(st[1]), []).append(pid)
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            total += int(stats[pid][11]) + int(stats[pid][12])
-        todo.extend(children.get(pid, ()))
-    return total / _TICK
-
-
-def system_busy() -> float | None:
-    """CPU-seconds all CPUs spent busy (not idle, not waiting for I/O) since boot."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK  # minus idle, iowait
-
 
 def children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -208,6 +172,12 @@ class Server:
 
 @contextlib.contextmanager
 def run_server(kind: str, data_dir: str, creds: dict[str, str]) -> Iterator[Server]:
+    if kind == "memory":
+        from memserver import MemServer
+
+        with MemServer() as mem:
+            yield Server("memory", mem.url, mem.proc, "")
+        return
     port = free_port()
     os.makedirs(data_dir)
     env = dict(os.environ)
@@ -321,10 +291,10 @@ class Bench:
         req = SaveRequest(source=self.staging, keys=keys, name="bench", latest=True,
                           metadata={}, identity={}, reference={"scope": scope.prefix})
         threads0 = thread_cpu() if self.args.thread_cpu else {}
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        cpu0, t0 = self.own_cpu(), time.perf_counter()
         handle = engine.save(req)
         handle.wait()
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        seconds, cpu = time.perf_counter() - t0, self.own_cpu() - cpu0
         if self.args.thread_cpu:
             print_thread_cpu(threads0, thread_cpu(), seconds)
         assert handle.state is CheckpointState.COMMITTED, handle
@@ -343,9 +313,17 @@ class Bench:
 
     def s3transfer(self) -> tuple[float, float, str]:
         key = f"s3transfer/{secrets.token_hex(4)}/model.bin"
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        cpu0, t0 = self.own_cpu(), time.perf_counter()
         self.client.upload_file(self.src, BUCKET, key, Config=self.transfer_config)
-        return time.perf_counter() - t0, time.process_time() - cpu0, key
+        return time.perf_counter() - t0, self.own_cpu() - cpu0, key
+
+    def own_cpu(self) -> float:
+        """CPU-seconds of this process and its children (the upload worker), not the
+        server's."""
+        mine, server = tree_cpu(os.getpid()), self.server.cpu()
+        if mine is None or server is None:
+            return time.process_time()
+        return mine - server
 
     # the server's share
 
@@ -438,7 +416,7 @@ def print_thread_cpu(before: dict[int, float], after: dict[int, float], wall: fl
 
 # -- main ------------------------------------------------------------------------------------
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1GiB", help="file size (default 1GiB)")
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds (default 3)")
@@ -446,7 +424,8 @@ def main() -> None:
                     help="untimed uploads per contender first (default 1)")
     # localbucket by default: nanio fsyncs every part, so the disk sets the pace for every
     # client and the ratios say little about the clients.
-    ap.add_argument("--server", choices=("nanio", "localbucket"), default="localbucket")
+    ap.add_argument("--server", choices=("memory", "nanio", "localbucket"),
+                    default="localbucket")
     ap.add_argument("--concurrency", type=int, default=16,
                     help="parts in flight, for every contender (default 16)")
     ap.add_argument("--part-size", default="16MiB", help="part size, whole MiB (default 16MiB)")
@@ -455,7 +434,13 @@ def main() -> None:
     ap.add_argument("--thread-cpu", action="store_true",
                     help="print per-thread CPU of this process for each upload of ours")
     ap.add_argument("--dir", default=None, help="where to put the files (default: a tempdir)")
-    args = ap.parse_args()
+    return ap
+
+
+def run_bench(argv: list[str] | None = None
+              ) -> tuple[argparse.Namespace, int, dict[str, list[Run]], float]:
+    ap = parser()
+    args = ap.parse_args(argv)
     size = parse_size(args.size)
     args.part_size = parse_size(args.part_size)
     if args.part_size % MiB or args.part_size < MIN_PART_SIZE:
@@ -496,7 +481,33 @@ def main() -> None:
                           f"other processes' CPU {other}")
         finally:
             bench.close()
+    return args, size, results, complete_s
+
+
+def main() -> None:
+    args, size, results, complete_s = run_bench()
     report(args, size, results, complete_s)
+
+
+def measure(server: str, size: str, repeat: int, *, tmpdir: str | None = None) -> list[Row]:
+    """The suite's rows: ours against s3transfer and s5cmd on ``server``."""
+    argv = ["--server", server, "--size", size, "--repeat", str(repeat)]
+    _, nbytes, results, _ = run_bench(argv + (["--dir", tmpdir] if tmpdir else []))
+    med = statistics.median
+    mbps = {n: [nbytes / r.seconds / 1e6 for r in runs] for n, runs in results.items()}
+    cpu = {n: med(r.client_cpu for r in runs) / (nbytes / GiB) for n, runs in results.items()}
+    rows = []
+    kind = "client-bound, in-memory endpoint" if server == "memory" else f"{server}, end to end"
+    for base, goal in (("s3transfer", GOAL_VS_S3TRANSFER), ("s5cmd", GOAL_VS_S5CMD)):
+        ratio = med(mbps["ours"]) / med(mbps[base])
+        rows.append(Row(
+            f"upload throughput, {nbytes / GiB:g} GiB ({kind}) vs {base}", med(mbps["ours"]),
+            "MB/s", "boto3 upload_file" if base == "s3transfer" else "s5cmd", med(mbps[base]),
+            f">= {goal:.1f}x" if server == "memory" else "report",
+            ratio >= goal if server == "memory" else None, ratio,
+            note=f"client CPU-s/GiB: ours {cpu['ours']:.2f}, {base} {cpu[base]:.2f}",
+            samples=mbps["ours"], baseline_samples=mbps[base]))
+    return rows
 
 
 def report(args: argparse.Namespace, size: int, results: dict[str, list[Run]],
@@ -527,7 +538,8 @@ def report(args: argparse.Namespace, size: int, results: dict[str, list[Run]],
         srv_s = f"{med(srv) / gib:.2f}" if srv else "n/a"
         print(f"{name:<12}{s:>10.2f}{f'{min(secs):.2f}-{max(secs):.2f}':>15}"
               f"{mbps[name]:>9.1f}{size / s / MiB:>9.1f}{cpu:>18.2f}{srv_s:>18}")
-    print("client CPU: ours and s3transfer = process_time() of this process (all threads); "
+    print("client CPU: ours and s3transfer = this process and its children (the upload "
+          "worker), all threads, from /proc; "
           "s5cmd = RUSAGE_CHILDREN; the server is a separate process, counted apart (/proc)")
     other = [r.other_cpu for runs in results.values() for r in runs if r.other_cpu is not None]
     if other:

@@ -14,7 +14,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["SETTING_NAMES", "Settings", "SnapshotMode", "parse_settings", "parse_size"]
+__all__ = ["SETTING_NAMES", "Settings", "SnapshotMode", "UploaderMode", "parse_settings",
+           "parse_size"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -34,6 +35,13 @@ class SnapshotMode(enum.Enum):
     COPY = "copy"
 
 
+class UploaderMode(enum.Enum):
+    """Where the bytes of S3 parts are read, hashed and sent from."""
+
+    THREAD = "thread"  # worker threads of the task's own process, in blocking system calls
+    PROCESS = "process"  # a spawned worker process; the event-loop thread still coordinates
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     upload_concurrency: int = 16
@@ -46,6 +54,10 @@ class Settings:
     snapshot: SnapshotMode = SnapshotMode.AUTO
     copy_budget: int = 4 * MiB
     sigterm_grace: float = 25.0
+    # Chosen by benchmarks/interference.py: with a pure-Python training loop holding the
+    # GIL, the worker process kept the upload at full speed and the loop at the speed it
+    # has with the same upload done by an unrelated process; threads lost both.
+    uploader: UploaderMode = UploaderMode.PROCESS
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
@@ -95,6 +107,8 @@ _FIELDS: dict[str, _Field] = {
     "COPY_BUDGET": _Field("copy_budget", parse_size, _int_in(0, 1 * GiB),
                           "a size from 0 to 1GiB, e.g. 4MiB"),
     "SIGTERM_GRACE": _Field("sigterm_grace", float, _float_in(0, 3600), "seconds, 0..3600"),
+    "UPLOADER": _Field("uploader", lambda s: UploaderMode(s.strip().lower()), lambda v: True,
+                       "one of thread, process"),
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(_FIELDS)

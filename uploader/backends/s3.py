@@ -5,45 +5,49 @@ loop and reused by every checkpoint. botocore is told not to retry (one attempt 
 call): the only retry layer is ``TransferContext.retry``, applied to each request on its
 own, so a failed part re-sends that part only and the two layers never multiply.
 
-Memory is bounded by the shared limiter: a part's buffer exists only while its request
-holds a limiter slot, and the slot is taken *before* the part is read. Parts are read in
-order, each with one ``preadv`` into a fresh buffer in a worker thread; the same thread
-call feeds the buffer to the file's SHA-256 (in order, so it is the whole-file digest),
-and the buffer then goes to botocore as the request body. Every byte of the file is read
-once and hashed once. Downloads write ranges with ``pwrite`` as they arrive; a hasher
-follows the completed ranges in order, reading them back from the page cache.
+Memory and file descriptors are bounded by the shared limiter: a part's buffer exists,
+and its file is open, only while its request holds a limiter slot, and the slot is taken
+*before* the part is read. Parts are read in order (:mod:`.s3_parts`: one ``preadv`` into
+a buffer sized for the part, the file's running SHA-256 and the part's own SHA-256
+computed in the same worker-thread call). The part's checksum goes with it as
+``ChecksumSHA256``, which S3 verifies, so the body itself is not signed
+(``UNSIGNED-PAYLOAD``): nothing hashes it on the event loop. The body is then sent by
+:mod:`.s3_sender` in one system call from a worker thread, or from a worker process
+(:mod:`.s3_worker`) where ``Settings.uploader`` says so.
+
+Downloads write ranges with ``pwrite`` as they arrive; the file's SHA-256 follows the
+completed ranges in order, reading them back from the page cache, each by the request
+that completed the range (so while it holds its slot and its file descriptor).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
-import io
+import dataclasses
+import functools
+import itertools
 import os
-import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import aioboto3
-import aiohttp
 import anyio
 import anyio.to_thread
 from botocore.config import Config
 from botocore.exceptions import (
-    BotoCoreError,
     ClientError,
-    HTTPClientError,
-    IncompleteReadError,
     NoCredentialsError,
-    SSLError,
 )
-from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from ..config import MIN_PART_SIZE, MiB
-from ..errors import CheckpointError, StorageAccessError, UploadError, first_error
+from ..config import MIN_PART_SIZE, MiB, UploaderMode
+from ..errors import CheckpointError, UploadError, first_error
 from .base import TransferContext
+from .s3_dataplane import ClientSpec, Creds, Outcome, PartJob
+from .s3_errors import NOT_FOUND, error_code, explain, is_storage_error, is_transient
+from .s3_parts import InOrderDigest, checksum_of
+from .s3_sender import BlockingSender, SignedGets
+from .s3_worker import Plane, ProcessPlane, ThreadPlane
 
 __all__ = ["S3Backend", "is_transient", "part_size_for"]
 
@@ -52,17 +56,9 @@ T = TypeVar("T")
 MAX_PARTS = 10_000
 MAX_OBJECT_SIZE = 5 * 1024**4  # S3's limit for one object: 5 TiB
 _IO_CHUNK = 4 * MiB  # batch size for writing downloaded bytes, and for hashing reads
-
-_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
-_TRANSIENT_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-    "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequestsException",
-})
-_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
-_CREDENTIALS_ADVICE = ("check the AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                       "or AWS_PROFILE) and, for an S3-compatible server, "
-                       "METAFLOW_S3_ENDPOINT_URL")
-
+# Manifests and hints (a few KiB each) are read this many at a time, beside the transfer
+# limiter: a listing of 1,000 checkpoints is then 16 round trips, not 63 (or 1,000).
+_SMALL_READS = 64
 
 def part_size_for(size: int, configured: int) -> int:
     """The part size for a file of ``size`` bytes: at least ``configured`` and 5 MiB, and
@@ -72,83 +68,12 @@ def part_size_for(size: int, configured: int) -> int:
     return max(configured, MIN_PART_SIZE, needed)
 
 
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for errors a retry of the same request may cure: throttling, 5xx, dropped
-    connections, timeouts. False for refusals (4xx) and for programming errors."""
-    if isinstance(exc, ClientError):
-        return _error_code(exc) in _TRANSIENT_CODES or _status(exc) in _TRANSIENT_STATUS
-    if isinstance(exc, SSLError):
-        # A certificate that fails verification stays failed; a TLS handshake cut short does not.
-        return "CERTIFICATE_VERIFY_FAILED" not in str(exc)
-    if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
-        return True
-    if isinstance(exc, aiohttp.ClientError):
-        return not isinstance(exc, (aiohttp.InvalidURL, ssl.SSLCertVerificationError,
-                                    aiohttp.ClientResponseError))
-    # ConnectionError covers reset, refused and broken pipe.
-    return isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError))
-
-
-def _is_storage_error(exc: BaseException) -> bool:
-    # Errors from talking to the store; anything else (a local file shrinking, a bug)
-    # propagates as it is, so the engine can tell a torn file from a failed upload.
-    return isinstance(exc, (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError,
-                            asyncio.TimeoutError, ConnectionError))
-
-
-def _read_hashing(fd: int, offset: int, length: int, digest: Any) -> io.BytesIO:
-    """Read ``length`` bytes at ``offset`` straight into a request body and feed them to
-    ``digest``. Runs in a worker thread.
-
-    The body is a BytesIO sized first and filled in place through its own buffer: one
-    copy (kernel to user) and no other full-size buffer. botocore passes a BytesIO on
-    untouched and aiohttp streams it in 64 KiB slices; ``bytes`` would be copied again
-    when aiohttp takes the BytesIO's buffer, and ``bytearray`` is sliced and joined to
-    the headers (three full copies on Python 3.11, measured).
-    """
-    body = io.BytesIO()
-    if length:
-        body.seek(length - 1)
-        body.write(b"\0")
-    with body.getbuffer() as view:
-        got = 0
-        while got < length:
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n == 0:
-                raise EOFError(f"file ended at byte {offset + got}, expected {offset + length} "
-                               "bytes: was it truncated while being uploaded?")
-            got += n
-        digest.update(view)  # releases the GIL for large buffers
-    return body
-
-
-def _rewound(body: io.BytesIO) -> io.BytesIO:
-    body.seek(0)  # each attempt sends the body from its start
-    return body
-
-
 def _pwrite_all(fd: int, chunks: list[bytes], offset: int) -> None:
     for chunk in chunks:
         view = memoryview(chunk)
         while view:
             n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
-
-
-def _hash_range(fd: int, offset: int, length: int, digest: Any) -> None:
-    view = memoryview(bytearray(min(length, _IO_CHUNK)))  # one small buffer, reused
-    end = offset + length
-    while offset < end and (n := os.preadv(fd, [view[: end - offset]], offset)):
-        digest.update(view[:n])
-        offset += n
 
 
 def _unlink_quietly(path: str) -> None:
@@ -183,6 +108,10 @@ class S3Backend:
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._client_lock = anyio.Lock()
+        self._plane: Plane | None = None
+        self._small_reads: anyio.CapacityLimiter | None = None
+        self._gets: SignedGets | None = None
+        self._ids = itertools.count(1)  # request and file ids for the data plane
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -208,12 +137,17 @@ class S3Backend:
             # Over plain HTTP botocore would also CRC32 every body; we hash each file once.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-            max_pool_connections=max(10, self._ctx.settings.upload_concurrency),
+            max_pool_connections=self._ctx.settings.upload_concurrency + _SMALL_READS,
             connect_timeout=10,
             read_timeout=120,
             tcp_keepalive=True,
-            # S3-compatible servers rarely resolve bucket.host names; AWS itself prefers them.
-            s3={"addressing_style": "path"} if self._endpoint_url else None,
+            s3={
+                # Bodies carry a ChecksumSHA256 that S3 verifies, computed where they are
+                # read; signing them too would hash every byte again, on the event loop.
+                "payload_signing_enabled": False,
+                # S3-compatible servers rarely resolve bucket.host names; AWS prefers them.
+                **({"addressing_style": "path"} if self._endpoint_url else {}),
+            },
         )
         if "config" in kwargs:
             config = config.merge(kwargs.pop("config"))
@@ -222,12 +156,74 @@ class S3Backend:
             "s3", endpoint_url=self._endpoint_url, region_name=self._region, config=config,
             **kwargs))
         self._stack = stack
+        http_session = getattr(client._endpoint, "http_session", None)
+        proxies = getattr(http_session, "_proxy_config", None)
+        spec = ClientSpec(
+            endpoint_url=self._endpoint_url, region=client.meta.region_name,
+            verify=getattr(http_session, "_verify", True),
+            path_style=bool(self._endpoint_url),
+            connect_timeout=float(config.connect_timeout or 10),
+            read_timeout=float(config.read_timeout or 120),
+            proxies=client.meta.config.proxies,
+            direct=not (proxies is not None and proxies.proxy_url_for(client.meta.endpoint_url)))
+        self._small_reads = anyio.CapacityLimiter(_SMALL_READS)
+        self._small_threads = anyio.CapacityLimiter(_SMALL_READS)  # one per read, never short
+        self._range_threads = anyio.CapacityLimiter(self._ctx.settings.upload_concurrency)
+        if spec.direct and client.meta.region_name:
+            try:  # where the client would send a GET: endpoint rules, addressing style
+                sample = await client.generate_presigned_url(
+                    "get_object", Params={"Bucket": self.bucket, "Key": "k"}, ExpiresIn=60)
+            except Exception:
+                sample = ""
+            base = sample.split("?", 1)[0]
+            if base.endswith("/k"):  # the key is appended as is: no surprises in the URL
+                self._gets = SignedGets(
+                    BlockingSender(verify=spec.verify, connect_timeout=spec.connect_timeout,
+                                   read_timeout=spec.read_timeout),
+                    base_url=base[:-1], region=str(client.meta.region_name))
+        threads = self._ctx.settings.upload_concurrency
+        self._plane = (ProcessPlane(spec, threads)
+                       if self._ctx.settings.uploader is UploaderMode.PROCESS
+                       else ThreadPlane(spec, threads))
         return client
 
     async def aclose(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
+        plane, self._plane = self._plane, None
+        gets, self._gets = self._gets, None
+        if gets is not None:
+            gets.sender.close()
+        try:
+            if stack is not None:
+                await stack.aclose()
+        finally:
+            if plane is not None:
+                await plane.aclose()
+
+    async def _creds(self) -> Creds:
+        client = await self._get_client()
+        creds = client._request_signer._credentials  # what this client signs with
+        if creds is None:
+            raise NoCredentialsError()
+        frozen = await creds.get_frozen_credentials()
+        return Creds(frozen.access_key, frozen.secret_key, frozen.token)
+
+    async def _run(self, job: PartJob) -> Outcome:
+        """Send ``job`` through the data plane, retried as one request. A retry must read
+        the same bytes as the first attempt (the file digest already has them)."""
+        assert self._plane is not None
+        plane, expect = self._plane, None
+
+        async def attempt() -> Outcome:
+            nonlocal expect
+            out = await plane.run(dataclasses.replace(
+                job, job_id=next(self._ids), creds=await self._creds(), expect=expect))
+            expect = expect or out.checksum
+            if out.error is not None:
+                raise out.error
+            return out
+
+        return await self._ctx.retry.call(attempt, is_transient=is_transient)
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
@@ -252,7 +248,7 @@ class S3Backend:
             yield
         except Exception as e:
             err = first_error(e) if isinstance(e, BaseExceptionGroup) else e
-            if _is_storage_error(err):
+            if is_storage_error(err):
                 raise self._error(err, key, doing, permission, writing=writing) from err
             if err is not e:
                 raise err from None
@@ -262,105 +258,80 @@ class S3Backend:
                *, writing: bool) -> CheckpointError:
         """A readable error for a request on ``key`` that failed for good."""
         where = f"{self.url_of(key)} (bucket {self.bucket!r}, key {self._okey(key)!r})"
-        if isinstance(exc, NoCredentialsError):
-            return StorageAccessError(
-                f"{doing} {where}: no AWS credentials were found; set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with an instance role.", key=key)
-        code = _error_code(exc) if isinstance(exc, ClientError) else ""
-        advice = {
-            "AccessDenied": f"check that the IAM policy and the bucket policy allow "
-                            f"{permission} on this key",
-            "AllAccessDisabled": "access to this bucket has been disabled by its owner",
-            "NoSuchBucket": f"the bucket {self.bucket!r} does not exist; check that "
-                            "METAFLOW_DATASTORE_SYSROOT_S3 names an existing bucket",
-            "InvalidAccessKeyId": _CREDENTIALS_ADVICE,
-            "SignatureDoesNotMatch": _CREDENTIALS_ADVICE,
-            "InvalidToken": _CREDENTIALS_ADVICE,
-            "ExpiredToken": "the AWS session token has expired; refresh the credentials",
-            "RequestTimeTooSkewed": "this machine's clock is off by more than 15 minutes; "
-                                    "synchronise it (NTP)",
-        }.get(code)
-        if advice:
-            return StorageAccessError(f"{doing} {where} was refused ({code}): {advice}.", key=key)
-        last = f"{type(exc).__name__}: {exc}"
-        msg = (f"{doing} {where} failed after retrying: {last}" if is_transient(exc)
-               else f"{doing} {where} failed: {last}")
-        return UploadError(msg, key=key) if writing else CheckpointError(msg)
+        return explain(exc, bucket=self.bucket, key=key, where=where, doing=doing,
+                       permission=permission, writing=writing)
 
     # -- writing -------------------------------------------------------------------
 
     async def put_bytes(self, key: str, data: bytes) -> None:
         with self._translated(key, "writing", "s3:PutObject"):
             client, okey = await self._get_client(), self._okey(key)
+            checksum = checksum_of(data)
             await self._request(lambda: client.put_object(
-                Bucket=self.bucket, Key=okey, Body=data, ContentLength=len(data)))
+                Bucket=self.bucket, Key=okey, Body=data, ContentLength=len(data),
+                ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum))
 
     async def put_file(self, key: str, path: str, size: int) -> str:
         if size > MAX_OBJECT_SIZE:
             raise UploadError(f"{path} is {size} bytes; S3 stores at most 5 TiB per object "
                               f"({self.url_of(key)}).", key=key)
         with self._translated(key, "uploading to", "s3:PutObject"):
-            fd = await anyio.to_thread.run_sync(os.open, path, os.O_RDONLY)
-            try:
-                if size < self._ctx.settings.multipart_threshold:
-                    return await self._put_single(key, fd, size)
-                return await self._put_multipart(key, fd, size)
-            finally:
-                os.close(fd)
+            if size < self._ctx.settings.multipart_threshold:
+                return await self._put_single(key, path, size)
+            return await self._put_multipart(key, path, size)
 
-    async def _put_single(self, key: str, fd: int, size: int) -> str:
-        client, okey = await self._get_client(), self._okey(key)
-        digest = hashlib.sha256()
-        async with self._slot():  # the slot covers the buffer as well as the request
-            body = await anyio.to_thread.run_sync(_read_hashing, fd, 0, size, digest)
-            await self._ctx.retry.call(lambda: client.put_object(
-                Bucket=self.bucket, Key=okey, Body=_rewound(body), ContentLength=size),
-                is_transient=is_transient)
-        return digest.hexdigest()
+    def _job(self, okey: str, path: str, offset: int, length: int, **kw: Any) -> PartJob:
+        return PartJob(job_id=0, creds=Creds("", "", None), bucket=self.bucket, key=okey,
+                       path=path, offset=offset, length=length, **kw)
 
-    async def _put_multipart(self, key: str, fd: int, size: int) -> str:
+    async def _put_single(self, key: str, path: str, size: int) -> str:
+        await self._get_client()
+        async with self._slot():  # the slot covers the open file and the buffer too
+            out = await self._run(self._job(self._okey(key), path, 0, size))
+        assert out.digest is not None
+        return out.digest
+
+    async def _put_multipart(self, key: str, path: str, size: int) -> str:
         client, okey = await self._get_client(), self._okey(key)
+        assert self._plane is not None
+        plane = self._plane
         part_size = part_size_for(size, self._ctx.settings.part_size)
-        created = await self._request(
-            lambda: client.create_multipart_upload(Bucket=self.bucket, Key=okey))
+        created = await self._request(lambda: client.create_multipart_upload(
+            Bucket=self.bucket, Key=okey, ChecksumAlgorithm="SHA256"))
         upload_id: str = created["UploadId"]
+        file_id = next(self._ids)
         try:
-            digest = hashlib.sha256()
-            etags: dict[int, str] = {}
+            done: dict[int, dict[str, Any]] = {}
             limiter = self._ctx.limiter
 
-            async def send(number: int, length: int, body: io.BytesIO, token: object) -> None:
+            async def send(number: int, offset: int, length: int, token: object) -> None:
                 try:
-                    resp = await self._ctx.retry.call(lambda: client.upload_part(
-                        Bucket=self.bucket, Key=okey, UploadId=upload_id, PartNumber=number,
-                        Body=_rewound(body), ContentLength=length), is_transient=is_transient)
-                    etags[number] = resp["ETag"]
+                    out = await self._run(self._job(
+                        okey, path, offset, length, upload_id=upload_id, part_number=number,
+                        file_id=file_id))
+                    done[number] = {"PartNumber": number, "ETag": out.etag,
+                                    "ChecksumSHA256": out.checksum}
                 finally:
-                    limiter.release_on_behalf_of(token)  # and the buffer goes with the task
+                    limiter.release_on_behalf_of(token)
 
             try:
                 async with anyio.create_task_group() as tg:
                     for number, offset in enumerate(range(0, size, part_size), start=1):
-                        length = min(part_size, size - offset)
                         token = object()
-                        await limiter.acquire_on_behalf_of(token)  # before the read: bounds memory
-                        try:
-                            body = await anyio.to_thread.run_sync(
-                                _read_hashing, fd, offset, length, digest)
-                        except BaseException:
-                            limiter.release_on_behalf_of(token)
-                            raise
-                        tg.start_soon(send, number, length, body, token)
-                        del body  # the part's task owns it now, and frees it when done
+                        # Taken in part order, before the part is read: bounds memory and
+                        # open files, and the data plane hashes parts in this order.
+                        await limiter.acquire_on_behalf_of(token)
+                        tg.start_soon(send, number, offset, min(part_size, size - offset), token)
             except BaseExceptionGroup as eg:
                 raise first_error(eg) from None
-            parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
-            await self._complete(okey, upload_id, parts, size)
+            digest = await plane.file_digest(file_id)
+            await self._complete(okey, upload_id, [done[n] for n in sorted(done)], size)
         except BaseException:
             with anyio.move_on_after(60, shield=True):
+                await plane.drop_file(file_id)
                 await self._abort(okey, upload_id)
             raise
-        return digest.hexdigest()
+        return digest
 
     async def _complete(self, okey: str, upload_id: str, parts: list[dict[str, Any]],
                         size: int) -> None:
@@ -397,7 +368,7 @@ class S3Backend:
                 lambda: client.head_object(Bucket=self.bucket, Key=okey),
                 is_transient=is_transient)
         except Exception as e:
-            if _is_storage_error(e):
+            if is_storage_error(e):
                 return False
             raise
         etag = str(head.get("ETag", "")).strip('"')
@@ -418,7 +389,7 @@ class S3Backend:
             try:
                 resp = await client.get_object(Bucket=self.bucket, Key=self._okey(key))
             except ClientError as e:
-                if _error_code(e) in _NOT_FOUND:
+                if error_code(e) in NOT_FOUND:
                     return None
                 raise
             body = resp["Body"]
@@ -428,7 +399,43 @@ class S3Backend:
 
         with self._translated(key, "reading", "s3:GetObject", writing=False):
             client = await self._get_client()
-            return await self._request(attempt)
+            assert self._small_reads is not None
+            async with self._small_reads:
+                if self._gets is not None:
+                    found = await self._signed_get(self._okey(key))
+                    if found is not None:
+                        return found[0]
+                return await self._ctx.retry.call(attempt, is_transient=is_transient)
+
+    async def _signed_get_into(self, okey: str, fd: int, offset: int, length: int | None,
+                               feed: Callable[[memoryview], None]) -> int | None:
+        """Bytes written by one GET through :class:`SignedGets`, in one worker-thread call;
+        None where the full client must do it instead."""
+        if self._gets is None:
+            return None
+        creds = await self._creds()
+        try:
+            return await anyio.to_thread.run_sync(
+                functools.partial(self._gets.get_into, okey, creds.access_key,
+                                  creds.secret_key, creds.token, fd=fd, offset=offset,
+                                  length=length, feed=feed), limiter=self._range_threads)
+        except Exception:
+            return None
+
+    async def _signed_get(self, okey: str) -> tuple[bytes | None] | None:
+        """(body,) or (None,) for a missing key, through :class:`SignedGets`; None where the
+        full client must answer (an error of any kind: it retries and explains)."""
+        assert self._gets is not None
+        creds = await self._creds()
+        try:
+            status, body = await anyio.to_thread.run_sync(
+                self._gets.get, okey, creds.access_key, creds.secret_key, creds.token,
+                limiter=self._small_threads)
+        except Exception:
+            return None
+        if status == 200:
+            return (body,)
+        return (None,) if status == 404 else None
 
     async def list_keys(self, prefix: str) -> list[str]:
         strip = len(self._okey(""))
@@ -451,11 +458,11 @@ class S3Backend:
             ranges = [(0, size)]  # one GET without a Range header, streamed to disk
         else:
             ranges = [(o, min(part_size, size - o)) for o in range(0, size, part_size)]
-        received = [0] * len(ranges)  # what each range actually wrote, which is what we hash
-        written = [anyio.Event() for _ in ranges]
-        digest = hashlib.sha256()
+        received = [-1] * len(ranges)  # what each range actually wrote, which is what we hash
+        hasher = InOrderDigest()
+        tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
 
-        async def fetch(i: int, fd: int) -> None:
+        async def fetch(i: int) -> None:
             offset, length = ranges[i]
             whole = len(ranges) == 1
             extra = {} if whole else {"Range": f"bytes={offset}-{offset + length - 1}"}
@@ -480,35 +487,39 @@ class S3Backend:
                         pos += n
                 received[i] = pos - offset  # aiobotocore checked it against Content-Length
 
-            await self._request(attempt)
-            written[i].set()
-
-        async def hash_in_order(fd: int) -> None:
-            # Trails the downloads: range i is hashed (from the page cache) once it and
-            # every range before it are on disk, so hashing overlaps the transfer.
-            for i, (offset, _) in enumerate(ranges):
-                await written[i].wait()
-                await anyio.to_thread.run_sync(_hash_range, fd, offset, received[i], digest)
-
-        def open_tmp() -> tuple[str, int]:
-            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-            tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
-            return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            async with self._slot():  # the file is open only while the request holds a slot
+                fd = await anyio.to_thread.run_sync(os.open, tmp, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    # Hashed in range order, by the thread that has the bytes (ours) or
+                    # from the page cache (botocore's): the whole file's digest.
+                    got = await self._signed_get_into(self._okey(key), fd, offset,
+                                                      None if whole else length,
+                                                      functools.partial(hasher.feed, i))
+                    if got is not None:
+                        received[i] = got
+                    else:  # botocore's way: it retries, follows redirects, explains errors
+                        await self._ctx.retry.call(attempt, is_transient=is_transient)
+                        await anyio.to_thread.run_sync(hasher.feed_from, i, fd, offset,
+                                                       received[i])
+                except BaseException as e:
+                    hasher.fail(f"range {i} of {key} failed: {type(e).__name__}")
+                    raise
+                finally:
+                    os.close(fd)
 
         with self._translated(key, "downloading", "s3:GetObject", writing=False):
             client = await self._get_client()
-            tmp, fd = await anyio.to_thread.run_sync(open_tmp)
+            await anyio.to_thread.run_sync(
+                lambda: os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True))
             try:
-                try:
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(hash_in_order, fd)
-                        for i in range(len(ranges)):
-                            tg.start_soon(fetch, i, fd)
-                finally:
-                    os.close(fd)
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(ranges)):
+                        tg.start_soon(fetch, i)
+                if hasher.fed != len(ranges):
+                    raise AssertionError(f"hashed {hasher.fed} of {len(ranges)} ranges of {key}")
                 await anyio.to_thread.run_sync(os.replace, tmp, dest)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(_unlink_quietly, tmp)
                 raise
-        return digest.hexdigest()
+        return hasher.digest.hexdigest()

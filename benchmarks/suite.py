@@ -5,7 +5,7 @@ Writes ``results.md``, ``results.png`` and ``results.json`` to ``--out``
 (``benchmarks/results`` by default) and prints the table. ``--quick`` runs everything
 small (a smoke run: the numbers mean little); ``--only`` picks benchmarks by name.
 
-    tox -e bench                      # the full run, about 15 minutes on 2 cores
+    tox -e bench                      # the full run, about 12 minutes on 2 cores
     python benchmarks/suite.py --quick --only listing,small_save
 """
 
@@ -45,7 +45,7 @@ def _save_scaling(quick: bool, tmp: str | None) -> list[Row]:
 
     if quick:
         return save_scaling.measure([MiB, 16 * MiB], [1, 100], 1, tmpdir=tmp)
-    return save_scaling.measure([MiB, 64 * MiB, GiB, 4 * GiB], [1, 100, 1000, 10000], 3,
+    return save_scaling.measure([MiB, 64 * MiB, GiB, 4 * GiB], [1, 100, 1000, 10000], 5,
                                 tmpdir=tmp)
 
 

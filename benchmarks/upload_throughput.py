@@ -16,13 +16,15 @@ The same run uploads it with:
 * s5cmd: ``s5cmd cp --concurrency N --part-size MiB`` (the Go binary, run as a child).
 
 Both Python clients are configured with ``request_checksum_calculation="when_required"``,
-so neither pays botocore's default CRC32 of every body (both still SHA-256 every body to
-sign it, as botocore does over plain HTTP). The page cache holds the whole
+so neither pays botocore's default CRC32 of every body; s3transfer still SHA-256-signs every
+body over plain HTTP, while ours sends a per-part ``ChecksumSHA256`` (computed as it reads)
+and leaves the body unsigned. The page cache holds the whole
 file for every contender (it is read through once before timing). Each contender uploads
 once untimed first (``--warmup``), which opens clients and connection pools; then the
 contenders take turns, ``--repeat`` rounds, the order rotating each round so they share
-any drift. Between uploads the objects are deleted and ``sync`` flushes the server's
-writes, so every upload starts with no dirty-page backlog. Every upload is checked with
+any drift; an upload during which other processes took more than 5% of the CPUs is done
+again (up to 4 times). Between uploads the objects are deleted and ``sync`` flushes the
+server's writes, so every upload starts with no dirty-page backlog. Every upload is checked with
 ``head_object`` (size) so a broken upload cannot look fast. One extra multipart upload by
 hand times the server's CompleteMultipartUpload alone (the server assembling the parts):
 every contender's total includes that same server-side work, so it is reported, with an
@@ -86,6 +88,8 @@ REGION = "us-east-1"
 CONTENDERS = ("ours", "s3transfer", "s5cmd")
 GOAL_VS_S3TRANSFER = 1.00  # ours at least as fast as s3transfer
 GOAL_VS_S5CMD = 0.90  # ours within 10% of s5cmd
+QUIET = 0.05  # share of the CPUs other processes may take during a timed upload
+CPUS = os.cpu_count() or 1
 
 
 # -- the file ----------------------------------------------------------------------------
@@ -473,7 +477,12 @@ def run_bench(argv: list[str] | None = None
             for rnd in range(args.repeat):
                 k = rnd % len(contenders)
                 for name in contenders[k:] + contenders[:k]:
-                    r = bench.run(name)
+                    for _ in range(4):  # on a shared machine, wait for a quiet round
+                        r = bench.run(name)
+                        if r.other_cpu is None or r.other_cpu <= QUIET * r.seconds * CPUS:
+                            break
+                        print(f"  round {rnd + 1}  {name:<11} other processes took "
+                              f"{r.other_cpu:.2f} CPU-s: again")
                     results[name].append(r)
                     other = "n/a" if r.other_cpu is None else f"{r.other_cpu:5.2f} s"
                     print(f"  round {rnd + 1}  {name:<11} {r.seconds:7.2f} s  "
@@ -521,9 +530,9 @@ def report(args: argparse.Namespace, size: int, results: dict[str, list[Run]],
     print(f"every contender: concurrency {args.concurrency}, part size "
           f"{args.part_size // MiB} MiB; page cache warm (file read through before timing); "
           "no CRC32 (botocore request_checksum_calculation=when_required)")
-    print("ours also computes the file's SHA-256 and writes a manifest (timed up to commit); "
-          "the baselines do neither; over plain HTTP botocore SHA-256-signs every body for "
-          "both Python clients")
+    print("ours also computes the file's SHA-256 and each part's (sent for S3 to verify) and "
+          "writes a manifest (timed up to commit); the baselines do neither, but over plain "
+          "HTTP s3transfer SHA-256-signs every body")
     print()
     print(f"{'contender':<12}{'median s':>10}{'min-max s':>15}{'MB/s':>9}{'MiB/s':>9}"
           f"{'client CPU-s/GiB':>18}{'server CPU-s/GiB':>18}")

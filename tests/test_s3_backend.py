@@ -16,6 +16,7 @@ import resource
 import threading
 import urllib.parse
 import weakref
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -614,18 +615,18 @@ def test_engine_saves_and_loads_through_s3(s3: S3Server, tmp_path: Any) -> None:
     assert pending_uploads(s3) == []
 
 
-def _b64sha256(data: bytes) -> str:
-    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+def _b64crc32(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 
 
 @pytest.mark.s3
 @pytest.mark.anyio
 async def test_every_body_carries_the_checksum_s3_verifies(s3: S3Server, mode: UploaderMode,
                                                            tmp_path: Any) -> None:
-    """Each part, each single PUT and each manifest goes with an x-amz-checksum-sha256 of its
+    """Each part, each single PUT and each manifest goes with an x-amz-checksum-crc32 of its
     own bytes, computed where they were read: what the server stored is what we sent, and
     it matches the bytes (moto keeps the checksums it is sent without checking them, so
-    they are compared here with an independent hash)."""
+    they are compared here with an independent computation)."""
     data = os.urandom(12 * MiB + 99)  # parts of 5, 5 and 2 MiB
     (tmp_path / "big").write_bytes(data)
     (tmp_path / "small").write_bytes(data[:1000])
@@ -637,12 +638,11 @@ async def test_every_body_carries_the_checksum_s3_verifies(s3: S3Server, mode: U
     attrs = c.get_object_attributes(Bucket=BUCKET, Key=f"{PREFIX}/ck/big",
                                     ObjectAttributes=["Checksum"])
     parts = [data[o:o + 5 * MiB] for o in range(0, len(data), 5 * MiB)]
-    composite = base64.b64encode(hashlib.sha256(
-        b"".join(hashlib.sha256(p).digest() for p in parts)).digest()).decode()
-    assert attrs["Checksum"]["ChecksumSHA256"].split("-")[0] == composite
+    composite = _b64crc32(b"".join(zlib.crc32(p).to_bytes(4, "big") for p in parts))
+    assert attrs["Checksum"]["ChecksumCRC32"].split("-")[0] == composite
     for key, body in (("ck/small", data[:1000]), ("ck/manifest.json", b'{"files": []}')):
         head = c.head_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}", ChecksumMode="ENABLED")
-        assert head["ChecksumSHA256"] == _b64sha256(body)
+        assert head["ChecksumCRC32"] == _b64crc32(body)
 
 
 @pytest.mark.s3
@@ -841,3 +841,30 @@ async def test_a_part_is_one_buffer_never_copied(s3: S3Server, tmp_path: Any) ->
     finally:
         await b.aclose()
     assert part <= peak < 1.25 * part, f"{peak / MiB:.1f} MiB held for a {part // MiB} MiB part"
+
+
+def test_part_buffers_are_reused_while_busy_and_dropped_when_idle(tmp_path: Any) -> None:
+    from uploader.backends.s3_parts import BufferPool, read_part
+
+    data = os.urandom(3000)
+    (tmp_path / "f").write_bytes(data)
+    pool = BufferPool()
+    digest = hashlib.sha256()
+    a = read_part(str(tmp_path / "f"), 0, 1000, digest, pool)
+    b = read_part(str(tmp_path / "f"), 1000, 1000, digest, pool)
+    buf_a = a._buf
+    a.release()
+    c = read_part(str(tmp_path / "f"), 2000, 1000, digest, pool)
+    assert c._buf is buf_a  # reused while b was still in use
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert c.checksum == _b64crc32(data[2000:])
+    assert (c.read(10), c.tell(), c.seek(0), c.read()) == (data[2000:2010], 10, 0, data[2000:])
+    b.release()
+    c.release()
+    assert pool._free == []  # nothing in use: nothing kept
+    d = read_part(str(tmp_path / "f"), 0, 1000, digest, pool)
+    assert d._buf is not buf_a
+    with pytest.raises(EOFError, match="truncated"):
+        read_part(str(tmp_path / "f"), 2500, 1000, digest, pool)
+    d.release()
+    assert pool._in_use == 0 and pool._free == []

@@ -7,17 +7,16 @@ own, so a failed part re-sends that part only and the two layers never multiply.
 
 Memory and file descriptors are bounded by the shared limiter: a part's buffer exists,
 and its file is open, only while its request holds a limiter slot, and the slot is taken
-*before* the part is read. Parts are read in order (:mod:`.s3_parts`: one ``preadv`` into
-a buffer sized for the part, the file's running SHA-256 and the part's own SHA-256
-computed in the same worker-thread call). The part's checksum goes with it as
-``ChecksumSHA256``, which S3 verifies, so the body itself is not signed
-(``UNSIGNED-PAYLOAD``): nothing hashes it on the event loop. The body is then sent by
-:mod:`.s3_sender` in one system call from a worker thread, or from a worker process
-(:mod:`.s3_worker`) where ``Settings.uploader`` says so.
+*before* the part is read. Each request goes to a data plane (:mod:`.s3_dataplane`, in
+worker threads or a worker process, :mod:`.s3_worker`, as ``Settings.uploader`` says),
+which reads the part once, feeds the file's running SHA-256 in part order, computes the
+part's CRC32 and sends it as ``ChecksumCRC32`` (S3 verifies it, so the body itself is not
+signed: ``UNSIGNED-PAYLOAD``), and writes the body with one system call
+(:mod:`.s3_sender`). This event loop coordinates: what to send, retries, aborts, commits.
 
-Downloads write ranges with ``pwrite`` as they arrive; the file's SHA-256 follows the
-completed ranges in order, reading them back from the page cache, each by the request
-that completed the range (so while it holds its slot and its file descriptor).
+Small reads (manifests) and ranged downloads are signed here and received by worker
+threads (:class:`.s3_sender.SignedGets`), a range straight into the file's pages, hashed
+in range order; anything but a success goes through botocore, which retries and explains.
 """
 
 from __future__ import annotations
@@ -142,7 +141,7 @@ class S3Backend:
             read_timeout=120,
             tcp_keepalive=True,
             s3={
-                # Bodies carry a ChecksumSHA256 that S3 verifies, computed where they are
+                # Bodies carry a ChecksumCRC32 that S3 verifies, computed where they are
                 # read; signing them too would hash every byte again, on the event loop.
                 "payload_signing_enabled": False,
                 # S3-compatible servers rarely resolve bucket.host names; AWS prefers them.
@@ -269,7 +268,7 @@ class S3Backend:
             checksum = checksum_of(data)
             await self._request(lambda: client.put_object(
                 Bucket=self.bucket, Key=okey, Body=data, ContentLength=len(data),
-                ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum))
+                ChecksumAlgorithm="CRC32", ChecksumCRC32=checksum))
 
     async def put_file(self, key: str, path: str, size: int) -> str:
         if size > MAX_OBJECT_SIZE:
@@ -297,7 +296,7 @@ class S3Backend:
         plane = self._plane
         part_size = part_size_for(size, self._ctx.settings.part_size)
         created = await self._request(lambda: client.create_multipart_upload(
-            Bucket=self.bucket, Key=okey, ChecksumAlgorithm="SHA256"))
+            Bucket=self.bucket, Key=okey, ChecksumAlgorithm="CRC32"))
         upload_id: str = created["UploadId"]
         file_id = next(self._ids)
         try:
@@ -310,7 +309,7 @@ class S3Backend:
                         okey, path, offset, length, upload_id=upload_id, part_number=number,
                         file_id=file_id))
                     done[number] = {"PartNumber": number, "ETag": out.etag,
-                                    "ChecksumSHA256": out.checksum}
+                                    "ChecksumCRC32": out.checksum}
                 finally:
                     limiter.release_on_behalf_of(token)
 

@@ -2,7 +2,7 @@
 
 One :meth:`DataPlane.run` call does the whole per-byte path of a request in the calling
 (worker) thread: open the file, read the part once into its own buffer, feed it to the
-file's running SHA-256 (in part order) and to the part's own SHA-256, sign the request
+file's running SHA-256 (in part order) and to the part's own CRC32, sign the request
 with the part's checksum (the body itself is ``UNSIGNED-PAYLOAD``: S3 verifies the
 checksum) and send it with one system call (:mod:`.s3_sender`). No event loop is
 involved, so the thread needs the GIL only a few times per part; that is what lets an
@@ -25,7 +25,7 @@ from typing import Any
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .s3_parts import read_part
+from .s3_parts import BufferPool, PartBody, read_part
 from .s3_sender import BlockingSender, Cancelled, sync_hook
 
 __all__ = ["ClientSpec", "Creds", "DataPlane", "Outcome", "PartJob"]
@@ -99,6 +99,7 @@ class DataPlane:
         self._lock = threading.Lock()
         self._order = threading.Condition(self._lock)
         self._files: dict[int, _File] = {}
+        self._pool = BufferPool()
         self._clients: dict[Creds, Any] = {}
 
     # -- the client ----------------------------------------------------------------
@@ -139,18 +140,19 @@ class DataPlane:
     def run(self, job: PartJob) -> Outcome:
         """Read, hash and send ``job``; never raises (the outcome carries the error)."""
         checksum: str | None = None
+        body: PartBody | None = None
         self.sender.bind(job.job_id)
         try:
             if self.sender.cancelled(job.job_id):  # given up on before it started
                 raise Cancelled(f"request {job.job_id} was cancelled")
             if job.upload_id is None:
                 digest = hashlib.sha256()
-                body = read_part(job.path, job.offset, job.length, digest)
+                body = read_part(job.path, job.offset, job.length, digest, self._pool)
                 checksum = body.checksum
                 self._same_bytes(job, checksum)
                 resp = self._client(job.creds).put_object(
                     Bucket=job.bucket, Key=job.key, Body=body, ContentLength=job.length,
-                    ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum)
+                    ChecksumAlgorithm="CRC32", ChecksumCRC32=checksum)
                 return Outcome(etag=resp.get("ETag"), checksum=checksum,
                                digest=digest.hexdigest())
             body = self._read_in_order(job)
@@ -158,11 +160,13 @@ class DataPlane:
             resp = self._client(job.creds).upload_part(
                 Bucket=job.bucket, Key=job.key, UploadId=job.upload_id,
                 PartNumber=job.part_number, Body=body, ContentLength=job.length,
-                ChecksumSHA256=checksum)
+                ChecksumCRC32=checksum)
             return Outcome(etag=resp["ETag"], checksum=checksum)
         except BaseException as e:  # handed to the coordinator, which raises it
             return Outcome(checksum=checksum, error=_portable(e))
         finally:
+            if body is not None:
+                body.release()
             self.sender.bind(None)
             self.sender.forget(job.job_id)
 
@@ -172,30 +176,39 @@ class DataPlane:
                            "changed between two attempts to upload them: was the file "
                            "rewritten while being uploaded?")
 
-    def _read_in_order(self, job: PartJob) -> Any:
+    def _read_in_order(self, job: PartJob) -> PartBody:
         if job.expect is not None:  # a retry: the digest has these bytes already
-            body = read_part(job.path, job.offset, job.length, _NoDigest)
-            self._same_bytes(job, body.checksum)
+            body = read_part(job.path, job.offset, job.length, _NoDigest, self._pool)
+            try:
+                self._same_bytes(job, body.checksum)
+            except BaseException:
+                body.release()
+                raise
             return body
         with self._lock:
             f = self._files.setdefault(job.file_id, _File())
         try:
-            body = read_part(job.path, job.offset, job.length, _NoDigest)
+            body = read_part(job.path, job.offset, job.length, _NoDigest, self._pool)
         except BaseException as e:
             with self._order:
                 f.failed = f"part {job.part_number} could not be read: {e}"
                 self._order.notify_all()
             raise
-        with self._order:
-            # Parts are read in parallel but hashed in order: part n waits for n - 1. The
-            # coordinator starts parts in order and each holds a thread, so n - 1 is running;
-            # if it is cancelled instead, so is the file, and this one is too.
-            self._order.wait_for(lambda: f.next == job.part_number or f.failed is not None
-                                 or self.sender.cancelled(job.job_id))
-            if f.failed is not None:
-                raise Cancelled(f.failed)
-            if f.next != job.part_number:
-                raise Cancelled(f"request {job.job_id} was cancelled")
+        try:
+            with self._order:
+                # Parts are read in parallel but hashed in order: part n waits for n - 1.
+                # The coordinator starts parts in order and each holds a thread, so n - 1
+                # is running; if it is cancelled instead, so is the file, and this one too.
+                self._order.wait_for(lambda: f.next == job.part_number
+                                     or f.failed is not None
+                                     or self.sender.cancelled(job.job_id))
+                if f.failed is not None:
+                    raise Cancelled(f.failed)
+                if f.next != job.part_number:
+                    raise Cancelled(f"request {job.job_id} was cancelled")
+        except BaseException:
+            body.release()
+            raise
         f.digest.update(body.view)  # outside the lock: releases the GIL on large buffers
         with self._order:
             f.next += 1

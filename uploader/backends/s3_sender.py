@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import mmap
 import os
 import socket
 import ssl
@@ -243,6 +244,15 @@ class BlockingSender:
                     sock.close()
 
 
+def _receive(resp: http.client.HTTPResponse, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = resp.readinto(view[got:])
+        if not n:
+            raise http.client.IncompleteRead(bytes(view[:got]), len(view) - got)
+        got += n
+
+
 def sync_hook(sender: BlockingSender) -> Any:
     """A ``before-send`` handler for a (synchronous) botocore client: requests whose body is
     a :class:`PartBody` go through ``sender``; others to botocore's own HTTP stack."""
@@ -297,10 +307,10 @@ class SignedGets:
                  fd: int, offset: int, length: int | None,
                  feed: Callable[[memoryview], None]) -> int | None:
         """GET bytes ``offset .. offset + length`` of ``okey`` (the whole object where
-        ``length`` is None) and ``pwrite`` them to ``fd`` at ``offset``: one buffer, one
-        thread call, no event-loop iteration per 64 KiB. Returns the bytes written, or
-        None where botocore should handle the request (any reply but 200/206). ``feed``
-        gets the bytes once written, from the same buffer."""
+        ``length`` is None) into ``fd`` at ``offset``: one thread call, no event-loop
+        iteration per 64 KiB. Returns the bytes written, or None where botocore should
+        handle the request (any reply but 200/206). ``feed`` gets the bytes once written,
+        from the same memory."""
         from botocore.auth import S3SigV4Auth
         from botocore.awsrequest import AWSRequest
         from botocore.credentials import Credentials
@@ -317,19 +327,26 @@ class SignedGets:
             if size < 0 or (length is not None and size != length):
                 raise http.client.HTTPException(
                     f"asked for {length} bytes at {offset}, the reply has {size}")
-            buf = bytearray(size)
-            view, got = memoryview(buf), 0
-            while got < size:
-                n = resp.readinto(view[got:])
-                if not n:
-                    raise http.client.IncompleteRead(bytes(view[:got]), size - got)
-                got += n
-            rest = view
-            while rest:
-                n = os.pwrite(fd, rest, offset + (size - len(rest)))
-                rest = rest[n:]
+            if length is not None and size and offset % mmap.ALLOCATIONGRANULARITY == 0:
+                # A range of a larger file: received straight into the file's pages (one
+                # copy, no buffer to fill and write out), and hashed from them.
+                os.posix_fallocate(fd, offset, size)  # grows the file, never shrinks it
+                with mmap.mmap(fd, size, offset=offset) as mm:
+                    view = memoryview(mm)
+                    try:
+                        _receive(resp, view)
+                        feed(view)
+                    finally:
+                        view.release()
+            else:
+                view = memoryview(bytearray(size))
+                _receive(resp, view)
+                rest = view
+                while rest:
+                    n = os.pwrite(fd, rest, offset + (size - len(rest)))
+                    rest = rest[n:]
+                feed(view)
             written = size
-            feed(view)
 
         status, _, _ = self.sender.send("GET", url, req.headers, memoryview(b""), into=into)
         return written if status in (200, 206) and written >= 0 else None

@@ -55,6 +55,37 @@ def test_save_commits_files_then_manifest_and_loads_back(tmp_path: Path) -> None
         engine.close()
 
 
+def test_load_follows_an_entry_to_the_object_an_earlier_checkpoint_stored(tmp_path: Path
+                                                                         ) -> None:
+    import dataclasses
+
+    from uploader import FileEntry
+
+    src = tmp_path / "src"
+    write(src / "base.bin", os.urandom(70_000))
+    engine = make_engine(tmp_path, copy_budget=0)
+    try:
+        first = request(src)
+        engine.save(first).wait(30)
+        m1 = engine.read_manifest(first.keys)
+        assert m1 is not None
+        # A second checkpoint whose entry points at the first one's object.
+        second = request(src)
+        (entry,) = m1.files
+        m2 = dataclasses.replace(
+            m1, checkpoint_id=second.keys.checkpoint_id,
+            files=(FileEntry(entry.path, entry.size, entry.sha256,
+                             second.keys.relative(first.keys.data(entry.path))),))
+        store = tmp_path / "store"
+        write(store / second.keys.manifest, m2.to_json())
+        loaded = engine.read_manifest(second.keys)
+        assert loaded is not None and loaded.files[0].key is not None
+        engine.load(loaded, str(tmp_path / "out"), keys=second.keys)
+        assert (tmp_path / "out" / "base.bin").read_bytes() == (src / "base.bin").read_bytes()
+    finally:
+        engine.close()
+
+
 def test_snapshot_links_large_files_and_copies_small_ones_within_budget(tmp_path: Path) -> None:
     from uploader import take_snapshot
 

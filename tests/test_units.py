@@ -110,6 +110,34 @@ def test_manifest_round_trip(files: list[tuple[str, int]], metadata: dict[str, o
     assert m.total_bytes == sum(s for _, s in files)
 
 
+def test_manifest_entry_pointing_elsewhere_needs_a_reader_that_follows_it() -> None:
+    import json
+
+    from uploader import ManifestError
+
+    def manifest(*files: FileEntry) -> Manifest:
+        return Manifest(checkpoint_id="c", name="n", run_id="1", scope_prefix="p",
+                        created_on="t", committed_on="u", latest=True, files=files,
+                        metadata={}, identity={}, source="directory", timings={})
+
+    own = manifest(FileEntry("a", 1, "0" * 64))
+    assert "min_reader" not in json.loads(own.to_json())
+    assert "key" not in json.loads(own.to_json())["files"][0]
+    shared = manifest(FileEntry("a", 1, "0" * 64, "data/1/old/a"))
+    assert json.loads(shared.to_json())["min_reader"] == 2
+    assert Manifest.from_json(shared.to_json()) == shared
+    keys = CheckpointKeys("mf.checkpoints/F/ns/s/root", "1", "c")
+    assert keys.stored("a", None) == keys.data("a")
+    assert keys.stored("a", "data/1/old/a") == "mf.checkpoints/F/ns/s/root/data/1/old/a"
+    assert keys.relative(keys.data("a")) == "data/1/c/a"
+    # A manifest can only point at data of its own scope.
+    for bad in ("../x/data/1/c/a", "data/../../other/a", "manifests/1/c.json", "/data/1/c/a",
+                "data/1//a"):
+        body = shared.to_json().replace(b"data/1/old/a", bad.encode())
+        with pytest.raises(ManifestError, match="not under its scope's data/"):
+            Manifest.from_json(body)
+
+
 def test_manifest_only_newer_readers_may_read_is_refused() -> None:
     from uploader import ManifestError
 

@@ -710,7 +710,7 @@ class Engine:
                             f"({e}); check that it is writable.") from e
 
         async def one(i: int, entry: FileEntry) -> None:
-            key = keys.data(entry.path)
+            key = keys.stored(entry.path, entry.key)
             what = f"{who}: file {entry.path!r} at {backend.url_of(key)}"
             try:
                 digest = await backend.get_file(key, os.path.join(staging, str(i)), entry.size)

@@ -151,6 +151,19 @@ class CheckpointKeys:
     def data(self, relpath: str) -> str:
         return self.data_prefix + relpath
 
+    def stored(self, relpath: str, key: str | None) -> str:
+        """The key holding a manifest entry's bytes: its own ``key`` (relative to the
+        scope, see :class:`~uploader.manifest.FileEntry`) if it has one, else this
+        checkpoint's ``data(relpath)``."""
+        return self.data(relpath) if key is None else f"{self.scope_prefix}/{key}"
+
+    def relative(self, key: str) -> str:
+        """``key`` relative to the scope prefix: what a later manifest's entry records."""
+        head = self.scope_prefix + "/"
+        if not key.startswith(head):
+            raise ValueError(f"{key!r} is not under {head!r}")
+        return key[len(head):]
+
     @property
     def order(self) -> tuple[int, int, int]:
         """``(attempt, seq, µs)``: see :func:`checkpoint_order`."""

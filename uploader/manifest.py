@@ -11,6 +11,13 @@ Compatibility, both ways:
 - ``min_reader`` (absent means 1) is the oldest reader that may read it. A writer sets it
   only for a change older readers would misread; they then refuse the manifest with a
   :class:`~uploader.errors.ManifestError`, which listings turn into a skip and a warning.
+
+Format 2 adds ``key`` to a file entry: where its bytes are stored, when that is not this
+checkpoint's own data prefix (an unchanged file an incremental save did not upload again
+points at the object an earlier checkpoint of the scope stored). It is relative to the
+scope prefix and must lie under its ``data/``, so a manifest can only point at data of its
+own scope. A format-1 reader would look for such a file under the checkpoint's own prefix
+and fail, so a manifest with any ``key`` says ``min_reader: 2``.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ from .errors import ManifestError
 
 __all__ = ["FORMAT_VERSION", "PLACEHOLDER", "FileEntry", "Manifest", "freeze_metadata"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PLACEHOLDER = "<value cannot be JSON serialized>"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# The first format whose readers follow ``FileEntry.key``.
+_KEY_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +45,14 @@ class FileEntry:
     path: str  # relative, POSIX separators
     size: int
     sha256: str
+    # Where the bytes are, relative to the scope prefix ("data/<run>/<id>/<path>"), when
+    # not under this checkpoint's own data prefix; None for files this checkpoint stored.
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.key is not None and not _is_data_key(self.key):
+            raise ManifestError(f"not a checkpoint manifest: file {self.path!r} points at "
+                                f"{self.key!r}, which is not under its scope's data/")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,7 +77,10 @@ class Manifest:
 
     def to_json(self) -> bytes:
         d = dataclasses.asdict(self)
-        d["files"] = [dataclasses.asdict(f) for f in self.files]
+        d["files"] = [{k: v for k, v in dataclasses.asdict(f).items()
+                       if k != "key" or v is not None} for f in self.files]
+        if any(f.key is not None for f in self.files):
+            d["min_reader"] = _KEY_FORMAT
         return json.dumps(d, indent=1, sort_keys=True).encode()
 
     @classmethod
@@ -117,14 +137,21 @@ def _field(d: dict[str, Any], name: str, kind: type, default: Any = _MISSING) ->
     return value
 
 
+def _is_data_key(key: str) -> bool:
+    parts = key.split("/")
+    return (len(parts) >= 4 and parts[0] == "data"
+            and all(p not in ("", ".", "..") for p in parts))
+
+
 def _file_entry(f: Any) -> FileEntry:
     if not isinstance(f, dict):
         raise ManifestError("not a checkpoint manifest: a file entry is not an object")
-    path, size, sha = f.get("path"), f.get("size"), f.get("sha256")
+    path, size, sha, key = f.get("path"), f.get("size"), f.get("sha256"), f.get("key")
     if not isinstance(path, str) or not isinstance(size, int) or isinstance(size, bool) \
-            or size < 0 or not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            or size < 0 or not isinstance(sha, str) or not _SHA256.fullmatch(sha) \
+            or not (key is None or isinstance(key, str)):
         raise ManifestError(f"not a checkpoint manifest: bad file entry {f!r:.200}")
-    return FileEntry(path, size, sha)
+    return FileEntry(path, size, sha, key)
 
 
 def freeze_metadata(metadata: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

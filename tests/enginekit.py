@@ -21,7 +21,8 @@ SCOPE = Scope("Flow", "user:tester", "train", ())
 
 
 class GatedBackend(LocalBackend):
-    """A local backend whose file uploads wait until the test opens the gate.
+    """A local backend whose data uploads wait until the test opens the gate: files, and
+    the small files a snapshot holds in memory (manifests and hints are not held).
 
     ``entered`` is set as soon as an upload is waiting, so a test can act while the
     upload is provably pending, without sleeping.
@@ -33,13 +34,21 @@ class GatedBackend(LocalBackend):
         self.entered = threading.Event()
         self.gated = True
 
-    async def put_file(self, key: str, path: str, size: int) -> str:
+    async def _hold(self) -> None:
         if self.gated:
             import anyio.to_thread
 
             self.entered.set()
             await anyio.to_thread.run_sync(self.gate.wait)
+
+    async def put_file(self, key: str, path: str, size: int) -> str:
+        await self._hold()
         return await super().put_file(key, path, size)
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        if "/data/" in key:
+            await self._hold()
+        await super().put_bytes(key, data)
 
 
 def make_engine(tmp: Path, *, gated: bool = False, logs: list[str] | None = None,

@@ -86,8 +86,9 @@ def test_load_follows_an_entry_to_the_object_an_earlier_checkpoint_stored(tmp_pa
         engine.close()
 
 
-def test_snapshot_links_large_files_and_copies_small_ones_within_budget(tmp_path: Path) -> None:
+def test_snapshot_links_large_files_and_reads_small_ones_within_budget(tmp_path: Path) -> None:
     from uploader import take_snapshot
+    from uploader.snapshot import Freeze
 
     src = tmp_path / "src"
     write(src / "big.bin", b"x" * 10_000)
@@ -96,8 +97,12 @@ def test_snapshot_links_large_files_and_copies_small_ones_within_budget(tmp_path
     by_name = {f.relpath: f for f in snap.files}
     assert by_name["big.bin"].shared
     assert os.stat(by_name["big.bin"].path).st_ino == os.stat(src / "big.bin").st_ino
-    assert not by_name["small.txt"].shared
-    assert os.stat(by_name["small.txt"].path).st_ino != os.stat(src / "small.txt").st_ino
+    small = by_name["small.txt"]
+    assert not small.shared and small.how is Freeze.MEMORY and small.data == b"42"
+    # Frozen: a rewrite in place after save() does not reach the snapshot.
+    with open(src / "small.txt", "r+b") as f:
+        f.write(b"99")
+    assert small.data == b"42" and small.size == 2
     snap.release()
 
 

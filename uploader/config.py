@@ -104,8 +104,9 @@ _FIELDS: dict[str, _Field] = {
                             "seconds, 0..604800"),
     "SNAPSHOT": _Field("snapshot", lambda s: SnapshotMode(s.strip().lower()), lambda v: True,
                        "one of auto, reflink, link, copy"),
-    "COPY_BUDGET": _Field("copy_budget", parse_size, _int_in(0, 1 * GiB),
-                          "a size from 0 to 1GiB, e.g. 4MiB"),
+    # Held in memory by each pending snapshot (see uploader/snapshot.py), so bounded.
+    "COPY_BUDGET": _Field("copy_budget", parse_size, _int_in(0, 256 * MiB),
+                          "a size from 0 to 256MiB, e.g. 4MiB"),
     "SIGTERM_GRACE": _Field("sigterm_grace", float, _float_in(0, 3600), "seconds, 0..3600"),
     "UPLOADER": _Field("uploader", lambda s: UploaderMode(s.strip().lower()), lambda v: True,
                        "one of thread, process"),

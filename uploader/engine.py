@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import hashlib
 import math
 import os
 import shutil
@@ -496,7 +497,11 @@ class Engine:
             check(f)
             key = keys.data(f.relpath)
             try:
-                digest = await backend.put_file(key, f.path, f.size)
+                if f.data is not None:
+                    await backend.put_bytes(key, f.data)
+                    digest = hashlib.sha256(f.data).hexdigest()
+                else:
+                    digest = await backend.put_file(key, f.path, f.size)
             except UploadError as e:
                 raise _naming(e, req, f"file {f.relpath!r}", key) from e
             except CheckpointError:

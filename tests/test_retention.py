@@ -59,6 +59,7 @@ class Store:
     make: Callable[[], Engine]  # a new engine on the same store
     s3: S3Server | None
     engines: list[Engine]
+    endpoint: str = ""  # S3: where new engines send requests (a FaultProxy, say)
 
     def engine(self) -> Engine:
         e = self.make()
@@ -85,12 +86,11 @@ def store(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
         monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
         monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-        endpoint = s3.endpoint
 
         def factory(ctx: TransferContext) -> Any:
             from uploader.backends.s3 import S3Backend
 
-            return S3Backend(ctx, bucket=BUCKET, prefix="metaflow", endpoint_url=endpoint)
+            return S3Backend(ctx, bucket=BUCKET, prefix="metaflow", endpoint_url=st.endpoint)
 
     n = iter(range(1000))
 
@@ -98,7 +98,7 @@ def store(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
         return Engine(factory, settings, snapshot_dir=str(tmp_path / f"snap{next(n)}"),
                       log=lambda m: None)
 
-    st = Store(kind, make, s3, [])
+    st = Store(kind, make, s3, [], s3.endpoint if s3 is not None else "")
     yield st
     for e in st.engines:
         e.close()
@@ -339,6 +339,36 @@ def test_a_crash_between_manifest_and_data_leaves_only_whole_checkpoints(
     assert report.errors == [] and report.debris_removed == 3 and report.objects_deleted == 6
     assert len(data_keys(engine)) == 2 * 2
     all_load(Catalog(store.engine()), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["s3"])
+def test_s3_delete_errors_are_retried_or_reported_by_key(store: Store, tmp_path: Path) -> None:
+    from faultproxy import FaultProxy, error
+
+    engine = store.engine()
+    for ep in range(3):
+        save(engine, tmp_path, ep)
+    assert store.s3 is not None
+    with FaultProxy(store.s3.endpoint) as proxy:
+        # The manifests' DeleteObjects is throttled once (and retried); the data's is denied.
+        proxy.add_rule(error(503, "SlowDown", "Reduce your request rate."), method="POST",
+                       query_contains="delete", times=1)
+        proxy.add_rule(error(403, "AccessDenied", "Access Denied"), method="POST",
+                       query_contains="delete", every=2)
+        store.endpoint = proxy.endpoint
+        pruning = store.engine()
+        catalog = Catalog(pruning)
+        report = execute_prune(catalog, plan_prune(catalog, PREFIX,
+                                                   RetentionPolicy(keep_last=1)))
+        assert proxy.count(method="POST", query_contains="delete") == 3
+    store.endpoint = store.s3.endpoint
+    assert report.checkpoints_deleted == 2 and report.bytes_freed == 0
+    (err,) = report.errors
+    assert "AccessDenied" in err and "s3:DeleteObject" in err and f"'{BUCKET}'" in err
+    assert "/data/1/" in err  # names the key
+    reader = Catalog(store.engine())
+    assert epochs(reader) == [2]
+    all_load(reader, tmp_path)
 
 
 def test_debris_older_than_the_grace_is_removed_and_younger_is_not(

@@ -363,6 +363,13 @@ def prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
     return execute_prune(catalog, plan)
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 # -- in a task: after each commit, in the background ---------------------------------
 
 
@@ -442,9 +449,10 @@ class Pruner:
                 f", {report.uploads_aborted} incomplete upload(s) aborted"
                 if report.uploads_aborted else ""])
             self._log(f"Retention: deleted {report.checkpoints_deleted} old checkpoint(s)"
-                      f"{extra}, {report.bytes_freed / 2**20:.1f} MiB freed.")
+                      f"{extra}, {_size(report.bytes_freed)} freed.")
         for err in report.errors[:5]:
-            self._log(f"WARNING: retention: {err}")
+            # Once per message: the same refusal would otherwise be logged at every commit.
+            self._engine.warn_once(f"retention: {err}", f"WARNING: retention: {err}")
 
     def drain(self, timeout: float = PRUNE_DRAIN_S) -> bool:
         """Wait up to ``timeout`` s for the prune in flight and one still wanted; True if

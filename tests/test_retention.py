@@ -493,3 +493,22 @@ def test_the_pruner_runs_after_commits_and_drains(store: Store, tmp_path: Path) 
     save(engine, tmp_path, 8)  # closed: no prune any more
     assert pruner.drain(1)
     assert epochs(Catalog(store.engine())) == [8, 7, 6, 0]
+
+
+def test_a_manifest_cache_reads_each_manifest_once(store: Store, tmp_path: Path) -> None:
+    engine = store.engine()
+    first = save(engine, tmp_path, 0)
+    catalog = Catalog(engine)
+    cache: dict[str, Any] = {}
+    plan_prune(catalog, PREFIX, RetentionPolicy(keep_last=1), manifest_cache=cache)
+    assert list(cache) == [first.manifest]
+    # Overwritten behind the cache's back (manifests never are): the cache is what is used.
+    engine.run(engine.backend.put_bytes, first.manifest, b"not json")
+    second = save(engine, tmp_path, 1)
+    plan = plan_prune(catalog, PREFIX, RetentionPolicy(keep_last=1), manifest_cache=cache)
+    assert plan.unreadable == () and [e.keys for e in plan.delete] == [first]
+    assert sorted(cache) == sorted([first.manifest, second.manifest])
+    assert plan_prune(catalog, PREFIX, RetentionPolicy()).unreadable == (first.manifest,)
+    report = execute_prune(catalog, plan, manifest_cache=cache)
+    assert report.errors == [] and report.checkpoints_deleted == 1
+    assert list(cache) == [second.manifest]  # only what is listed now

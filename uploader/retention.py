@@ -38,6 +38,7 @@ from .engine import Engine
 from .errors import ManifestError
 from .handle import CheckpointHandle
 from .layout import CheckpointKeys, Scope, safe_component
+from .manifest import Manifest
 
 __all__ = ["BEST_MODES", "DEFAULT_GRACE_S", "PrunePlan", "PruneReport", "Pruner",
            "RetentionPolicy", "choose", "execute_prune", "parse_count", "parse_grace",
@@ -184,13 +185,30 @@ def choose(entries: Sequence[Entry], policy: RetentionPolicy,
     return {cid: ", ".join(why) for cid, why in reasons.items()}
 
 
-def _manifests(engine: Engine, scope_prefix: str
+ManifestCache = dict[str, Manifest | ManifestError | None]
+
+
+def _manifests(engine: Engine, scope_prefix: str, cache: ManifestCache | None = None
                ) -> tuple[list[Entry], list[CheckpointKeys], list[str]]:
-    """Readable entries (newest first), every manifest's keys, and the unreadable ones."""
+    """Readable entries (newest first), every manifest's keys, and the unreadable ones.
+
+    ``cache`` (manifest key -> what was read) saves reading a manifest again: a manifest is
+    never rewritten, so a prune after each commit reads only the new ones. It is updated
+    to hold exactly the manifests listed now.
+    """
     found = engine.list_manifest_keys(f"{scope_prefix}/manifests/")
+    known = {} if cache is None else cache
+    todo = [k for k in found if k.manifest not in known or known[k.manifest] is None]
+    read = dict(zip((k.manifest for k in todo), engine.read_manifests(todo), strict=True))
+    got = {k.manifest: read[k.manifest] if k.manifest in read else known[k.manifest]
+           for k in found}
+    if cache is not None:
+        cache.clear()
+        cache.update(got)
     entries: list[Entry] = []
     unreadable: list[str] = []
-    for keys, m in zip(found, engine.read_manifests(found), strict=True):
+    for keys in found:
+        m = got[keys.manifest]
         if isinstance(m, ManifestError):
             unreadable.append(keys.manifest)
         elif m is not None:
@@ -224,13 +242,15 @@ def _by_checkpoint(scope_prefix: str, objects: Iterable[StoredObject]
 
 def plan_prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
                run_id: str | None = None, protect: Iterable[str] = (),
-               grace_s: float = DEFAULT_GRACE_S, now: float | None = None) -> PrunePlan:
+               grace_s: float = DEFAULT_GRACE_S, now: float | None = None,
+               manifest_cache: ManifestCache | None = None) -> PrunePlan:
     """What to delete in the scope at ``scope_prefix``; reads only.
 
     ``run_id`` limits the committed checkpoints considered (for keeping and deleting) to
     one run; debris and stale uploads are looked for in the whole scope. ``protect`` are
     checkpoint ids never deleted (nor their data taken for debris). ``now`` (seconds since
-    the epoch) is the clock the grace period is measured against.
+    the epoch) is the clock the grace period is measured against. ``manifest_cache``, a
+    dict kept between prunes of one scope, spares reading the same manifests again.
 
     Raises ValueError for a prefix that is not a scope's.
     """
@@ -238,7 +258,7 @@ def plan_prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
     prefix = Scope.from_prefix(scope_prefix).prefix
     now = time.time() if now is None else now
     protect = frozenset(protect)
-    entries, all_keys, unreadable = _manifests(engine, prefix)
+    entries, all_keys, unreadable = _manifests(engine, prefix, manifest_cache)
     run = None if run_id is None else safe_component(str(run_id))
     considered = [e for e in entries if run is None or e.keys.run_id == run]
     if unreadable:
@@ -278,12 +298,22 @@ def _stale_uploads(engine: Engine, prefix: str, before: float) -> tuple[tuple[st
 # -- executing -----------------------------------------------------------------------
 
 
-def execute_prune(catalog: Catalog, plan: PrunePlan) -> PruneReport:
-    """Delete what ``plan`` says, manifests first; never raises for a storage error: each
-    one is in the report's ``errors``, and what it stopped is left for the next prune."""
+def execute_prune(catalog: Catalog, plan: PrunePlan, *,
+                  manifest_cache: ManifestCache | None = None) -> PruneReport:
+    """Delete what ``plan`` says, manifests first. Never raises for a storage error: each
+    one is in the report's ``errors``, and what it stopped is left for the next prune.
+
+    Raises ValueError for a plan built by hand that names more than one scope.
+    """
     engine = catalog.engine
     backend = engine.backend
     report = PruneReport()
+    if not plan.scope_prefix:  # a plan built by hand: the scope its checkpoints name
+        scopes = {e.keys.scope_prefix for e in plan.delete} | {
+            d.rstrip("/").rsplit("/", 3)[0] for d in plan.debris}
+        if len(scopes) > 1:
+            raise ValueError(f"a prune plan covers one scope; this one names {sorted(scopes)}")
+        plan = dataclasses.replace(plan, scope_prefix=scopes.pop() if scopes else "")
     if plan.unreadable:
         report.errors.append(
             f"not pruning {plan.scope_prefix}: {len(plan.unreadable)} manifest(s) cannot be "
@@ -301,7 +331,7 @@ def execute_prune(catalog: Catalog, plan: PrunePlan) -> PruneReport:
     # again now: a save may have committed (and a pending one started) since the plan.
     if gone or plan.debris:
         try:
-            _delete_data(engine, plan, gone, report)
+            _delete_data(engine, plan, gone, report, manifest_cache)
         except Exception as e:
             report.errors.append(f"not deleting data under {plan.scope_prefix}: {e}. What is "
                                  "left is removed as debris by a later prune.")
@@ -327,11 +357,11 @@ def _delete(engine: Engine, keys: Sequence[str], report: PruneReport) -> set[str
 
 
 def _delete_data(engine: Engine, plan: PrunePlan, gone: Sequence[Entry],
-                 report: PruneReport) -> None:
+                 report: PruneReport, cache: ManifestCache | None) -> None:
     prefix = plan.scope_prefix
     pending = getattr(engine, "referenced_keys", None)
     refs: set[str] = set(pending()) if pending is not None else set()  # before the listing
-    entries, all_keys, unreadable = _manifests(engine, prefix)
+    entries, all_keys, unreadable = _manifests(engine, prefix, cache)
     if unreadable:
         raise RuntimeError(f"a manifest that cannot be read appeared ({unreadable[0]})")
     refs |= _referenced(engine, entries)
@@ -356,11 +386,12 @@ def _delete_data(engine: Engine, plan: PrunePlan, gone: Sequence[Entry],
 
 def prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
           run_id: str | None = None, protect: Iterable[str] = (),
-          grace_s: float = DEFAULT_GRACE_S, now: float | None = None) -> PruneReport:
+          grace_s: float = DEFAULT_GRACE_S, now: float | None = None,
+          manifest_cache: ManifestCache | None = None) -> PruneReport:
     """:func:`plan_prune`, then :func:`execute_prune`."""
     plan = plan_prune(catalog, scope_prefix, policy, run_id=run_id, protect=protect,
-                      grace_s=grace_s, now=now)
-    return execute_prune(catalog, plan)
+                      grace_s=grace_s, now=now, manifest_cache=manifest_cache)
+    return execute_prune(catalog, plan, manifest_cache=manifest_cache)
 
 
 def _size(n: int) -> str:
@@ -400,6 +431,7 @@ class Pruner:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.last: PruneReport | None = None
+        self._cache: ManifestCache = {}
         engine.add_commit_listener(self._on_commit)
 
     def _on_commit(self, handle: CheckpointHandle) -> None:
@@ -440,7 +472,8 @@ class Pruner:
     def _prune_once(self) -> None:
         busy = {h.checkpoint_id for h in self._engine.handles if not h.done()}
         report = prune(self._catalog, self._scope_prefix, self._policy, run_id=self._run_id,
-                       protect=busy | set(self._protect()), grace_s=self._grace_s)
+                       protect=busy | set(self._protect()), grace_s=self._grace_s,
+                       manifest_cache=self._cache)
         self.last = report
         if report.deleted_anything:
             extra = "".join([

@@ -7,6 +7,11 @@ Checkpoints are made by a real engine; the store is then read back through a fre
 from __future__ import annotations
 
 import dataclasses
+import json
+import random
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -512,3 +517,60 @@ def test_a_manifest_cache_reads_each_manifest_once(store: Store, tmp_path: Path)
     report = execute_prune(catalog, plan, manifest_cache=cache)
     assert report.errors == [] and report.checkpoints_deleted == 1
     assert list(cache) == [second.manifest]  # only what is listed now
+
+
+def _prune_child(cfg: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(Path(__file__).parent / "prunekit.py"),
+                           json.dumps(cfg)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_prune_killed_anywhere_leaves_whole_checkpoints_and_the_next_one_cleans_up(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """SIGKILL a prune process at each operation (the local store: a sample of them):
+    readers then see only whole checkpoints, and the next prune leaves exactly the kept
+    ones, with no data of any other."""
+    from treekit import fresh_bucket, local_engine, s3_engine
+
+    server = request.getfixturevalue("server") if kind == "s3" else None
+
+    def setup(trial: Path) -> tuple[Engine, dict[str, Any]]:
+        trial.mkdir()
+        cfg: dict[str, Any] = {"kind": kind, "tmp": str(trial), "scope": PREFIX,
+                               "keep_last": 2}
+        if server is None:
+            engine = local_engine(trial)
+        else:
+            cfg["bucket"], cfg["endpoint"] = fresh_bucket(server), server.endpoint
+            engine = s3_engine(server, trial, cfg["bucket"], uploader=UploaderMode.THREAD)
+        for ep in range(5):
+            save(engine, trial, ep)
+        return engine, cfg
+
+    engine, cfg = setup(tmp_path / "count")
+    out = _prune_child(cfg)
+    assert out.returncode == 0 and "DONE" in out.stdout, out.stderr
+    engine.close()
+    ops = int(out.stdout.split("OPS ")[1].split()[0])
+    points = list(range(1, ops + 1))
+    if kind == "local":  # op 2: the manifests are gone, no data is
+        points = sorted({2, ops - 1, *random.Random(5).sample(points, 6)})
+    for at in points:
+        engine, cfg = setup(tmp_path / f"kill{at}")
+        try:
+            out = _prune_child({**cfg, "kill_op": at})
+            assert out.returncode == -signal.SIGKILL, (at, out.stdout, out.stderr)
+            reader = Catalog(engine)
+            seen = epochs(reader)
+            assert seen[:2] == [4, 3] and set(seen) <= {0, 1, 2, 3, 4}, (at, seen)
+            all_load(reader, tmp_path / f"loads{at}")
+            report = execute_prune(reader, plan_prune(
+                reader, PREFIX, RetentionPolicy(keep_last=2), grace_s=0, now=time.time() + 1))
+            assert report.errors == [], (at, report.errors)
+            kept = reader.entries(PREFIX)
+            assert [int(e.manifest.metadata["epoch"]) for e in kept] == [4, 3]
+            ids = {k[len(PREFIX) + len("/data/"):].split("/")[1] for k in data_keys(engine)}
+            assert ids == {e.keys.checkpoint_id for e in kept}, at
+            all_load(reader, tmp_path / f"after{at}")
+        finally:
+            engine.close()

@@ -36,7 +36,8 @@ from uploader import (
 )
 from uploader.catalog import Catalog
 from uploader.config import UploaderMode
-from uploader.retention import DEFAULT_GRACE_S, Pruner, parse_count, parse_grace
+from uploader.pruner import Pruner
+from uploader.retention import DEFAULT_GRACE_S, parse_count, parse_grace
 
 BUCKET = "ckpt-retention"
 SCOPE = Scope("Flow", "user:tester", "train", ())

@@ -575,3 +575,26 @@ def test_a_prune_killed_anywhere_leaves_whole_checkpoints_and_the_next_one_clean
             all_load(reader, tmp_path / f"after{at}")
         finally:
             engine.close()
+
+
+def test_a_failing_prune_logs_a_warning_and_fails_nothing(tmp_path: Path) -> None:
+    logs: list[str] = []
+    engine = Engine(lambda ctx: LocalBackend(str(tmp_path / "store"), ctx), Settings(),
+                    snapshot_dir=str(tmp_path / "snap"), log=logs.append)
+    try:
+        async def broken(prefix: str) -> Any:
+            raise PermissionError(13, "Permission denied", prefix)
+
+        engine.backend.list_objects = broken  # type: ignore[method-assign]
+        pruner = Pruner(engine, PREFIX, RetentionPolicy(keep_last=1), run_id="1",
+                        log=logs.append)
+        for ep in range(3):
+            save(engine, tmp_path, ep)  # each commits: wait() raises otherwise
+        assert pruner.drain(60)
+        assert epochs(Catalog(engine)) == [2, 1, 0]
+        warnings = [m for m in logs if "pruning old checkpoints" in m]
+        assert len(warnings) == 1 and "Permission denied" in warnings[0], logs
+        assert "Checkpoints are unaffected" in warnings[0]
+        pruner.close()
+    finally:
+        engine.close()

@@ -51,6 +51,7 @@ class Pruner:
         self._grace_s = grace_s
         self._protect = protect
         self._log = log
+        self._warned: set[str] = set()
         self._cond = threading.Condition()
         self._wanted = False
         self._running = False
@@ -87,9 +88,11 @@ class Pruner:
             try:
                 self._prune_once()
             except Exception as e:
-                self._log(f"WARNING: pruning old checkpoints of {self._scope_prefix} failed: "
-                          f"{type(e).__name__}: {e}. Checkpoints are unaffected; the next "
-                          "commit tries again.")
+                # Once per message: a lasting refusal must not fill the log at every commit.
+                msg = (f"WARNING: pruning old checkpoints of {self._scope_prefix} failed: "
+                       f"{type(e).__name__}: {e}. Checkpoints are unaffected; each commit "
+                       "tries again.")
+                self._warn(msg)
             finally:
                 with self._cond:
                     self._running = False
@@ -111,7 +114,12 @@ class Pruner:
                       f"{extra}, {_size(report.bytes_freed)} freed.")
         for err in report.errors[:5]:
             # Once per message: the same refusal would otherwise be logged at every commit.
-            self._engine.warn_once(f"retention: {err}", f"WARNING: retention: {err}")
+            self._warn(f"WARNING: retention: {err}")
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            self._log(message)
 
     def drain(self, timeout: float = PRUNE_DRAIN_S) -> bool:
         """Wait up to ``timeout`` s for the prune in flight and one still wanted; True if

@@ -54,6 +54,8 @@ class Settings:
     snapshot: SnapshotMode = SnapshotMode.AUTO
     copy_budget: int = 4 * MiB
     sigterm_grace: float = 25.0
+    # Seconds between the lines that say how far pending uploads are while a task drains.
+    progress_interval: float = 5.0
     # Chosen by benchmarks/interference.py: with a pure-Python training loop holding the
     # GIL, the worker process kept the upload at full speed and the loop at the speed it
     # has with the same upload done by an unrelated process; threads lost both.
@@ -107,6 +109,8 @@ _FIELDS: dict[str, _Field] = {
     "COPY_BUDGET": _Field("copy_budget", parse_size, _int_in(0, 1 * GiB),
                           "a size from 0 to 1GiB, e.g. 4MiB"),
     "SIGTERM_GRACE": _Field("sigterm_grace", float, _float_in(0, 3600), "seconds, 0..3600"),
+    "PROGRESS_INTERVAL": _Field("progress_interval", float, _float_in(0.01, 3600),
+                                "seconds, 0.01..3600"),
     "UPLOADER": _Field("uploader", lambda s: UploaderMode(s.strip().lower()), lambda v: True,
                        "one of thread, process"),
 }

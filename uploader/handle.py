@@ -53,17 +53,28 @@ class SaveStats:
     saved_at: float  # when save() was called
     blocked_s: float = 0.0  # how long save() held the caller (backpressure and snapshot)
     files: int = 0
-    bytes: int = 0
+    bytes: int = 0  # the checkpoint's size: every file, uploaded or not
     private_bytes: int = 0  # copied in save() because the file is rewritten in place
+    # Files whose content an earlier checkpoint of the scope already stored, so the
+    # manifest points at that object instead of uploading them again.
+    files_skipped: int = 0
+    bytes_skipped: int = 0
+    # Bytes uploaded so far, counted per file as each one is stored (the drain's progress).
+    bytes_uploaded: int = 0
     upload_s: float | None = None  # from the start of the upload to its final state
     finished_at: float | None = None  # when it was committed, torn or failed
 
     @property
+    def bytes_left(self) -> int:
+        """Bytes not yet uploaded nor found unchanged (an upper bound while it runs)."""
+        return max(0, self.bytes - self.bytes_uploaded - self.bytes_skipped)
+
+    @property
     def throughput(self) -> float | None:
-        """Bytes per second of the upload, once it is done."""
+        """Bytes uploaded per second (unchanged files not counted), once it is done."""
         if not self.upload_s:
             return None
-        return self.bytes / self.upload_s
+        return self.bytes_uploaded / self.upload_s
 
 
 class CheckpointHandle:
@@ -82,6 +93,7 @@ class CheckpointHandle:
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process whose loop uploads it
         self.stats = SaveStats(saved_at=time.time())
+        self.number = 0  # 1-based, in the order of its engine's saves (0: not an engine's)
         self._upload_started: float | None = None
 
     def __repr__(self) -> str:

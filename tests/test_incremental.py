@@ -9,7 +9,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import RunFlow
 from enginekit import SCOPE, make_engine, request
+from storekit import manifests, results, verify_all
 
 from uploader import (
     CheckpointHandle,
@@ -27,6 +29,7 @@ from uploader import (
 from uploader.incremental import Bases, sha256_file
 
 KiB = 1024
+FROZEN_BYTES = 512 * KiB  # incremental_flow.py's frozen.bin
 
 
 def write(path: Path, data: bytes) -> None:
@@ -295,3 +298,58 @@ def test_drain_reports_progress_while_uploads_are_pending(tmp_path: Path) -> Non
         assert len(reports) == n
     finally:
         engine.close()
+
+
+# -- what the task prints --------------------------------------------------------------
+
+def test_commit_and_drain_lines_say_what_was_skipped_and_what_is_left() -> None:
+    from metaflow_extensions.asynccheckpoint.plugins.report import commit_line, drain_line
+
+    h = CheckpointHandle("id", "mfchckpt", {}, "/src")
+    h.number = 3
+    s = h.stats
+    s.files, s.bytes, s.files_skipped = 3, 257 << 20, 2
+    s.bytes_skipped, s.bytes_uploaded = 256 << 20, 1 << 20
+    s.upload_s, s.blocked_s = 0.5, 0.0012
+    assert commit_line(h) == (
+        "committed 'mfchckpt' (save 3): 257.0 MiB in 3 files, 256.0 MiB unchanged (not "
+        "uploaded); uploaded 1.0 MiB in 500.0 ms (2.00 MiB/s); save() blocked 1.2 ms")
+    s.bytes_uploaded = 0  # nothing uploaded: no rate to speak of
+    assert "; uploaded 0 B in 500.0 ms; save()" in commit_line(h)
+    assert drain_line(DrainProgress(pending=2, bytes_left=300 << 20, waited_s=10.0)) == (
+        "waiting for 2 pending uploads: 300.0 MiB left, 10.00 s so far")
+    assert drain_line(DrainProgress(pending=1, bytes_left=5, waited_s=0.5)).startswith(
+        "waiting for 1 pending upload: 5 B left")
+
+
+@pytest.mark.flow
+def test_a_flow_skips_unchanged_files_and_its_retry_skips_what_it_loaded(
+        run_flow: RunFlow, datastore_root: Path) -> None:
+    out = run_flow("incremental_flow.py")
+    text = out.stdout + out.stderr
+    r = results(text)
+    assert r["loaded"] == "True" and r["state"] == "committed"
+    lines = [line for line in text.splitlines() if "[@checkpoint] committed 'mfchckpt'" in line]
+    frozen = "512.0 KiB"
+    # Attempt 0: the first save uploads everything, the second only step.txt; attempt 1's
+    # first save skips what it loaded.
+    assert len(lines) == 3, text
+    assert f"(save 1): {frozen} in 2 files, 0 B unchanged (not uploaded); uploaded " \
+           f"{frozen} in" in lines[0]
+    for line in lines[1:]:
+        assert f"(save {1 if line is lines[2] else 2}): {frozen} in 2 files, {frozen} " \
+               "unchanged (not uploaded); uploaded 1 B in " in line, line
+        assert "save() blocked " in line
+    found = sorted(manifests(datastore_root), key=lambda km: (km[1].identity["attempt"],
+                                                              km[0].order))
+    assert [m.metadata["epoch"] for _, m in found] == [0, 1, 2]
+    first_keys = found[0][0]
+    for keys, m in found[1:]:
+        by_path = {f.path: f for f in m.files}
+        # Always the object the first checkpoint stored, never a pointer to a pointer.
+        assert by_path["frozen.bin"].key == keys.relative(first_keys.data("frozen.bin"))
+        assert by_path["step.txt"].key is None
+        own = datastore_root / keys.data_prefix
+        assert sorted(p.name for p in own.rglob("*") if p.is_file()) == ["step.txt"]
+        assert m.bytes_skipped == FROZEN_BYTES
+    assert verify_all(datastore_root) == 3

@@ -353,3 +353,11 @@ def test_a_flow_skips_unchanged_files_and_its_retry_skips_what_it_loaded(
         assert sorted(p.name for p in own.rglob("*") if p.is_file()) == ["step.txt"]
         assert m.bytes_skipped == FROZEN_BYTES
     assert verify_all(datastore_root) == 3
+
+
+def test_the_progress_interval_is_a_checked_setting() -> None:
+    from uploader import ConfigError, parse_settings
+
+    assert parse_settings({"PROGRESS_INTERVAL": "0.5"}).progress_interval == 0.5
+    with pytest.raises(ConfigError, match="METAFLOW_CHECKPOINT_PROGRESS_INTERVAL='0'"):
+        parse_settings({"PROGRESS_INTERVAL": "0"}, prefix="METAFLOW_CHECKPOINT_")

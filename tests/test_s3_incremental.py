@@ -110,7 +110,10 @@ def test_an_unchanged_256_mib_file_is_not_sent_again(s3: Any, proxy: FaultProxy,
         heads = proxy.count(method="HEAD", path_regex=CKPT)
     finally:
         engine.close()
+    from metaflow_extensions.asynccheckpoint.plugins.report import commit_line
+
     print(f"bytes sent: first save {sent_first}, second save {sent_second}")
+    print(commit_line(h))  # what the task's log says of it
     assert sent_first >= 257 * MiB
     # The changed file, a manifest and the latest.json hint: a few KiB over 1 MiB.
     assert MiB <= sent_second < MiB + 64 * 1024, sent_second

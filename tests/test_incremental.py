@@ -361,3 +361,24 @@ def test_the_progress_interval_is_a_checked_setting() -> None:
     assert parse_settings({"PROGRESS_INTERVAL": "0.5"}).progress_interval == 0.5
     with pytest.raises(ConfigError, match="METAFLOW_CHECKPOINT_PROGRESS_INTERVAL='0'"):
         parse_settings({"PROGRESS_INTERVAL": "0"}, prefix="METAFLOW_CHECKPOINT_")
+
+
+def test_incremental_false_stores_every_checkpoint_whole(tmp_path: Path) -> None:
+    from uploader import ConfigError, parse_settings
+
+    assert parse_settings({"INCREMENTAL": "off"}).incremental is False
+    assert parse_settings({}).incremental is True
+    with pytest.raises(ConfigError, match="METAFLOW_CHECKPOINT_INCREMENTAL='maybe'"):
+        parse_settings({"INCREMENTAL": "maybe"}, prefix="METAFLOW_CHECKPOINT_")
+    src = tmp_path / "src"
+    write(src / "w.bin", b"w" * 20_000)
+    engine = make_engine(tmp_path, copy_budget=0, incremental=False)
+    try:
+        engine.save(request(src)).wait(30)
+        req = request(src)
+        h = engine.save(req)
+        h.wait(30)
+        assert stored(tmp_path, req.keys) == {"w.bin": b"w" * 20_000}
+        assert h.stats.bytes_skipped == 0
+    finally:
+        engine.close()

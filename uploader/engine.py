@@ -531,7 +531,7 @@ class Engine:
         entries: dict[str, FileEntry] = {}
         # The newest committed checkpoint of the scope as this upload starts: files that
         # hold the same bytes point at its objects instead of being uploaded again.
-        base = self._bases.get(keys.scope_prefix)
+        base = self._bases.get(keys.scope_prefix) if self.settings.incremental else None
 
         def check(f: SnapshotFile) -> None:
             if f.shared and not self._rewrites.unchanged(f, events):

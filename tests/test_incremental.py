@@ -314,6 +314,8 @@ def test_commit_and_drain_lines_say_what_was_skipped_and_what_is_left() -> None:
     assert commit_line(h) == (
         "committed 'mfchckpt' (save 3): 257.0 MiB in 3 files, 256.0 MiB unchanged (not "
         "uploaded); uploaded 1.0 MiB in 500.0 ms (2.00 MiB/s); save() blocked 1.2 ms")
+    s.bytes_uploaded = 3000  # a small upload's rate in units that read
+    assert "; uploaded 2.9 KiB in 500.0 ms (5.86 KiB/s); save()" in commit_line(h)
     s.bytes_uploaded = 0  # nothing uploaded: no rate to speak of
     assert "; uploaded 0 B in 500.0 ms; save()" in commit_line(h)
     assert drain_line(DrainProgress(pending=2, bytes_left=300 << 20, waited_s=10.0)) == (
@@ -340,6 +342,8 @@ def test_a_flow_skips_unchanged_files_and_its_retry_skips_what_it_loaded(
         assert f"(save {1 if line is lines[2] else 2}): {frozen} in 2 files, {frozen} " \
                "unchanged (not uploaded); uploaded 1 B in " in line, line
         assert "save() blocked " in line
+    # Printed before the waiting save() returns, so before what the task did next.
+    assert text.index("(save 2): ") < text.index("2 of 2 checkpoint(s) of this attempt")
     found = sorted(manifests(datastore_root), key=lambda km: (km[1].identity["attempt"],
                                                               km[0].order))
     assert [m.metadata["epoch"] for _, m in found] == [0, 1, 2]

@@ -641,12 +641,8 @@ class Engine:
                 with anyio.move_on_after(30, shield=True):
                     await self._write_latest_hint(keys)
             self._bases.offer(keys, manifest, own=True)
-            handle._transition(CheckpointState.COMMITTED)
-            if self._on_commit is not None:
-                try:
-                    self._on_commit(handle)
-                except Exception as e:  # a report that fails never fails the checkpoint
-                    self.warn_once("on_commit", f"note: reporting a commit failed: {e!r}")
+            handle._transition(CheckpointState.COMMITTED,
+                               before_done=lambda: self._report_commit(handle))
         except _Torn as t:
             # Freeze this path privately from now on: at most this checkpoint is lost.
             self._rewrites.torn(t.file)
@@ -679,6 +675,15 @@ class Engine:
                 self._rewrites.released(snap)
                 await anyio.to_thread.run_sync(snap.release)
             self._slots.release()
+
+    def _report_commit(self, handle: CheckpointHandle) -> None:
+        # Before the handle's waiters wake: a task that waited on a save logs its commit
+        # line before whatever it does next.
+        if self._on_commit is not None:
+            try:
+                self._on_commit(handle)
+            except Exception as e:  # a report that fails never fails the checkpoint
+                self.warn_once("on_commit", f"note: reporting a commit failed: {e!r}")
 
     def _note_superseded(self, torn: CheckpointHandle) -> None:
         # Said once per engine: a torn checkpoint a newer save replaces costs nothing but

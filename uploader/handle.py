@@ -16,6 +16,7 @@ import enum
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .errors import CheckpointError, UploadError
@@ -131,7 +132,10 @@ class CheckpointHandle:
             raise self._error
         return self.reference
 
-    def _transition(self, new: CheckpointState, error: CheckpointError | None = None) -> None:
+    def _transition(self, new: CheckpointState, error: CheckpointError | None = None, *,
+                    before_done: Callable[[], None] | None = None) -> None:
+        """Move to ``new``. ``before_done`` runs once the state and stats are final but
+        before waiters wake, so what it reports comes before what they do next."""
         with self._lock:
             if new not in _LEGAL[self._state]:
                 raise RuntimeError(
@@ -150,5 +154,7 @@ class CheckpointHandle:
                     f"checkpoint {self.checkpoint_id} {new.value}",
                     checkpoint_id=self.checkpoint_id,
                 )
-            if new.is_final:
-                self._done.set()
+        if new.is_final:
+            if before_done is not None:
+                before_done()
+            self._done.set()

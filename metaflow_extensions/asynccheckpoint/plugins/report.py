@@ -23,8 +23,13 @@ def size_text(n: float | None) -> str:
 
 
 def rate_text(bytes_per_s: float) -> str:
-    mib = bytes_per_s / 2**20
-    return f"{mib:.{0 if mib >= 100 else 1 if mib >= 10 else 2}f} MiB/s"
+    """``183 MiB/s``, ``2.44 MiB/s``, ``12.0 KiB/s``: three significant digits at most."""
+    value, unit = bytes_per_s, "B/s"
+    for bigger in ("KiB/s", "MiB/s", "GiB/s"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.{0 if value >= 100 else 1 if value >= 10 else 2}f} {unit}"
 
 
 def duration_text(s: float | None) -> str:

@@ -8,6 +8,10 @@ uploaded. Every request in the loop takes a slot of one shared limiter.
 
 Commit order per checkpoint: data objects, then the manifest (the commit point), then
 the ``latest.json`` hint.
+
+Incremental: a file whose bytes the scope's newest committed checkpoint already stored (the
+same SHA-256, see :mod:`uploader.incremental`) is not uploaded; its entry points at that
+object, which is confirmed to exist before the manifest is written.
 """
 
 from __future__ import annotations

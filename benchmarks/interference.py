@@ -168,7 +168,7 @@ class Uploads:
                                    aws_secret_access_key="x", region_name="us-east-1",
                                    config=Config(s3={"addressing_style": "path"}))
         settings = Settings(upload_concurrency=concurrency, max_pending=1,
-                            uploader=UploaderMode(mode))
+                            uploader=UploaderMode(mode), incremental=False)  # same file each time
 
         def factory(ctx: TransferContext) -> S3Backend:
             return S3Backend(ctx, bucket=BUCKET, prefix="ck", endpoint_url=url,

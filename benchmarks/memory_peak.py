@@ -78,7 +78,8 @@ def measure(size: int, modes: list[str], *, concurrency: int = 16, part_size: in
         make_file(os.path.join(warm, "model.bin"), 64 * MiB)
         for mode in modes:
             engine = s3_engine(srv.url, tmp, name=mode, upload_concurrency=concurrency,
-                               part_size=part_size, uploader=UploaderMode(mode))
+                               part_size=part_size, uploader=UploaderMode(mode),
+                               incremental=False)
             try:
                 committed(engine.save(request(warm)))
                 empty_bucket(client)

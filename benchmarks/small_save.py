@@ -37,7 +37,9 @@ def measure(repeat: int, modes: list[str], *, tmpdir: str | None = None,
         path = os.path.join(staging, "metrics.json")
         with open(path, "wb") as f:
             f.write(os.urandom(1000))
-        engines = {m: s3_engine(srv.url, tmp, name=m, uploader=UploaderMode(m)) for m in modes}
+        # The same file every time: measure its upload, not finding it unchanged.
+        engines = {m: s3_engine(srv.url, tmp, name=m, uploader=UploaderMode(m),
+                                incremental=False) for m in modes}
         try:
             for e in engines.values():
                 committed(e.save(request(staging)))  # warm: clients, worker, pools

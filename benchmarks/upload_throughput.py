@@ -282,8 +282,10 @@ class Bench:
                 return S3Backend(ctx, bucket=BUCKET, prefix="ours", endpoint_url=url,
                                  region=REGION, session=session)
 
+            # Every repetition uploads the same file: measure uploading, not skipping it.
             settings = Settings(upload_concurrency=a.concurrency, part_size=a.part_size,
-                                multipart_threshold=self.threshold, max_pending=1)
+                                multipart_threshold=self.threshold, max_pending=1,
+                                incremental=False)
             self.engine = Engine(factory, settings, snapshot_dir=os.path.join(self.tmp, "snap"),
                                  log=print)
         return self.engine

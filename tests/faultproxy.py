@@ -74,6 +74,7 @@ class RequestRecord:
     action: str  # "forward", "reset", "error" or "drop_response"
     status: int | None = None  # what the client received; None if it received nothing
     upstream_status: int | None = None  # what the server answered, if it was asked
+    body_bytes: int = 0  # request body bytes the proxy received from the client
 
 
 @dataclasses.dataclass
@@ -231,6 +232,11 @@ class FaultProxy:
         return sum(1 for r in self.requests if match.matches(r.method, r.path, r.query)
                    and (action is None or r.action == action))
 
+    def sent_bytes(self, method: str | None = None, path_regex: str | None = None) -> int:
+        """Request body bytes clients sent through the proxy, for matching requests."""
+        match = _Match(method, path_regex, None)
+        return sum(r.body_bytes for r in self.requests if match.matches(r.method, r.path, r.query))
+
     def reset_counters(self) -> None:
         with self._lock:
             self._records.clear()
@@ -307,7 +313,7 @@ class FaultProxy:
         if _get(headers, "expect").lower() == "100-continue":
             # Sent even for an empty body, as moto does: aiohttp waits for it unconditionally.
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = _body(reader, _framing(headers, request=True))
+        body = _counted(_body(reader, _framing(headers, request=True)), record)
         if hold is not None:
             # Buffer the body so the client has finished sending and just awaits a reply.
             buffered = [chunk async for chunk in body]
@@ -445,6 +451,12 @@ async def _body(reader: asyncio.StreamReader, framing: Framing) -> AsyncIterator
     elif kind == "eof":
         while data := await reader.read(_READ_SIZE):
             yield data
+
+
+async def _counted(chunks: AsyncIterator[bytes], record: RequestRecord) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        record.body_bytes += len(chunk)
+        yield chunk
 
 
 async def _exactly(reader: asyncio.StreamReader, n: int) -> AsyncIterator[bytes]:

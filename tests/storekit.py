@@ -31,8 +31,11 @@ def manifests(ds_root: Path) -> list[tuple[CheckpointKeys, Manifest]]:
     return out
 
 
-def stored_bytes(ds_root: Path, keys: CheckpointKeys, relpath: str) -> bytes:
-    return (ds_root / keys.data(relpath)).read_bytes()
+def stored_bytes(ds_root: Path, keys: CheckpointKeys, relpath: str,
+                 key: str | None = None) -> bytes:
+    """A file's stored bytes: under the checkpoint's own data, or at the entry's ``key``
+    (an unchanged file an incremental save pointed at an earlier checkpoint's object)."""
+    return (ds_root / keys.stored(relpath, key)).read_bytes()
 
 
 def verify_all(ds_root: Path) -> int:
@@ -40,7 +43,7 @@ def verify_all(ds_root: Path) -> int:
     found = manifests(ds_root)
     for keys, m in found:
         for f in m.files:
-            data = stored_bytes(ds_root, keys, f.path)
+            data = stored_bytes(ds_root, keys, f.path, f.key)
             assert len(data) == f.size, (keys.manifest, f.path)
             assert hashlib.sha256(data).hexdigest() == f.sha256, (keys.manifest, f.path)
     return len(found)

@@ -35,9 +35,10 @@ S = CheckpointState
 
 
 def handle(name: str, *states: CheckpointState, scope: str = "s", size: int = 1 << 20,
-           saved_at: float = 100.0) -> CheckpointHandle:
+           saved_at: float = 100.0, skipped: int = 0) -> CheckpointHandle:
     h = CheckpointHandle(f"id-{name}-{len(states)}", name, {}, "/src", scope=scope)
     h.stats.saved_at, h.stats.files, h.stats.bytes = saved_at, 2, size
+    h.stats.bytes_skipped, h.stats.bytes_uploaded = skipped, size - skipped
     h.stats.blocked_s = 0.004
     for st in states:
         err = TornCheckpointError("w.bin was rewritten", checkpoint_id=h.checkpoint_id,
@@ -69,20 +70,23 @@ def test_states_a_later_commit_of_the_same_scope_and_name_supersedes_a_torn_save
 
 
 def test_table_and_summary_show_each_save_and_escape_names() -> None:
-    hs = [handle("a|b*", S.UPLOADING, S.COMMITTED, size=3 << 20),
-          handle("best", S.UPLOADING, S.TORN), handle("last")]
+    hs = [handle("a|b*", S.UPLOADING, S.COMMITTED, size=3 << 20, skipped=2 << 20),
+          handle("best", S.UPLOADING, S.TORN, skipped=1 << 20), handle("last")]
     rows = save_rows(hs, started_at=99.0)
     table = table_markdown(rows)
     lines = table.splitlines()
-    assert lines[2].startswith("| # | name | state | files | size | save() blocked")
-    assert "| a\\|b\\* | committed | 2 | 3.0\u00a0MiB | 4.0\u00a0ms |" in table
+    assert lines[2].startswith("| # | name | state | files | size | unchanged | save() blocked")
+    assert ("| a\\|b\\* | committed | 2 | 3.0\u00a0MiB | 2.0\u00a0MiB | 4.0\u00a0ms |"
+            in table)
     assert "| best | torn |" in table and "| last | pending |" in table
-    # A torn upload stopped early: no throughput for it.
-    assert [line.split(" | ")[7] for line in lines[5:]] == ["-", "-"]
+    # A torn upload stopped early: nothing it skipped counts, and no throughput for it.
+    assert [line.split(" | ")[5] for line in lines[5:]] == ["-", "-"]
+    assert [line.split(" | ")[8] for line in lines[5:]] == ["-", "-"]
     assert sum(line.startswith("|") for line in lines) == 1 + 1 + 3  # header, rule, saves
     summary = summary_markdown(rows, final=True, now=time.time())
     assert "**3 saves**: 1 pending, 1 committed, 1 torn." in summary
-    assert "3.0 MiB committed" in summary and "_Final" in summary
+    assert "3.0 MiB committed, of which 2.0 MiB unchanged (not uploaded again)" in summary
+    assert "_Final" in summary
     assert "**#2 `best` torn**" in summary  # the reason is spelled out
 
 

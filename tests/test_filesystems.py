@@ -73,7 +73,7 @@ def committed_file(engine: Engine, tmp: Path, keys: CheckpointKeys, rel: str) ->
     manifest = engine.read_manifest(keys)
     assert manifest is not None, "committed, yet no manifest"
     entry = {f.path: f for f in manifest.files}[rel]
-    data = (tmp / "store" / keys.data(rel)).read_bytes()
+    data = (tmp / "store" / keys.stored(rel, entry.key)).read_bytes()
     assert entry.sha256 == hashlib.sha256(data).hexdigest()
     assert entry.size == len(data)
     return data
@@ -340,7 +340,8 @@ def test_in_place_loop_commits_on_real_filesystems(fs: str, request: pytest.Fixt
                   "TEST_STAGING_ROOT": str(staging)})
     values = []
     for keys, m in manifests(datastore_root):
-        data = stored_bytes(datastore_root, keys, "weights.bin")
+        data = stored_bytes(datastore_root, keys, "weights.bin",
+                            {f.path: f.key for f in m.files}["weights.bin"])
         assert data == bytes([m.metadata["value"]]) * (size_mib << 20), m.metadata
         values.append(m.metadata["value"])
     # Same-size rewrites: on 1-second timestamps only the guard's care keeps them apart.

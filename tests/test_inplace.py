@@ -15,7 +15,8 @@ def _check_consistent(datastore_root: Path, size: int) -> list[int]:
     values = []
     for keys, m in manifests(datastore_root):
         value = m.metadata["value"]
-        data = stored_bytes(datastore_root, keys, "weights.bin")
+        data = stored_bytes(datastore_root, keys, "weights.bin",
+                            {f.path: f.key for f in m.files}["weights.bin"])
         assert len(data) == size and data == bytes([value]) * size, (keys.manifest, value)
         values.append(value)
     return sorted(values)

@@ -5,7 +5,7 @@ Knows nothing of Metaflow; ``metaflow_extensions`` builds ``@checkpoint`` on top
 
 from .backends import Backend, LocalBackend, TransferContext
 from .config import Settings, SnapshotMode, parse_settings
-from .engine import DrainReport, Engine, SaveRequest
+from .engine import DrainProgress, DrainReport, Engine, SaveRequest
 from .errors import (
     CheckpointError,
     ChecksumMismatchError,
@@ -50,6 +50,7 @@ __all__ = [
     "CheckpointState",
     "ChecksumMismatchError",
     "ConfigError",
+    "DrainProgress",
     "DrainReport",
     "Engine",
     "EngineClosedError",

@@ -54,6 +54,12 @@ class Settings:
     snapshot: SnapshotMode = SnapshotMode.AUTO
     copy_budget: int = 4 * MiB
     sigterm_grace: float = 25.0
+    # Files whose bytes the newest checkpoint of the scope already stored are pointed at,
+    # not uploaded again (see uploader.incremental). Off: every checkpoint stores all of
+    # its bytes under its own prefix, self-contained.
+    incremental: bool = True
+    # Seconds between the lines that say how far pending uploads are while a task drains.
+    progress_interval: float = 5.0
     # Chosen by benchmarks/interference.py: with a pure-Python training loop holding the
     # GIL, the worker process kept the upload at full speed and the loop at the speed it
     # has with the same upload done by an unrelated process; threads lost both.
@@ -79,6 +85,17 @@ class _Field:
     parse: Callable[[str], Any]
     check: Callable[[Any], bool]
     allowed: str
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True,
+          "false": False, "0": False, "no": False, "off": False}
+
+
+def _parse_bool(text: str) -> bool:
+    try:
+        return _BOOLS[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"not a boolean: {text!r}") from None
 
 
 def _int_in(lo: int, hi: int) -> Callable[[Any], bool]:
@@ -108,6 +125,10 @@ _FIELDS: dict[str, _Field] = {
     "COPY_BUDGET": _Field("copy_budget", parse_size, _int_in(0, 256 * MiB),
                           "a size from 0 to 256MiB, e.g. 4MiB"),
     "SIGTERM_GRACE": _Field("sigterm_grace", float, _float_in(0, 3600), "seconds, 0..3600"),
+    "INCREMENTAL": _Field("incremental", _parse_bool, lambda v: True,
+                          "true or false (also 1/0, yes/no, on/off)"),
+    "PROGRESS_INTERVAL": _Field("progress_interval", float, _float_in(0.01, 3600),
+                                "seconds, 0.01..3600"),
     "UPLOADER": _Field("uploader", lambda s: UploaderMode(s.strip().lower()), lambda v: True,
                        "one of thread, process"),
 }

@@ -8,6 +8,10 @@ uploaded. Every request in the loop takes a slot of one shared limiter.
 
 Commit order per checkpoint: data objects, then the manifest (the commit point), then
 the ``latest.json`` hint.
+
+Incremental: a file whose bytes the scope's newest committed checkpoint already stored (the
+same SHA-256, see :mod:`uploader.incremental`) is not uploaded; its entry points at that
+object, which is confirmed to exist before the manifest is written.
 """
 
 from __future__ import annotations
@@ -48,13 +52,15 @@ from .errors import (
     first_error,
 )
 from .handle import CheckpointHandle, CheckpointState
+from .incremental import Bases, References, sha256_file
 from .layout import CheckpointKeys
 from .manifest import FileEntry, Manifest, freeze_metadata
 from .retry import RetryPolicy
 from .rewrites import RewriteTracker
 from .snapshot import Snapshot, SnapshotFile, take_snapshot
 
-__all__ = ["BackendFactory", "CommitListener", "DrainReport", "Engine", "SaveRequest"]
+__all__ = ["BackendFactory", "CommitListener", "DrainProgress", "DrainReport", "Engine",
+           "SaveRequest"]
 
 BackendFactory = Callable[[TransferContext], Backend]
 CommitListener = Callable[[CheckpointHandle], None]
@@ -123,6 +129,15 @@ class DrainReport:
                 out.append(h)
         out.reverse()
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DrainProgress:
+    """How far the uploads a drain waits for are, for a progress line."""
+
+    pending: int  # checkpoints not yet final
+    bytes_left: int  # of those, bytes neither uploaded nor found unchanged yet
+    waited_s: float  # since the drain started
 
 
 class _Torn(Exception):
@@ -274,11 +289,18 @@ class Engine:
         *,
         snapshot_dir: str,
         log: Callable[[str], None] = print,
+        on_commit: Callable[[CheckpointHandle], None] | None = None,
+        hasher: Callable[[str], str] = sha256_file,
     ) -> None:
+        """``on_commit(handle)`` runs on the engine's loop thread each time a checkpoint is
+        committed (its stats are final then); it must not block. ``hasher(path)`` returns
+        a file's SHA-256 hex digest, to tell an unchanged file from a changed one."""
         self.settings = settings
         self._backend_factory = backend_factory
         self._snapshot_dir = snapshot_dir
         self._log = log
+        self._on_commit = on_commit
+        self._hasher = hasher
         self._closed = False
         self._forked_from: int | None = None
         self._fresh_state()
@@ -291,6 +313,9 @@ class Engine:
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
         self._backend: Backend | None = None
+        self._ctx: TransferContext | None = None
+        self._bases = Bases()  # touched only on the loop thread
+        self._refs = References()
         self._told_torn = False
         self._hinted: dict[str, str] = {}
         self._newest: dict[tuple[str, str], CheckpointHandle] = {}  # per (scope, name)
@@ -342,6 +367,7 @@ class Engine:
             limiter=anyio.CapacityLimiter(s.upload_concurrency),
             retry=RetryPolicy(max_attempts=s.max_attempts, deadline=s.retry_deadline),
         )
+        self._ctx = ctx
         return self._backend_factory(ctx)
 
     def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -393,6 +419,23 @@ class Engine:
         with self._lock:
             return tuple(self._handles)
 
+    def set_base(self, keys: CheckpointKeys, manifest: Manifest) -> None:
+        """Tell the engine of a committed checkpoint in its own store (one a task loaded as
+        it started), so later saves of its scope skip the files it already holds.
+
+        ``keys`` are where the manifest was read, in this engine's backend. A checkpoint
+        this engine commits in that scope takes over as the base.
+        """
+        if keys.scope_prefix != manifest.scope_prefix:
+            raise ValueError(f"the manifest at {keys.manifest!r} names the scope "
+                             f"{manifest.scope_prefix!r}; not using it as a base")
+        self._ensure_started().call(lambda: self._bases.offer(keys, manifest, own=False))
+
+    def referenced_keys(self) -> set[str]:
+        """Full keys of stored objects that saves of this engine, not yet final, point at
+        instead of uploading: a pruner must not remove them. Safe from any thread."""
+        return self._refs.all()
+
     def save(self, request: SaveRequest) -> CheckpointHandle:
         """Snapshot ``request.source`` now and upload it in the background.
 
@@ -438,6 +481,7 @@ class Engine:
             previous = self._newest.get(key)
             self._newest[key] = handle
             self._handles.append(handle)
+            handle.number = len(self._handles)
         events = self._rewrites.saved(snap, handle)
         if snap.private:
             self._note_private(snap)
@@ -445,6 +489,9 @@ class Engine:
         # while a newer save of its name existed was noted when it tore.
         if previous is not None and previous.state is CheckpointState.TORN:
             self._note_superseded(previous)
+        # Before the upload is queued: a small one may commit, and be reported with this
+        # figure, before the line after start_task_soon() would run.
+        handle.stats.blocked_s = time.perf_counter() - t0
         try:
             portal.start_task_soon(self._upload, handle, request, snap, events)
         except BaseException as e:
@@ -453,7 +500,6 @@ class Engine:
             handle._transition(CheckpointState.FAILED, UploadError(
                 f"checkpoint {request.name!r} could not be queued: {e}",
                 checkpoint_id=handle.checkpoint_id))
-        handle.stats.blocked_s = time.perf_counter() - t0
         if self.synchronous:
             handle._done.wait()
         return handle
@@ -505,17 +551,74 @@ class Engine:
 
     async def _upload(self, handle: CheckpointHandle, req: SaveRequest, snap: Snapshot,
                       events: dict[str, int]) -> None:
-        backend = self._backend
-        assert backend is not None
+        backend, ctx = self._backend, self._ctx
+        assert backend is not None and ctx is not None
         keys = req.keys
+        stats = handle.stats
         t0 = time.monotonic()
         entries: dict[str, FileEntry] = {}
+        # The newest committed checkpoint of the scope as this upload starts: files that
+        # hold the same bytes point at its objects instead of being uploaded again.
+        base = self._bases.get(keys.scope_prefix) if self.settings.incremental else None
 
         def check(f: SnapshotFile) -> None:
             if f.shared and not self._rewrites.unchanged(f, events):
                 raise _Torn(f)
 
+        async def unchanged(f: SnapshotFile) -> FileEntry | None:
+            """An entry pointing at the base's object if ``f`` holds the same bytes."""
+            old = None if base is None else base.candidate(f.relpath, f.size)
+            if base is None or old is None:
+                return None
+            if f.data is not None:  # a small file save() read into memory
+                digest = hashlib.sha256(f.data).hexdigest()
+            else:
+                check(f)
+                try:
+                    async with ctx.limiter:  # bounds open files and buffers, as uploads do
+                        digest = await anyio.to_thread.run_sync(self._hasher, f.path)
+                except OSError:
+                    check(f)
+                    return None  # the upload reads it again, and explains what is wrong
+            # As after an upload: bytes read from a file rewritten meanwhile commit nothing.
+            check(f)
+            if digest != old.sha256:
+                return None
+            origin = base.origin(old)
+            # Before it is confirmed and committed, so a pruner leaves the object alone.
+            self._refs.add(keys.checkpoint_id, keys.stored(f.relpath, origin))
+            return FileEntry(f.relpath, f.size, digest, origin)
+
         async def one(f: SnapshotFile) -> None:
+            entry = await unchanged(f)
+            if entry is None:
+                await upload(f)
+                return
+            entries[f.relpath] = entry
+            stats.files_skipped += 1
+            stats.bytes_skipped += f.size
+
+        async def confirm(f: SnapshotFile) -> None:
+            # The object may have been removed since the base was committed (a pruner, a
+            # lifecycle rule, a person): then this file is uploaded after all.
+            entry = entries[f.relpath]
+            key = keys.stored(f.relpath, entry.key)
+            try:
+                size = await backend.stat(key)
+            except CheckpointError as e:
+                why = f"it could not be looked at ({e})"
+            else:
+                if size == f.size:
+                    return
+                why = "it is gone" if size is None else f"it holds {size} bytes, not {f.size}"
+            self._log(f"note: checkpoint {req.name!r} ({keys.checkpoint_id}): {f.relpath!r} "
+                      f"is unchanged, but the stored copy at {backend.url_of(key)} that it "
+                      f"would point at is not usable ({why}); uploading it again.")
+            stats.files_skipped -= 1
+            stats.bytes_skipped -= f.size
+            await upload(f)
+
+        async def upload(f: SnapshotFile) -> None:
             check(f)
             key = keys.data(f.relpath)
             try:
@@ -536,15 +639,21 @@ class Engine:
                     checkpoint_id=keys.checkpoint_id, key=key) from e
             check(f)
             entries[f.relpath] = FileEntry(f.relpath, f.size, digest)
+            stats.bytes_uploaded += f.size  # per file: the progress costs nothing per byte
+
+        async def each(fn: Callable[[SnapshotFile], Any], files: Sequence[SnapshotFile]
+                       ) -> None:
+            try:
+                async with anyio.create_task_group() as tg:
+                    for f in files:
+                        tg.start_soon(fn, f)
+            except BaseExceptionGroup as eg:
+                raise first_error(eg) from None
 
         try:
             handle._transition(CheckpointState.UPLOADING)
-            try:
-                async with anyio.create_task_group() as tg:
-                    for f in snap.files:
-                        tg.start_soon(one, f)
-            except BaseExceptionGroup as eg:
-                raise first_error(eg) from None
+            await each(one, snap.files)
+            await each(confirm, [f for f in snap.files if entries[f.relpath].key is not None])
             upload_s = time.monotonic() - t0
             manifest = Manifest(
                 checkpoint_id=keys.checkpoint_id, name=req.name, run_id=keys.run_id,
@@ -554,6 +663,7 @@ class Engine:
                 metadata=req.metadata, identity=req.identity,
                 source="file" if os.path.isfile(req.source) else "directory",
                 timings={"snapshot_s": snap.seconds, "upload_s": upload_s},
+                bytes_skipped=stats.bytes_skipped,
             )
             try:
                 await backend.put_bytes(keys.manifest, manifest.to_json())
@@ -565,8 +675,9 @@ class Engine:
                 # shielded, since the checkpoint is already committed by its manifest.
                 with anyio.move_on_after(30, shield=True):
                     await self._write_latest_hint(keys)
-            self._committed(handle)
-            handle._transition(CheckpointState.COMMITTED)
+            self._bases.offer(keys, manifest, own=True)
+            handle._transition(CheckpointState.COMMITTED,
+                               before_done=lambda: self._committed(handle))
         except _Torn as t:
             # Freeze this path privately from now on: at most this checkpoint is lost.
             self._rewrites.torn(t.file)
@@ -594,18 +705,25 @@ class Engine:
             handle._transition(CheckpointState.FAILED, err)
             self._log(f"ERROR: {err}")
         finally:
+            self._refs.drop(keys.checkpoint_id)
             with anyio.CancelScope(shield=True):
                 self._rewrites.released(snap)
                 await anyio.to_thread.run_sync(snap.release)
             self._slots.release()
 
     def _committed(self, handle: CheckpointHandle) -> None:
-        for listener in tuple(self._commit_listeners):
+        # Before the handle's waiters wake: a task that waited on a save logs its commit
+        # line before whatever it does next, and a drain that sees the handle done sees
+        # what a listener started (a prune). Neither a report nor a listener that fails
+        # ever fails the checkpoint.
+        listeners = [] if self._on_commit is None else [self._on_commit]
+        for listener in (*listeners, *self._commit_listeners):
             try:
                 listener(handle)
             except Exception as e:
-                self._log(f"WARNING: after committing checkpoint {handle.checkpoint_id}: "
-                          f"{type(e).__name__}: {e}")
+                self.warn_once(f"on_commit {type(e).__name__}: {e}",
+                               f"WARNING: after committing checkpoint {handle.checkpoint_id}: "
+                               f"{type(e).__name__}: {e}")
 
     def _note_superseded(self, torn: CheckpointHandle) -> None:
         # Said once per engine: a torn checkpoint a newer save replaces costs nothing but
@@ -634,13 +752,35 @@ class Engine:
         except Exception as e:
             self._log(f"note: could not update the latest-checkpoint hint: {e}")
 
-    def drain(self, timeout: float | None = None) -> DrainReport:
+    def drain(self, timeout: float | None = None, *,
+              progress: Callable[[DrainProgress], None] | None = None) -> DrainReport:
         """Wait up to ``timeout`` seconds for every upload: None means the drain timeout
-        of the settings, ``math.inf`` until every one is done."""
+        of the settings, ``math.inf`` until every one is done.
+
+        ``progress`` is called (in the caller's thread) every ``progress_interval`` seconds
+        of the settings while uploads are still pending.
+        """
         limit = self.settings.drain_timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        for h in self.handles:
-            h._done.wait(None if math.isinf(limit) else max(0.0, deadline - time.monotonic()))
+        start = time.monotonic()
+        deadline = start + limit
+        every = self.settings.progress_interval
+        next_report = start + every
+        handles = self.handles
+        for h in handles:
+            while True:
+                now = time.monotonic()
+                until = deadline if progress is None else min(deadline, next_report)
+                if h._done.wait(None if math.isinf(until) else max(0.0, until - now)):
+                    break
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if progress is not None and now >= next_report:
+                    pending = [p for p in handles if not p.done()]
+                    progress(DrainProgress(
+                        pending=len(pending), waited_s=now - start,
+                        bytes_left=sum(p.stats.bytes_left for p in pending)))
+                    next_report = time.monotonic() + every
         return DrainReport(self.handles)
 
     def drain_for_signal(self, timeout: float) -> DrainReport:

@@ -16,6 +16,7 @@ import enum
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .errors import CheckpointError, UploadError
@@ -53,17 +54,28 @@ class SaveStats:
     saved_at: float  # when save() was called
     blocked_s: float = 0.0  # how long save() held the caller (backpressure and snapshot)
     files: int = 0
-    bytes: int = 0
+    bytes: int = 0  # the checkpoint's size: every file, uploaded or not
     private_bytes: int = 0  # copied in save() because the file is rewritten in place
+    # Files whose content an earlier checkpoint of the scope already stored, so the
+    # manifest points at that object instead of uploading them again.
+    files_skipped: int = 0
+    bytes_skipped: int = 0
+    # Bytes uploaded so far, counted per file as each one is stored (the drain's progress).
+    bytes_uploaded: int = 0
     upload_s: float | None = None  # from the start of the upload to its final state
     finished_at: float | None = None  # when it was committed, torn or failed
 
     @property
+    def bytes_left(self) -> int:
+        """Bytes not yet uploaded nor found unchanged (an upper bound while it runs)."""
+        return max(0, self.bytes - self.bytes_uploaded - self.bytes_skipped)
+
+    @property
     def throughput(self) -> float | None:
-        """Bytes per second of the upload, once it is done."""
+        """Bytes uploaded per second (unchanged files not counted), once it is done."""
         if not self.upload_s:
             return None
-        return self.bytes / self.upload_s
+        return self.bytes_uploaded / self.upload_s
 
 
 class CheckpointHandle:
@@ -82,6 +94,7 @@ class CheckpointHandle:
         self._lock = threading.Lock()
         self._pid = os.getpid()  # the process whose loop uploads it
         self.stats = SaveStats(saved_at=time.time())
+        self.number = 0  # 1-based, in the order of its engine's saves (0: not an engine's)
         self._upload_started: float | None = None
 
     def __repr__(self) -> str:
@@ -119,7 +132,10 @@ class CheckpointHandle:
             raise self._error
         return self.reference
 
-    def _transition(self, new: CheckpointState, error: CheckpointError | None = None) -> None:
+    def _transition(self, new: CheckpointState, error: CheckpointError | None = None, *,
+                    before_done: Callable[[], None] | None = None) -> None:
+        """Move to ``new``. ``before_done`` runs once the state and stats are final but
+        before waiters wake, so what it reports comes before what they do next."""
         with self._lock:
             if new not in _LEGAL[self._state]:
                 raise RuntimeError(
@@ -138,5 +154,7 @@ class CheckpointHandle:
                     f"checkpoint {self.checkpoint_id} {new.value}",
                     checkpoint_id=self.checkpoint_id,
                 )
-            if new.is_final:
-                self._done.set()
+        if new.is_final:
+            if before_done is not None:
+                before_done()
+            self._done.set()

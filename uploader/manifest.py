@@ -69,6 +69,9 @@ class Manifest:
     identity: dict[str, Any]  # flow, step, task, attempt, namespace, host, pid ...
     source: str  # "directory" or "file": what save(path=...) was given
     timings: dict[str, float]
+    # Bytes of files whose entries point at an earlier checkpoint's objects: not uploaded
+    # by this one. Informational; older readers ignore it.
+    bytes_skipped: int = 0
     format: int = FORMAT_VERSION
 
     @property
@@ -114,6 +117,7 @@ class Manifest:
             identity=_field(d, "identity", dict, {}),
             source=_field(d, "source", str, "directory"),
             timings=_field(d, "timings", dict, {}),
+            bytes_skipped=_count(d, "bytes_skipped"),
             format=fmt,
         )
 
@@ -135,6 +139,13 @@ def _field(d: dict[str, Any], name: str, kind: type, default: Any = _MISSING) ->
         raise ManifestError(f"not a checkpoint manifest: {name!r} is {type(value).__name__}, "
                             f"not {kind.__name__}")
     return value
+
+
+def _count(d: dict[str, Any], name: str) -> int:
+    value = d.get(name, 0)
+    if not _is_int(value) or value < 0:
+        raise ManifestError(f"not a checkpoint manifest: {name!r} is {value!r}, not a count")
+    return int(value)
 
 
 def _is_data_key(key: str) -> bool:

@@ -67,6 +67,10 @@ class Backend(Protocol):
         """Write the object under ``key`` to ``dest``; return the SHA-256 of the bytes written."""
         ...
 
+    async def stat(self, key: str) -> int | None:
+        """The size of the object under ``key``, or None where there is none."""
+        ...
+
     async def list_keys(self, prefix: str) -> list[str]:
         """Every key that starts with ``prefix``, in no particular order."""
         ...

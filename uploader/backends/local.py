@@ -377,6 +377,21 @@ class LocalBackend:
                                 "incomplete in the store.") from e.error
             raise LoadError(f"cannot read the stored file {src!r}: {e.error}") from e.error
 
+    async def stat(self, key: str) -> int | None:
+        path = self._path(key)
+
+        def size() -> int | None:
+            try:
+                return os.stat(path).st_size
+            except FileNotFoundError:
+                return None
+
+        try:
+            async with self._ctx.limiter:
+                return await self._thread(size)
+        except OSError as e:
+            raise LoadError(f"cannot look at {path!r}: {e}") from e
+
     async def list_keys(self, prefix: str) -> list[str]:
         result = await anyio.to_thread.run_sync(_list, self.url, prefix)
         return result

@@ -444,6 +444,20 @@ class S3Backend:
             return (body,)
         return (None,) if status == 404 else None
 
+    async def stat(self, key: str) -> int | None:
+        async def attempt() -> int | None:
+            try:
+                head = await client.head_object(Bucket=self.bucket, Key=self._okey(key))
+            except ClientError as e:
+                if error_code(e) in NOT_FOUND:
+                    return None
+                raise
+            return int(head["ContentLength"])
+
+        with self._translated(key, "looking at", "s3:GetObject", writing=False):
+            client = await self._get_client()
+            return await self._request(attempt)
+
     async def list_keys(self, prefix: str) -> list[str]:
         strip = len(self._okey(""))
 

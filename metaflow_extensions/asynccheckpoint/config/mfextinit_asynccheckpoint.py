@@ -52,6 +52,11 @@ CHECKPOINT_SNAPSHOT = _from_conf("CHECKPOINT_SNAPSHOT", "auto")
 CHECKPOINT_COPY_BUDGET = _from_conf("CHECKPOINT_COPY_BUDGET", "4MiB")
 # Seconds a task that receives SIGTERM (preemption) spends draining uploads before exiting.
 CHECKPOINT_SIGTERM_GRACE = _from_conf("CHECKPOINT_SIGTERM_GRACE", "25")
+# Whether a file the newest checkpoint of its scope already stored is pointed at instead of
+# uploaded again ("true"), or every checkpoint stores all of its bytes ("false").
+CHECKPOINT_INCREMENTAL = _from_conf("CHECKPOINT_INCREMENTAL", "true")
+# Seconds between progress lines while the end of a task waits for pending uploads.
+CHECKPOINT_PROGRESS_INTERVAL = _from_conf("CHECKPOINT_PROGRESS_INTERVAL", "5")
 # Where S3 upload bytes are read, hashed and sent: "process" (a spawned worker process, so
 # the training loop's GIL is not shared with the upload) or "thread" (threads of the task).
 CHECKPOINT_UPLOADER = _from_conf("CHECKPOINT_UPLOADER", "process")

@@ -5,8 +5,9 @@ step (unless the step already has a card with that id), so the card exists witho
 user writing ``@card``, and next to any card of their own (``--with card``). Its content:
 
 - the checkpoint loaded at task start (or "started fresh");
-- a table of the saves of this attempt: name, state, files, size, how long ``save()``
-  blocked, upload time and throughput;
+- a table of the saves of this attempt: name, state, files, size, how much of it was
+  unchanged since an earlier checkpoint (so not uploaded), how long ``save()`` blocked,
+  upload time and throughput;
 - a timeline of saves against commits.
 
 While the task runs, a daemon thread updates the components and calls the card's
@@ -28,6 +29,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from uploader import CheckpointHandle, CheckpointState
+
+from .report import duration_text as _duration
+from .report import rate_text as _rate
+from .report import size_text as _size
 
 CARD_ID = "checkpoint"
 REFRESH_INTERVAL = 5.0  # seconds; Metaflow's default for realtime cards
@@ -92,6 +97,7 @@ class SaveRow:
     state: str  # one of STATES
     files: int
     bytes: int
+    skipped: int  # bytes unchanged since an earlier checkpoint: pointed at, not uploaded
     blocked_s: float
     upload_s: float | None
     throughput: float | None  # bytes per second
@@ -120,36 +126,12 @@ def save_rows(handles: Sequence[CheckpointHandle], *, started_at: float) -> list
         state = "superseded" if i in superseded else h.state.value
         rows.append(SaveRow(
             number=i + 1, name=h.name, checkpoint_id=h.checkpoint_id, state=state,
-            files=s.files, bytes=s.bytes, blocked_s=s.blocked_s, upload_s=s.upload_s,
+            files=s.files, bytes=s.bytes, skipped=s.bytes_skipped, blocked_s=s.blocked_s,
+            upload_s=s.upload_s,
             throughput=s.throughput, saved_s=s.saved_at - started_at,
             finished_s=None if s.finished_at is None else s.finished_at - started_at,
             error=None if h.error is None or state == "committed" else str(h.error)))
     return rows
-
-
-def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _rate(bytes_per_s: float) -> str:
-    mib = bytes_per_s / 2**20
-    return f"{mib:.{0 if mib >= 100 else 1 if mib >= 10 else 2}f} MiB/s"
-
-
-def _duration(s: float | None) -> str:
-    if s is None:
-        return "-"
-    if s < 1:
-        return f"{s * 1e3:.1f} ms"
-    if s < 120:
-        return f"{s:.2f} s"
-    return f"{s / 60:.1f} min"
 
 
 def _md(text: str) -> str:
@@ -185,10 +167,12 @@ def summary_markdown(rows: Sequence[SaveRow], *, final: bool, now: float) -> str
     else:
         counts = [(s, sum(r.state == s for r in rows)) for s in STATES]
         committed = sum(r.bytes for r in rows if r.state == "committed")
+        skipped = sum(r.skipped for r in rows if r.state == "committed")
         blocked = [r.blocked_s for r in rows]
         text = (f"**{len(rows)} save{'s' if len(rows) != 1 else ''}**: "
                 + ", ".join(f"{n} {s}" for s, n in counts if n)
-                + f". {_size(committed)} committed. save() blocked {_duration(sum(blocked))} "
+                + f". {_size(committed)} committed, of which {_size(skipped)} unchanged (not "
+                f"uploaded again). save() blocked {_duration(sum(blocked))} "
                 f"in all, {_duration(max(blocked))} at most.")
     when = time.strftime("%H:%M:%S", time.localtime(now))
     status = (f"_Final, as the task ended ({when})._" if final else
@@ -200,19 +184,21 @@ def summary_markdown(rows: Sequence[SaveRow], *, final: bool, now: float) -> str
 
 def table_markdown(rows: Sequence[SaveRow]) -> str:
     shown = rows[-TABLE_ROWS:]
-    lines = ["| # | name | state | files | size | save() blocked | upload | throughput "
-             "| saved at |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| # | name | state | files | size | unchanged | save() blocked | upload "
+             "| throughput | saved at |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in shown:
         # Only a committed upload moved all its bytes: a torn or failed one stopped early.
         speed = _rate(r.throughput) if r.throughput and r.state == "committed" else "-"
-        cells = [_size(r.bytes), _duration(r.blocked_s), _duration(r.upload_s), speed,
-                 f"+{r.saved_s:.{2 if r.saved_s < 100 else 0}f} s"]
-        size, blocked, upload, speed, at = (c.replace(" ", NBSP) for c in cells)
+        # Known once the upload has compared each file with the base; never a guess.
+        unchanged = _size(r.skipped) if r.state == "committed" else "-"
+        cells = [_size(r.bytes), unchanged, _duration(r.blocked_s), _duration(r.upload_s),
+                 speed, f"+{r.saved_s:.{2 if r.saved_s < 100 else 0}f} s"]
+        size, unchanged, blocked, upload, speed, at = (c.replace(" ", NBSP) for c in cells)
         lines.append(f"| {r.number} | {_md(r.name)} | {r.state} | {r.files} | {size} "
-                     f"| {blocked} | {upload} | {speed} | {at} |")
+                     f"| {unchanged} | {blocked} | {upload} | {speed} | {at} |")
     if not shown:
-        lines.append("| | _no saves yet_ | | | | | | | |")
+        lines.append("| | _no saves yet_ | | | | | | | | |")
     note = (f"\n\nThe newest {TABLE_ROWS} of {len(rows)} saves." if len(rows) > TABLE_ROWS
             else "")
     return "### Saves\n\n" + "\n".join(lines) + note

@@ -19,6 +19,7 @@ from uploader import (
     CheckpointHandle,
     CheckpointKeys,
     CheckpointState,
+    DrainProgress,
     Engine,
     Pruner,
     RetentionPolicy,
@@ -32,6 +33,7 @@ from uploader.manifest import PLACEHOLDER, freeze_metadata
 from .exceptions import CheckpointException, CheckpointPathNotFound, CheckpointUploadException
 from .reader import Reader
 from .reference import CheckpointReference, local_now, reference_fields
+from .report import commit_line, drain_line
 from .storage import backend_factory
 
 DEFAULT_NAME = "mfchckpt"
@@ -92,8 +94,10 @@ class CurrentCheckpoint:
         # be hardlinks.
         self._snapshot_dir = tempfile.mkdtemp(prefix="metaflow_checkpoint_snapshots_",
                                               dir=os.path.dirname(self._directory))
+        # One line per commit, printed by the engine's loop thread as the commit happens.
         self._engine = Engine(backend_factory(datastore, datastore_root), settings,
-                              snapshot_dir=self._snapshot_dir, log=log)
+                              snapshot_dir=self._snapshot_dir, log=log,
+                              on_commit=lambda h: log(commit_line(h)))
         self._reader = Reader(settings=settings, log=log,
                               home=(datastore, datastore_root, self._engine))
         self._loaded: CheckpointReference | None = None
@@ -303,6 +307,10 @@ class CurrentCheckpoint:
         if found is None:
             return
         manifest = found.manifest
+        if catalog.engine is self._engine:
+            # Read from the store this task saves to: its first save already skips what
+            # is unchanged since the checkpoint it resumes from.
+            self._engine.set_base(found.keys, manifest)
         self._loaded = self._reader.reference(catalog, found)
         self._log(f"Loaded checkpoint {manifest.name!r} saved by {self._loaded['pathspec']} "
                   f"(attempt {self._loaded['attempt']}, {manifest.created_on}), "
@@ -330,7 +338,7 @@ class CurrentCheckpoint:
         """
         # One deadline for everything below, the save taken again included.
         deadline = time.monotonic() + self._engine.settings.drain_timeout
-        report = self._engine.drain()
+        report = self._engine.drain(progress=self._report_drain)
         if success:
             defaults = [h for h in report.handles if h.name == DEFAULT_NAME]
             newest = defaults[-1] if defaults else None
@@ -348,7 +356,8 @@ class CurrentCheckpoint:
                                   metadata=ref.get("metadata"), latest=True)
                     except CheckpointException as e:
                         self._log(f"ERROR: saving again failed: {e}")
-                    report = self._engine.drain(max(0.0, deadline - time.monotonic()))
+                    report = self._engine.drain(max(0.0, deadline - time.monotonic()),
+                                                progress=self._report_drain)
         if self._pruner is not None and not self._pruner.drain():
             self._log("note: a prune of old checkpoints was still running at the end of the "
                       "task and was left to the next one; checkpoints are unaffected.")
@@ -375,6 +384,9 @@ class CurrentCheckpoint:
             if success:
                 raise CheckpointUploadException(text)
             self._log("ERROR: " + text)
+
+    def _report_drain(self, progress: DrainProgress) -> None:
+        self._log(drain_line(progress))
 
     def _drain_for_signal(self, grace: float) -> None:
         """Commit what is pending within ``grace`` seconds; safe inside a signal handler."""

@@ -29,10 +29,20 @@ from .layout import (
     value_fingerprint,
 )
 from .manifest import FileEntry, Manifest
+from .retention import (
+    DEFAULT_GRACE_S,
+    PrunePlan,
+    Pruner,
+    PruneReport,
+    RetentionPolicy,
+    execute_prune,
+    plan_prune,
+)
 from .retry import RetryPolicy
 from .snapshot import Snapshot, take_snapshot
 
 __all__ = [
+    "DEFAULT_GRACE_S",
     "Backend",
     "CheckpointError",
     "CheckpointHandle",
@@ -48,6 +58,10 @@ __all__ = [
     "LocalBackend",
     "Manifest",
     "ManifestError",
+    "PrunePlan",
+    "PruneReport",
+    "Pruner",
+    "RetentionPolicy",
     "RetryPolicy",
     "SaveRequest",
     "SaveStats",
@@ -62,9 +76,11 @@ __all__ = [
     "TransferContext",
     "UploadError",
     "checkpoint_order",
+    "execute_prune",
     "foreach_token",
     "new_checkpoint_id",
     "parse_settings",
+    "plan_prune",
     "take_snapshot",
     "value_fingerprint",
 ]

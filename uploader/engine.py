@@ -25,9 +25,9 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -53,9 +53,11 @@ from .retry import RetryPolicy
 from .rewrites import RewriteTracker
 from .snapshot import Snapshot, SnapshotFile, take_snapshot
 
-__all__ = ["BackendFactory", "DrainReport", "Engine", "SaveRequest"]
+__all__ = ["BackendFactory", "CommitListener", "DrainReport", "Engine", "SaveRequest"]
 
 BackendFactory = Callable[[TransferContext], Backend]
+CommitListener = Callable[[CheckpointHandle], None]
+T = TypeVar("T")
 
 TORN_ADVICE = (
     "From now on save() freezes that file privately (a clone, else a copy), so later "
@@ -294,6 +296,8 @@ class Engine:
         self._rewrites = RewriteTracker()
         self._told_rewrite = False
         self._warned: set[str] = set()
+        # Forgotten on fork, like everything here: a child's engine has no one listening.
+        self._commit_listeners: list[CommitListener] = []
 
     def _forget_parent(self) -> None:
         # Runs in the child right after fork(), single-threaded: the locks, the portal
@@ -338,6 +342,24 @@ class Engine:
             retry=RetryPolicy(max_attempts=s.max_attempts, deadline=s.retry_deadline),
         )
         return self._backend_factory(ctx)
+
+    def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``await fn(*args)`` on the engine's loop; from any thread but that loop's own.
+
+        How code outside the engine (retention, tools) talks to :attr:`backend`, whose
+        methods all run on the loop.
+        """
+        return self._ensure_started().call(fn, *args)
+
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        """Call ``listener(handle)`` each time a checkpoint's manifest is written.
+
+        It runs on the engine's loop, after the commit and before the handle completes
+        (so a drain that sees the handle done sees what the listener started), and must
+        return at once: start work elsewhere, never wait on the loop. An exception it
+        raises is logged and changes nothing about the checkpoint.
+        """
+        self._commit_listeners.append(listener)
 
     @property
     def backend(self) -> Backend:
@@ -538,6 +560,7 @@ class Engine:
                 # shielded, since the checkpoint is already committed by its manifest.
                 with anyio.move_on_after(30, shield=True):
                     await self._write_latest_hint(keys)
+            self._committed(handle)
             handle._transition(CheckpointState.COMMITTED)
         except _Torn as t:
             # Freeze this path privately from now on: at most this checkpoint is lost.
@@ -570,6 +593,14 @@ class Engine:
                 self._rewrites.released(snap)
                 await anyio.to_thread.run_sync(snap.release)
             self._slots.release()
+
+    def _committed(self, handle: CheckpointHandle) -> None:
+        for listener in tuple(self._commit_listeners):
+            try:
+                listener(handle)
+            except Exception as e:
+                self._log(f"WARNING: after committing checkpoint {handle.checkpoint_id}: "
+                          f"{type(e).__name__}: {e}")
 
     def _note_superseded(self, torn: CheckpointHandle) -> None:
         # Said once per engine: a torn checkpoint a newer save replaces costs nothing but

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Backend, TransferContext
+from .base import Backend, StoredObject, TransferContext, Upload
 from .local import LocalBackend
 
 if TYPE_CHECKING:
     from .s3 import S3Backend
 
-__all__ = ["Backend", "LocalBackend", "S3Backend", "TransferContext"]
+__all__ = ["Backend", "LocalBackend", "S3Backend", "StoredObject", "TransferContext", "Upload"]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import anyio
 
 from ..config import Settings
 from ..retry import RetryPolicy
 
-__all__ = ["Backend", "TransferContext"]
+__all__ = ["Backend", "StoredObject", "TransferContext", "Upload"]
+
+
+class StoredObject(NamedTuple):
+    """One object of a listing with what retention needs: how big, how old."""
+
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch, by the store's clock
+
+
+class Upload(NamedTuple):
+    """A multipart upload that was started and neither completed nor aborted."""
+
+    key: str
+    upload_id: str
+    initiated: float  # seconds since the epoch, by the store's clock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +69,25 @@ class Backend(Protocol):
 
     async def list_keys(self, prefix: str) -> list[str]:
         """Every key that starts with ``prefix``, in no particular order."""
+        ...
+
+    async def list_objects(self, prefix: str) -> list[StoredObject]:
+        """Every object under ``prefix`` with its size and modification time, in no
+        particular order; on a local store, files a killed writer left half-written too."""
+        ...
+
+    async def delete_keys(self, keys: Sequence[str]) -> list[tuple[str, str]]:
+        """Delete ``keys`` (a key already gone counts as deleted), durably; return
+        ``(key, reason)`` for each one that could not be deleted. Raises only when the
+        store refuses the request as a whole."""
+        ...
+
+    async def list_uploads(self, prefix: str) -> list[Upload]:
+        """Multipart uploads under ``prefix`` that are neither completed nor aborted."""
+        ...
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort one multipart upload; one already gone counts as aborted."""
         ...
 
     async def aclose(self) -> None: ...

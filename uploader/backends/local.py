@@ -18,14 +18,14 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, TypeVar
 
 import anyio
 import anyio.to_thread
 
 from ..errors import CheckpointError, LoadError, SourceReadError, StorageAccessError, UploadError
-from .base import TransferContext
+from .base import StoredObject, TransferContext, Upload
 
 __all__ = ["LocalBackend"]
 
@@ -164,6 +164,59 @@ def _list(root: str, prefix: str) -> list[str]:
     return out
 
 
+def _list_objects(root: str, prefix: str) -> list[StoredObject]:
+    # Like _list, but with sizes and times, and with the temporary files of writers that
+    # were killed: they are part of what a crashed upload left behind.
+    base_rel = prefix.rpartition("/")[0]
+    base = os.path.join(root, *base_rel.split("/")) if base_rel else root
+    out: list[StoredObject] = []
+    for dirpath, _dirs, names in os.walk(base):
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        for n in names:
+            key = n if rel_dir == "." else f"{rel_dir}/{n}"
+            if not key.startswith(prefix):
+                continue
+            try:
+                st = os.lstat(os.path.join(dirpath, n))
+            except FileNotFoundError:
+                continue  # deleted while we walked
+            out.append(StoredObject(key, st.st_size, st.st_mtime))
+    return out
+
+
+def _delete(root: str, paths: dict[str, str]) -> tuple[list[tuple[str, str]], set[str]]:
+    """Unlink each path (``key -> path``); then make the removals durable and remove the
+    directories they left empty. Returns the failures and the directories removed."""
+    failed: list[tuple[str, str]] = []
+    touched: set[str] = set()
+    for key, path in paths.items():
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            failed.append((key, f"cannot delete {path!r}: {e}"))
+            continue
+        touched.add(os.path.dirname(path))
+    # Durable before the caller goes on: a manifest deleted, then its data, must never
+    # come back after a power cut as a manifest whose data is gone.
+    for d in touched:
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_dir(d)
+    removed: set[str] = set()
+    for d in sorted(touched, key=len, reverse=True):
+        while d != root and d.startswith(root + os.sep) and d not in removed:
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                break  # not empty (or not ours to remove): stop going up
+            removed.add(d)
+            d = os.path.dirname(d)
+    return failed, removed
+
+
 class _DirSync:
     """Makes directory entries durable, sharing one fsync among concurrent writers.
 
@@ -193,6 +246,10 @@ class _DirSync:
             upto = self._changes[directory]
             await anyio.to_thread.run_sync(_fsync_dir, directory)
             self._synced[directory] = upto
+
+    def forget(self, directories: set[str]) -> None:
+        """``directories`` were removed: a directory made again there must be synced anew."""
+        self._durable -= directories
 
     async def ancestors(self, directory: str) -> None:
         """Make the names of ``directory`` and every directory above it (to the root) durable."""
@@ -243,9 +300,19 @@ class LocalBackend:
         path = self._path(key)
         parent = os.path.dirname(path)
         def run() -> tuple[list[str], T]:
-            with _side("write"):
-                made = _makedirs(parent)
-            return made, write(path)
+            made: list[str] = []
+            for tries in range(3):
+                try:
+                    with _side("write"):
+                        made += _makedirs(parent)
+                    return made, write(path)
+                except _SideError as e:
+                    # A prune of this store removed a directory it emptied between our
+                    # makedirs and our write: make it again.
+                    if e.side != "write" or not isinstance(e.error, FileNotFoundError) \
+                            or tries == 2 or os.path.isdir(parent):
+                        raise
+            raise AssertionError("unreachable")
 
         try:
             async with self._ctx.limiter:
@@ -313,6 +380,27 @@ class LocalBackend:
     async def list_keys(self, prefix: str) -> list[str]:
         result = await anyio.to_thread.run_sync(_list, self.url, prefix)
         return result
+
+    async def list_objects(self, prefix: str) -> list[StoredObject]:
+        try:
+            return await anyio.to_thread.run_sync(_list_objects, self.url, prefix)
+        except OSError as e:
+            raise CheckpointError(f"listing {self.url_of(prefix)!r} failed: {e}") from e
+
+    async def delete_keys(self, keys: Sequence[str]) -> list[tuple[str, str]]:
+        paths = {k: self._path(k) for k in keys}
+        if not paths:
+            return []
+        async with self._ctx.limiter:
+            failed, removed = await self._thread(lambda: _delete(self.url, paths))
+        self._dirs.forget(removed)
+        return failed
+
+    async def list_uploads(self, prefix: str) -> list[Upload]:
+        return []  # files are written whole, through a temporary name: nothing is partial
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        return None
 
     async def aclose(self) -> None:
         return None

@@ -27,7 +27,7 @@ import functools
 import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import aioboto3
@@ -41,9 +41,16 @@ from botocore.exceptions import (
 
 from ..config import MIN_PART_SIZE, MiB, UploaderMode
 from ..errors import CheckpointError, UploadError, first_error
-from .base import TransferContext
+from .base import StoredObject, TransferContext, Upload
 from .s3_dataplane import ClientSpec, Creds, Outcome, PartJob
-from .s3_errors import NOT_FOUND, error_code, explain, is_storage_error, is_transient
+from .s3_errors import (
+    NOT_FOUND,
+    TRANSIENT_CODES,
+    error_code,
+    explain,
+    is_storage_error,
+    is_transient,
+)
 from .s3_parts import InOrderDigest, checksum_of
 from .s3_sender import BlockingSender, SignedGets
 from .s3_worker import Plane, ProcessPlane, ThreadPlane
@@ -58,6 +65,7 @@ _IO_CHUNK = 4 * MiB  # batch size for writing downloaded bytes, and for hashing 
 # Manifests and hints (a few KiB each) are read this many at a time, beside the transfer
 # limiter: a listing of 1,000 checkpoints is then 16 round trips, not 63 (or 1,000).
 _SMALL_READS = 64
+_DELETE_BATCH = 1000  # S3's limit of keys per DeleteObjects request
 
 def part_size_for(size: int, configured: int) -> int:
     """The part size for a file of ``size`` bytes: at least ``configured`` and 5 MiB, and
@@ -450,6 +458,85 @@ class S3Backend:
 
         with self._translated(prefix, "listing", "s3:ListBucket", writing=False):
             return await self._request(attempt)
+
+    async def list_objects(self, prefix: str) -> list[StoredObject]:
+        strip = len(self._okey(""))
+
+        async def attempt() -> list[StoredObject]:
+            out: list[StoredObject] = []
+            client = await self._get_client()
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._okey(prefix))
+            async for page in pages:
+                out.extend(StoredObject(o["Key"][strip:], int(o.get("Size", 0)),
+                                        o["LastModified"].timestamp())
+                           for o in page.get("Contents", ()))
+            return out
+
+        with self._translated(prefix, "listing", "s3:ListBucket", writing=False):
+            return await self._request(attempt)
+
+    async def delete_keys(self, keys: Sequence[str]) -> list[tuple[str, str]]:
+        """DeleteObjects in batches of 1,000. A key S3 reports with a transient error code
+        is sent again in a later round, as a retry of its own; others are returned."""
+        strip = len(self._okey(""))
+        failed: list[tuple[str, str]] = []
+        client = await self._get_client()
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = list(keys[start:start + _DELETE_BATCH])
+            for round_ in range(self._ctx.retry.max_attempts):
+                objects = [{"Key": self._okey(k)} for k in batch]
+                with self._translated(batch[0], f"deleting {len(batch)} key(s), the first",
+                                      "s3:DeleteObject", writing=False):
+                    resp = await self._request(functools.partial(
+                        client.delete_objects, Bucket=self.bucket,
+                        Delete={"Objects": objects, "Quiet": True}))
+                retry: list[str] = []
+                for err in resp.get("Errors", ()):
+                    key, code = str(err.get("Key", ""))[strip:], str(err.get("Code", ""))
+                    if code in TRANSIENT_CODES and round_ + 1 < self._ctx.retry.max_attempts:
+                        retry.append(key)
+                    else:
+                        failed.append((key, f"deleting {self.url_of(key)} failed: {code}: "
+                                            f"{err.get('Message', '')}"))
+                if not retry:
+                    break
+                batch = retry
+                await anyio.sleep(min(self._ctx.retry.max_backoff,
+                                      self._ctx.retry.initial_backoff * 2 ** round_))
+        return failed
+
+    async def list_uploads(self, prefix: str) -> list[Upload]:
+        strip = len(self._okey(""))
+
+        async def attempt() -> list[Upload]:
+            out: list[Upload] = []
+            client = await self._get_client()
+            pages = client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self._okey(prefix))
+            async for page in pages:
+                out.extend(Upload(u["Key"][strip:], u["UploadId"], u["Initiated"].timestamp())
+                           for u in page.get("Uploads", ())
+                           if u["Key"].startswith(self._okey(prefix)))
+            return out
+
+        with self._translated(prefix, "listing multipart uploads under",
+                              "s3:ListBucketMultipartUploads", writing=False):
+            return await self._request(attempt)
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        async def attempt() -> None:
+            try:
+                await client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self._okey(key), UploadId=upload_id)
+            except ClientError as e:
+                if error_code(e) != "NoSuchUpload":  # already gone: what we wanted
+                    raise
+
+        with self._translated(key, f"aborting the multipart upload {upload_id} of",
+                              "s3:AbortMultipartUpload", writing=False):
+            client = await self._get_client()
+            await self._request(attempt)
 
     async def get_file(self, key: str, dest: str, size: int) -> str:
         part_size = part_size_for(size, self._ctx.settings.part_size)

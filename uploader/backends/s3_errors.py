@@ -18,10 +18,11 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..errors import CheckpointError, StorageAccessError, UploadError
 
-__all__ = ["NOT_FOUND", "error_code", "explain", "is_storage_error", "is_transient"]
+__all__ = ["NOT_FOUND", "TRANSIENT_CODES", "error_code", "explain", "is_storage_error",
+           "is_transient"]
 
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
-_TRANSIENT_CODES = frozenset({
+TRANSIENT_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
     "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequestsException",
 })
@@ -43,7 +44,7 @@ def is_transient(exc: BaseException) -> bool:
     """True for errors a retry of the same request may cure: throttling, 5xx, dropped
     connections, timeouts. False for refusals (4xx) and for programming errors."""
     if isinstance(exc, ClientError):
-        return error_code(exc) in _TRANSIENT_CODES or _status(exc) in _TRANSIENT_STATUS
+        return error_code(exc) in TRANSIENT_CODES or _status(exc) in _TRANSIENT_STATUS
     if isinstance(exc, SSLError):
         # A certificate that fails verification stays failed; a TLS handshake cut short does not.
         return "CERTIFICATE_VERIFY_FAILED" not in str(exc)

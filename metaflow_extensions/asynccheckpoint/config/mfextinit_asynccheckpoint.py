@@ -55,5 +55,15 @@ CHECKPOINT_SIGTERM_GRACE = _from_conf("CHECKPOINT_SIGTERM_GRACE", "25")
 # Where S3 upload bytes are read, hashed and sent: "process" (a spawned worker process, so
 # the training loop's GIL is not shared with the upload) or "thread" (threads of the task).
 CHECKPOINT_UPLOADER = _from_conf("CHECKPOINT_UPLOADER", "process")
+# Retention, in the task (a decorator argument of the same name wins over these): keep the
+# N newest committed checkpoints of the task, and the M best by a metadata key.
+CHECKPOINT_KEEP_LAST = _from_conf("CHECKPOINT_KEEP_LAST")
+CHECKPOINT_KEEP_BEST = _from_conf("CHECKPOINT_KEEP_BEST")
+CHECKPOINT_BEST_METRIC = _from_conf("CHECKPOINT_BEST_METRIC")
+# "min" (lower is better) or "max".
+CHECKPOINT_BEST_MODE = _from_conf("CHECKPOINT_BEST_MODE")
+# Seconds after which data of a checkpoint that never committed (and an incomplete
+# multipart upload) counts as left behind by a crash, and is deleted by retention.
+CHECKPOINT_DEBRIS_GRACE = _from_conf("CHECKPOINT_DEBRIS_GRACE", "21600")
 
 del _from_conf, _refuse_to_shadow

@@ -56,6 +56,18 @@ class CheckpointDecorator(StepDecorator):
         Add a card (id "checkpoint") showing the checkpoint loaded at task start and
         each save's state, size and timings, refreshed while the task runs. It sits
         next to any card of the step's own (``--with card``). False adds nothing.
+    keep_last : int, optional, default None
+        Retention: keep the N newest committed checkpoints of the task (all attempts)
+        and delete older ones, in the background after each commit. The newest, and the
+        one loaded at task start, are never deleted. None keeps every checkpoint
+        (``METAFLOW_CHECKPOINT_KEEP_LAST`` sets it for every step).
+    keep_best : int, optional, default None
+        Retention: also keep the M best checkpoints by ``metadata[best_metric]``.
+    best_metric : str, optional, default None
+        The metadata key (passed to ``save(metadata=...)``) that ``keep_best`` ranks by;
+        checkpoints without it, or with a value that is not a number, are not ranked.
+    best_mode : str, default "min"
+        "min" (lower is better, a loss) or "max" (an accuracy).
 
     MF Add To Current
     -----------------
@@ -64,11 +76,14 @@ class CheckpointDecorator(StepDecorator):
     """
 
     name = "checkpoint"
-    defaults: dict[str, Any] = {"load_policy": "fresh", "temp_dir_root": None, "show_card": True}
+    # best_mode is None here so that METAFLOW_CHECKPOINT_BEST_MODE can apply; unset is "min".
+    defaults: dict[str, Any] = {"load_policy": "fresh", "temp_dir_root": None, "show_card": True,
+                                "keep_last": None, "keep_best": None, "best_metric": None,
+                                "best_mode": None}
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore,
                   logger):  # type: ignore[no-untyped-def]
-        from .storage import SUPPORTED_DATASTORES, engine_settings
+        from .storage import SUPPORTED_DATASTORES, engine_settings, retention_settings
 
         where = f"@checkpoint on step '{step_name}'"
         policy = self.attributes["load_policy"]
@@ -94,6 +109,7 @@ class CheckpointDecorator(StepDecorator):
             raise CheckpointConfigException(
                 f"{where}: temp_dir_root={root!r} must be a directory path (str) or None.")
         self._settings = engine_settings()
+        self._retention, self._debris_grace = retention_settings(self.attributes, where)
         if flow_datastore.TYPE not in SUPPORTED_DATASTORES:
             raise CheckpointConfigException(
                 f"{where}: the {flow_datastore.TYPE!r} datastore is not supported; use "
@@ -136,6 +152,8 @@ class CheckpointDecorator(StepDecorator):
         self._install_sigterm_handler()
         started = time.time()
         self._current._load_on_start(self._load_policy)
+        if self._retention.active:
+            self._current._start_retention(self._retention, grace_s=self._debris_grace)
         if self._card_interval is not None:
             from .card import CheckpointCard
 

@@ -20,6 +20,8 @@ from uploader import (
     CheckpointKeys,
     CheckpointState,
     Engine,
+    Pruner,
+    RetentionPolicy,
     SaveRequest,
     Scope,
     Settings,
@@ -96,6 +98,7 @@ class CurrentCheckpoint:
                               home=(datastore, datastore_root, self._engine))
         self._loaded: CheckpointReference | None = None
         self._told_tar = False
+        self._pruner: Pruner | None = None
 
     def environment(self) -> str:
         """What a process this task starts needs to save for it (see ``Checkpoint``)."""
@@ -305,6 +308,17 @@ class CurrentCheckpoint:
                   f"(attempt {self._loaded['attempt']}, {manifest.created_on}), "
                   f"{len(manifest.files)} file(s), {manifest.total_bytes} bytes.")
 
+    def _start_retention(self, policy: RetentionPolicy, *, grace_s: float) -> None:
+        """Prune this task's checkpoints (this run, every attempt) after each commit."""
+        def protect() -> list[str]:
+            # Never the one this task resumed from, even when no rule would keep it.
+            loaded = self._loaded
+            return [] if loaded is None else [str(loaded.get("version_id", ""))]
+
+        self._pruner = Pruner(self._engine, self._scope.prefix, policy,
+                              run_id=self._identity.run_id, grace_s=grace_s, protect=protect,
+                              log=self._log)
+
     def _finish(self, *, success: bool, artifacts: Mapping[str, Any] | None = None) -> None:
         """Drain pending uploads. On success, raise if a checkpoint failed for good.
 
@@ -335,6 +349,9 @@ class CurrentCheckpoint:
                     except CheckpointException as e:
                         self._log(f"ERROR: saving again failed: {e}")
                     report = self._engine.drain(max(0.0, deadline - time.monotonic()))
+        if self._pruner is not None and not self._pruner.drain():
+            self._log("note: a prune of old checkpoints was still running at the end of the "
+                      "task and was left to the next one; checkpoints are unaffected.")
         problems: list[str] = []
         if report.pending:
             problems.append(
@@ -384,6 +401,8 @@ class CurrentCheckpoint:
         shutil.rmtree(self._snapshot_dir, ignore_errors=True)
 
     def _close(self) -> None:
+        if self._pruner is not None:
+            self._pruner.close()
         self._engine.close()
         self._reader.close()
         self._remove_files()

@@ -1,0 +1,469 @@
+"""Retention: which committed checkpoints of a scope to keep, and deleting the rest.
+
+A prune is planned (:func:`plan_prune`, reads only) and then executed
+(:func:`execute_prune`). It deletes three kinds of things:
+
+- committed checkpoints no rule keeps. The newest of the set considered is always kept,
+  and with no rule set nothing committed is deleted;
+- debris: data of checkpoints that never committed (their upload failed, their process
+  was killed), once its newest object is older than a grace period, so an upload in
+  flight is never touched;
+- incomplete multipart uploads under the scope older than the grace period, which S3
+  bills until someone aborts them and a killed task cannot.
+
+Order, per checkpoint: its manifest first (from then on it does not exist for any
+reader), then its data objects. A crash between the two leaves data no manifest names,
+which the next prune removes as debris: readers only ever see committed and complete
+checkpoints. An object is never deleted while a remaining manifest of the scope (of any
+run) points at it through ``FileEntry.key``, nor while a save of the engine not yet
+committed may (``Engine.referenced_keys()``, where the engine has it). A scope with a
+manifest this version cannot read is not pruned at all: what it references is unknown.
+
+The ``latest.json`` hint is never rewritten: a prune only deletes, so it can never race a
+writer into a worse state, and readers list manifests rather than trust the hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from .backends.base import StoredObject
+from .catalog import Catalog, Entry
+from .engine import Engine
+from .errors import ManifestError
+from .handle import CheckpointHandle
+from .layout import CheckpointKeys, Scope, safe_component
+
+__all__ = ["BEST_MODES", "DEFAULT_GRACE_S", "PrunePlan", "PruneReport", "Pruner",
+           "RetentionPolicy", "choose", "execute_prune", "parse_count", "parse_grace",
+           "plan_prune", "prune"]
+
+# Long enough that no upload in flight is ever taken for debris: a 2 TB file at 100 MB/s
+# takes under 6 hours.
+DEFAULT_GRACE_S = 6 * 3600.0
+BEST_MODES = ("min", "max")
+# A prune in the task's teardown waits at most this long for the one in flight.
+PRUNE_DRAIN_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionPolicy:
+    """Which committed checkpoints to keep. With no rule set, every one is kept."""
+
+    keep_last: int | None = None  # the N newest committed checkpoints
+    keep_best: int | None = None  # the M best by metadata[best_metric]
+    best_metric: str | None = None
+    best_mode: str = "min"  # "min" | "max"
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_best"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name}={v!r} is not valid: use an integer >= 1, or None "
+                                 "for no such rule.")
+        if self.best_metric is not None and (not isinstance(self.best_metric, str)
+                                             or not self.best_metric):
+            raise ValueError(f"best_metric={self.best_metric!r} is not valid: use the name of "
+                             "a key of the metadata passed to save(), e.g. 'val_loss'.")
+        if self.keep_best is not None and self.best_metric is None:
+            raise ValueError(f"keep_best={self.keep_best} needs best_metric: the metadata key "
+                             "to rank checkpoints by, e.g. best_metric='val_loss'.")
+        if self.best_mode not in BEST_MODES:
+            raise ValueError(f"best_mode={self.best_mode!r} is not valid: use 'min' (lower is "
+                             "better) or 'max'.")
+
+    @property
+    def active(self) -> bool:
+        return self.keep_last is not None or self.keep_best is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    """What a prune would do; :func:`execute_prune` does it."""
+
+    keep: tuple[Entry, ...]  # newest first
+    delete: tuple[Entry, ...]  # newest first
+    reasons: dict[str, str]  # checkpoint id -> why kept, or why deleted
+    debris: tuple[str, ...]  # data prefixes of checkpoints that never committed
+    uploads: tuple[tuple[str, str], ...]  # (key, upload id) of stale multipart uploads
+    # Manifest keys this version cannot read: while there are any, nothing is deleted.
+    unreadable: tuple[str, ...] = ()
+    scope_prefix: str = ""
+
+
+@dataclasses.dataclass
+class PruneReport:
+    checkpoints_deleted: int = 0
+    objects_deleted: int = 0  # manifests and data objects
+    bytes_freed: int = 0  # of data objects
+    debris_removed: int = 0
+    uploads_aborted: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def deleted_anything(self) -> bool:
+        return bool(self.objects_deleted or self.uploads_aborted)
+
+
+# -- parsing values given as strings (configuration) ---------------------------------
+
+
+def parse_count(value: Any, name: str) -> int | None:
+    """An int >= 1 (or None) from a decorator argument or a configuration string."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            value = None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} is not valid: expected an integer >= 1 (unset keeps every "
+                         "checkpoint).")
+    return value
+
+
+def parse_grace(value: Any, name: str) -> float:
+    """Seconds >= 0 (unset: :data:`DEFAULT_GRACE_S`)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return DEFAULT_GRACE_S
+    try:
+        grace = float(value)
+    except (TypeError, ValueError):
+        grace = math.nan
+    if isinstance(value, bool) or not 0 <= grace < math.inf:
+        raise ValueError(f"{name} is not valid: expected seconds >= 0, e.g. 21600 (6 hours, "
+                         "the default); uploads in flight younger than this are never touched.")
+    return grace
+
+
+# -- planning ------------------------------------------------------------------------
+
+
+def _metric(entry: Entry, name: str) -> float | None:
+    v = entry.manifest.metadata.get(name)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def choose(entries: Sequence[Entry], policy: RetentionPolicy,
+           protect: Iterable[str] = ()) -> dict[str, str]:
+    """Why each kept checkpoint of ``entries`` (newest first) is kept, by checkpoint id."""
+    reasons: dict[str, list[str]] = {}
+
+    def keep(e: Entry, why: str) -> None:
+        reasons.setdefault(e.keys.checkpoint_id, []).append(why)
+
+    if entries:
+        keep(entries[0], "newest")
+    # What a retry resumes from: the newest saved with latest=True.
+    resume = next((e for e in entries if e.manifest.latest), None)
+    if resume is not None and resume is not entries[0]:
+        keep(resume, "resume point (newest with latest=True)")
+    if policy.keep_last is not None:
+        for e in entries[:policy.keep_last]:
+            keep(e, f"last {policy.keep_last}")
+    if policy.keep_best is not None and policy.best_metric is not None:
+        sign = 1.0 if policy.best_mode == "min" else -1.0
+        ranked = [(sign * m, i, e) for i, e in enumerate(entries)
+                  if (m := _metric(e, policy.best_metric)) is not None]
+        ranked.sort(key=lambda t: (t[0], t[1]))  # ties: the newer wins
+        for _, _, e in ranked[:policy.keep_best]:
+            keep(e, f"best {policy.keep_best} by {policy.best_metric}")
+    protected = set(protect)
+    for e in entries:
+        if e.keys.checkpoint_id in protected:
+            keep(e, "protected")
+    return {cid: ", ".join(why) for cid, why in reasons.items()}
+
+
+def _manifests(engine: Engine, scope_prefix: str
+               ) -> tuple[list[Entry], list[CheckpointKeys], list[str]]:
+    """Readable entries (newest first), every manifest's keys, and the unreadable ones."""
+    found = engine.list_manifest_keys(f"{scope_prefix}/manifests/")
+    entries: list[Entry] = []
+    unreadable: list[str] = []
+    for keys, m in zip(found, engine.read_manifests(found), strict=True):
+        if isinstance(m, ManifestError):
+            unreadable.append(keys.manifest)
+        elif m is not None:
+            entries.append(Entry(keys, m))
+    return entries, found, unreadable
+
+
+def _referenced(engine: Engine, entries: Iterable[Entry]) -> set[str]:
+    """Every key a manifest in ``entries``, or a save of ``engine`` not yet committed,
+    stores bytes under."""
+    refs: set[str] = set()
+    pending = getattr(engine, "referenced_keys", None)
+    if pending is not None:
+        refs.update(pending())
+    for e in entries:
+        refs.update(e.keys.stored(f.path, f.key) for f in e.manifest.files)
+    return refs
+
+
+def _by_checkpoint(scope_prefix: str, objects: Iterable[StoredObject]
+                   ) -> dict[tuple[str, str], list[StoredObject]]:
+    """Objects under ``<scope>/data/``, grouped by (run, checkpoint id)."""
+    head = f"{scope_prefix}/data/"
+    groups: dict[tuple[str, str], list[StoredObject]] = {}
+    for o in objects:
+        parts = o.key[len(head):].split("/", 2)
+        if o.key.startswith(head) and len(parts) == 3:
+            groups.setdefault((parts[0], parts[1]), []).append(o)
+    return groups
+
+
+def plan_prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
+               run_id: str | None = None, protect: Iterable[str] = (),
+               grace_s: float = DEFAULT_GRACE_S, now: float | None = None) -> PrunePlan:
+    """What to delete in the scope at ``scope_prefix``; reads only.
+
+    ``run_id`` limits the committed checkpoints considered (for keeping and deleting) to
+    one run; debris and stale uploads are looked for in the whole scope. ``protect`` are
+    checkpoint ids never deleted (nor their data taken for debris). ``now`` (seconds since
+    the epoch) is the clock the grace period is measured against.
+
+    Raises ValueError for a prefix that is not a scope's.
+    """
+    engine = catalog.engine
+    prefix = Scope.from_prefix(scope_prefix).prefix
+    now = time.time() if now is None else now
+    protect = frozenset(protect)
+    entries, all_keys, unreadable = _manifests(engine, prefix)
+    run = None if run_id is None else safe_component(str(run_id))
+    considered = [e for e in entries if run is None or e.keys.run_id == run]
+    if unreadable:
+        reasons = {e.keys.checkpoint_id: "kept: the scope has a manifest this version cannot "
+                   "read, which may reference its data" for e in considered}
+        return PrunePlan(keep=tuple(considered), delete=(), reasons=reasons, debris=(),
+                         uploads=_stale_uploads(engine, prefix, now - grace_s),
+                         unreadable=tuple(unreadable), scope_prefix=prefix)
+    kept = choose(considered, policy, protect) if policy.active else {
+        e.keys.checkpoint_id: "no retention rule set" for e in considered}
+    reasons = dict(kept)
+    delete = [e for e in considered if e.keys.checkpoint_id not in kept]
+    for e in delete:
+        reasons[e.keys.checkpoint_id] = "deleted: kept by no rule"
+    refs = _referenced(engine, entries)
+    committed = {(k.run_id, k.checkpoint_id) for k in all_keys}
+    debris = []
+    objects = engine.run(engine.backend.list_objects, f"{prefix}/data/")
+    for (r, cid), objs in sorted(_by_checkpoint(prefix, objects).items()):
+        if (r, cid) in committed or cid in protect:
+            continue
+        if max(o.mtime for o in objs) > now - grace_s:
+            continue  # maybe still uploading
+        if any(o.key not in refs for o in objs):
+            debris.append(f"{prefix}/data/{r}/{cid}/")
+    return PrunePlan(keep=tuple(e for e in considered if e.keys.checkpoint_id in kept),
+                     delete=tuple(delete), reasons=reasons, debris=tuple(debris),
+                     uploads=_stale_uploads(engine, prefix, now - grace_s),
+                     scope_prefix=prefix)
+
+
+def _stale_uploads(engine: Engine, prefix: str, before: float) -> tuple[tuple[str, str], ...]:
+    found = engine.run(engine.backend.list_uploads, f"{prefix}/")
+    return tuple(sorted((u.key, u.upload_id) for u in found if u.initiated <= before))
+
+
+# -- executing -----------------------------------------------------------------------
+
+
+def execute_prune(catalog: Catalog, plan: PrunePlan) -> PruneReport:
+    """Delete what ``plan`` says, manifests first; never raises for a storage error: each
+    one is in the report's ``errors``, and what it stopped is left for the next prune."""
+    engine = catalog.engine
+    backend = engine.backend
+    report = PruneReport()
+    if plan.unreadable:
+        report.errors.append(
+            f"not pruning {plan.scope_prefix}: {len(plan.unreadable)} manifest(s) cannot be "
+            f"read by this version (e.g. {backend.url_of(plan.unreadable[0])}), and may "
+            "reference data of other checkpoints. Upgrade the package, or remove them.")
+    # 1. The commit points: from here on these checkpoints exist for no reader.
+    gone: list[Entry] = []
+    if plan.delete:
+        manifests = [e.keys.manifest for e in plan.delete]
+        failed = _delete(engine, manifests, report)
+        gone = [e for e in plan.delete if e.keys.manifest not in failed]
+        report.checkpoints_deleted = len(gone)
+        report.objects_deleted += len(gone)
+    # 2. Their data and the debris, minus whatever anything still references. Looked at
+    # again now: a save may have committed (and a pending one started) since the plan.
+    if gone or plan.debris:
+        try:
+            _delete_data(engine, plan, gone, report)
+        except Exception as e:
+            report.errors.append(f"not deleting data under {plan.scope_prefix}: {e}. What is "
+                                 "left is removed as debris by a later prune.")
+    # 3. Multipart uploads that will never complete.
+    for key, upload_id in plan.uploads:
+        try:
+            engine.run(backend.abort_upload, key, upload_id)
+            report.uploads_aborted += 1
+        except Exception as e:
+            report.errors.append(str(e))
+    return report
+
+
+def _delete(engine: Engine, keys: Sequence[str], report: PruneReport) -> set[str]:
+    """Delete ``keys``; return those that failed (named in the report's errors)."""
+    try:
+        failed = engine.run(engine.backend.delete_keys, list(keys))
+    except Exception as e:
+        report.errors.append(str(e))
+        return set(keys)
+    report.errors.extend(reason for _, reason in failed)
+    return {k for k, _ in failed}
+
+
+def _delete_data(engine: Engine, plan: PrunePlan, gone: Sequence[Entry],
+                 report: PruneReport) -> None:
+    prefix = plan.scope_prefix
+    pending = getattr(engine, "referenced_keys", None)
+    refs: set[str] = set(pending()) if pending is not None else set()  # before the listing
+    entries, all_keys, unreadable = _manifests(engine, prefix)
+    if unreadable:
+        raise RuntimeError(f"a manifest that cannot be read appeared ({unreadable[0]})")
+    refs |= _referenced(engine, entries)
+    committed = {(k.run_id, k.checkpoint_id) for k in all_keys}
+    groups = _by_checkpoint(prefix, engine.run(engine.backend.list_objects, f"{prefix}/data/"))
+    targets: list[tuple[str, list[StoredObject]]] = []
+    for e in gone:
+        targets.append(("", groups.get((e.keys.run_id, e.keys.checkpoint_id), [])))
+    for d in plan.debris:
+        run, cid = d[len(prefix) + len("/data/"):].rstrip("/").split("/")
+        if (run, cid) not in committed:  # committed since the plan: not debris after all
+            targets.append((d, groups.get((run, cid), [])))
+    doomed = [o for _, objs in targets for o in objs if o.key not in refs]
+    failed = _delete(engine, [o.key for o in doomed], report) if doomed else set()
+    for o in doomed:
+        if o.key not in failed:
+            report.objects_deleted += 1
+            report.bytes_freed += o.size
+    report.debris_removed += sum(1 for d, objs in targets
+                                 if d and not any(o.key in failed for o in objs))
+
+
+def prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
+          run_id: str | None = None, protect: Iterable[str] = (),
+          grace_s: float = DEFAULT_GRACE_S, now: float | None = None) -> PruneReport:
+    """:func:`plan_prune`, then :func:`execute_prune`."""
+    plan = plan_prune(catalog, scope_prefix, policy, run_id=run_id, protect=protect,
+                      grace_s=grace_s, now=now)
+    return execute_prune(catalog, plan)
+
+
+# -- in a task: after each commit, in the background ---------------------------------
+
+
+class Pruner:
+    """Prunes one scope after each commit of ``engine``, in a thread of its own.
+
+    One prune at a time; commits during a prune coalesce into one more. The set
+    considered is the committed checkpoints of ``run_id`` in the scope; ``protect()``
+    (called at each prune) adds ids never to delete, and every checkpoint the engine has
+    not finished with is protected too. A failing prune logs a warning and nothing else.
+    """
+
+    def __init__(self, engine: Engine, scope_prefix: str, policy: RetentionPolicy, *,
+                 run_id: str | None, grace_s: float = DEFAULT_GRACE_S,
+                 protect: Callable[[], Iterable[str]] = lambda: (),
+                 log: Callable[[str], None] = print) -> None:
+        self._catalog = Catalog(engine)
+        self._engine = engine
+        self._scope_prefix = scope_prefix
+        self._policy = policy
+        self._run_id = run_id
+        self._grace_s = grace_s
+        self._protect = protect
+        self._log = log
+        self._cond = threading.Condition()
+        self._wanted = False
+        self._running = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.last: PruneReport | None = None
+        engine.add_commit_listener(self._on_commit)
+
+    def _on_commit(self, handle: CheckpointHandle) -> None:
+        # On the engine's loop: only say that a prune is wanted.
+        if handle.scope == self._scope_prefix:
+            self.request()
+
+    def request(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._wanted = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="checkpoint-pruner",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._wanted and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._wanted, self._running = False, True
+            try:
+                self._prune_once()
+            except Exception as e:
+                self._log(f"WARNING: pruning old checkpoints of {self._scope_prefix} failed: "
+                          f"{type(e).__name__}: {e}. Checkpoints are unaffected; the next "
+                          "commit tries again.")
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify_all()
+
+    def _prune_once(self) -> None:
+        busy = {h.checkpoint_id for h in self._engine.handles if not h.done()}
+        report = prune(self._catalog, self._scope_prefix, self._policy, run_id=self._run_id,
+                       protect=busy | set(self._protect()), grace_s=self._grace_s)
+        self.last = report
+        if report.deleted_anything:
+            extra = "".join([
+                f", {report.debris_removed} left by failed uploads" if report.debris_removed
+                else "",
+                f", {report.uploads_aborted} incomplete upload(s) aborted"
+                if report.uploads_aborted else ""])
+            self._log(f"Retention: deleted {report.checkpoints_deleted} old checkpoint(s)"
+                      f"{extra}, {report.bytes_freed / 2**20:.1f} MiB freed.")
+        for err in report.errors[:5]:
+            self._log(f"WARNING: retention: {err}")
+
+    def drain(self, timeout: float = PRUNE_DRAIN_S) -> bool:
+        """Wait up to ``timeout`` s for the prune in flight and one still wanted; True if
+        none is left."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._wanted or self._running:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop: no prune starts from now on; wait up to ``timeout`` s for one running."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+

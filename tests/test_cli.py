@@ -76,7 +76,7 @@ class Store:
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
-    def keys(self) -> list[str]:
+    def stored_keys(self) -> list[str]:
         if self.root is not None:
             return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*")
                           if p.is_file() and "mf.checkpoints" in p.parts)
@@ -170,7 +170,7 @@ def test_list_is_newest_first_with_sizes_and_state(store: Store) -> None:
     assert [(r["name"], r["metadata"]["epoch"]) for r in rows] == [
         ("report", 10), ("model", 2), ("model", 1), ("model", 0)]
     assert doc["namespace"] == "user:tester" and doc["datastore"] == store.kind
-    stored = set(store.keys())
+    stored = set(store.stored_keys())
     for r in rows:
         epoch = r["metadata"]["epoch"]
         size = len(_content(epoch)) + len(str(epoch))
@@ -215,7 +215,8 @@ def test_list_incomplete_shows_data_without_a_manifest(store: Store) -> None:
     rows = store.json("list", "--incomplete")["checkpoints"]
     assert [r["checkpoint_id"] for r in rows if r["state"] == "incomplete"] == [orphan_id]
     orphan = next(r for r in rows if r["state"] == "incomplete")
-    assert (orphan["attempt"], orphan["files"], orphan["size_bytes"]) == (1, 1, None)
+    assert (orphan["attempt"], orphan["files"], orphan["size_bytes"]) == (1, 1, len(b"partial"))
+    assert orphan["name"] is None and orphan["committed_on"] is None
     assert orphan["pathspec"] == newest["pathspec"]
     # A later attempt than every committed one of its task: first of them (the evaluate
     # step's checkpoint, saved later still, lists before the task's).
@@ -272,7 +273,7 @@ def test_verify_finds_a_corrupt_object_and_names_it(store: Store, tmp_path: Path
     rows = _by_epoch(store.json("list")["checkpoints"])
     bad = rows[1]
     data_key = bad["key"].replace("/manifests/", "/data/")[: -len(".json")] + "/weights.bin"
-    assert data_key in store.keys()
+    assert data_key in store.stored_keys()
     corrupt = bytearray(_content(1))
     corrupt[100] ^= 0xFF  # same size, one byte flipped
     store.put(data_key, bytes(corrupt))
@@ -365,7 +366,7 @@ def test_sizes_of_a_checkpoint_that_reads_earlier_data(store: Store, tmp_path: P
 @pytest.mark.skipif(not HAS_RETENTION,
                     reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
 def test_prune_dry_run_deletes_nothing_then_prune_deletes_that(store: Store) -> None:
-    before_keys = store.keys()
+    before_keys = store.stored_keys()
     rows = _by_epoch(store.json("list")["checkpoints"])
     plan = store.json("prune", f"{store.run_id}/train", "--keep-last", "1", "--dry-run")
     assert plan["dry_run"] is True and plan["deleted"] is None
@@ -374,7 +375,7 @@ def test_prune_dry_run_deletes_nothing_then_prune_deletes_that(store: Store) -> 
     assert sorted(d["checkpoint_id"] for d in scope["delete"]) == sorted(
         [rows[0]["checkpoint_id"], rows[1]["checkpoint_id"]])
     assert all(d["reason"] for d in scope["delete"] + scope["keep"])
-    assert store.keys() == before_keys
+    assert store.stored_keys() == before_keys
     text = store.cli("prune", f"{store.run_id}/train", "--keep-last", "1", "--dry-run").stdout
     assert "would delete 2" in text and rows[0]["checkpoint_id"] in text
 
@@ -386,7 +387,7 @@ def test_prune_dry_run_deletes_nothing_then_prune_deletes_that(store: Store) -> 
         r["checkpoint_id"] for r in store.json("list", "--name", "report")["checkpoints"]
     ] + [rows[2]["checkpoint_id"]]
     gone = {rows[0]["checkpoint_id"], rows[1]["checkpoint_id"]}
-    assert not [k for k in store.keys() if any(g in k for g in gone)]
+    assert not [k for k in store.stored_keys() if any(g in k for g in gone)]
     store.cli("verify")
 
 

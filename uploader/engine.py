@@ -660,11 +660,6 @@ class Engine:
 
     # -- reading -----------------------------------------------------------------
 
-    def list_keys(self, prefix: str) -> list[str]:
-        """Every key under ``prefix`` (relative to the store's root), in no particular order."""
-        portal = self._ensure_started()
-        return portal.call(self.backend.list_keys, prefix)
-
     def list_manifest_keys(self, prefix: str) -> list[CheckpointKeys]:
         """Committed checkpoints under a scope's ``manifests/`` prefix, newest first."""
         portal = self._ensure_started()

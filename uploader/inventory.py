@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .backends.base import StoredObject
 from .engine import Engine
 from .layout import ROOT_PREFIX, CheckpointKeys, Scope
 
@@ -25,7 +26,16 @@ class Uncommitted:
     """Data stored for a checkpoint whose manifest is not there (yet, or ever)."""
 
     keys: CheckpointKeys  # where its manifest would be
-    objects: tuple[str, ...]  # its data keys
+    objects: tuple[StoredObject, ...]  # its data, sorted by key
+
+    @property
+    def size(self) -> int:
+        return sum(o.size for o in self.objects)
+
+    @property
+    def mtime(self) -> float:
+        """When its newest object was written, by the store's clock."""
+        return max(o.mtime for o in self.objects)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +50,15 @@ def take_inventory(engine: Engine, prefix: str) -> Inventory:
     """The scopes, manifests and uncommitted data under ``prefix``, from one listing.
 
     ``prefix`` is any prefix of the layout ending in "/" (``mf.checkpoints/<flow>/``, a
-    namespace, a scope); the listing is of every key below it, data included.
+    namespace, a scope); the listing is of every object below it, data included.
     """
     if not (prefix == ROOT_PREFIX + "/" or prefix.startswith(ROOT_PREFIX + "/")):
         raise ValueError(f"not a checkpoint prefix: {prefix!r}")
     scopes: set[str] = set()
     manifests: set[CheckpointKeys] = set()
-    data: dict[CheckpointKeys, list[str]] = {}
-    for key in engine.list_keys(prefix):
-        parts = key.split("/")
+    data: dict[CheckpointKeys, list[StoredObject]] = {}
+    for obj in engine.run(engine.backend.list_objects, prefix):
+        parts = obj.key.split("/")
         if len(parts) < _SCOPE_PARTS + 1 or any(p in ("", ".", "..") for p in parts):
             continue
         scope = "/".join(parts[:_SCOPE_PARTS])
@@ -60,7 +70,7 @@ def take_inventory(engine: Engine, prefix: str) -> Inventory:
         if kind == "manifests" and len(rest) == 2 and rest[1].endswith(".json"):
             manifests.add(CheckpointKeys(scope, rest[0], rest[1][: -len(".json")]))
         elif kind == "data" and len(rest) >= 3:
-            data.setdefault(CheckpointKeys(scope, rest[0], rest[1]), []).append(key)
+            data.setdefault(CheckpointKeys(scope, rest[0], rest[1]), []).append(obj)
         elif not (kind == "latest.json" and not rest):
             continue
         scopes.add(scope)
@@ -69,6 +79,6 @@ def take_inventory(engine: Engine, prefix: str) -> Inventory:
         prefix=prefix,
         scopes=tuple(sorted(scopes)),
         manifests=tuple(CheckpointKeys.newest_first(manifests)),
-        uncommitted=tuple(Uncommitted(k, tuple(sorted(data[k])))
+        uncommitted=tuple(Uncommitted(k, tuple(sorted(data[k], key=lambda o: o.key)))
                           for k in CheckpointKeys.newest_first(loose)),
     )

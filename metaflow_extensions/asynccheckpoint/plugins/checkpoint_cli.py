@@ -121,15 +121,18 @@ def verify(obj: Any, target: str | None, name: str | None, as_json: bool, progre
         s.verify(target, name=name, as_json=as_json, progress=progress)
 
 
-@checkpoint.command(help="Delete checkpoints that retention rules do not keep, per scope "
-                         "(step and foreach branch) under PATHSPEC (RUN or RUN/STEP; without "
-                         "it, the whole flow). Also removes data no manifest commits once it "
-                         "is older than --grace. With --dry-run, only says what it would "
-                         "delete and keep, and why.\n" + EXIT_CODES)
+@checkpoint.command(help="Delete the checkpoints no retention rule keeps, per scope (a step, "
+                         "or one foreach branch of it) under PATHSPEC (RUN or RUN/STEP; "
+                         "without it, the whole flow). The newest checkpoint of a scope, and "
+                         "the one a retry would resume from, are always kept; data a kept "
+                         "checkpoint reads is never deleted. Also removes data no manifest "
+                         "commits, and aborts multipart uploads, older than --grace. With "
+                         "--dry-run, only says what it would delete and keep, and why.\n"
+                         + EXIT_CODES)
 @click.argument("pathspec", required=False)
-@click.option("--keep-last", type=click.IntRange(min=0), default=None,
+@click.option("--keep-last", type=click.IntRange(min=1), default=None,
               help="Keep the N newest checkpoints of each scope.")
-@click.option("--keep-best", type=click.IntRange(min=0), default=None,
+@click.option("--keep-best", type=click.IntRange(min=1), default=None,
               help="Keep the N best checkpoints by --best-metric.")
 @click.option("--best-metric", default=None, metavar="KEY",
               help="The metadata key --keep-best ranks by (a number saved in metadata=).")

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
 from metaflow._vendor import click
@@ -51,8 +51,8 @@ class CheckpointNotFoundException(CheckpointException):
     headline = "No such checkpoint"
 
 
-class CheckpointVerifyException(CheckpointException):
-    headline = "Checkpoint verification failed"
+class CheckpointDownloadException(CheckpointException):
+    headline = "Checkpoint download failed"
 
 
 def _warn(message: str) -> None:
@@ -156,12 +156,15 @@ class _Bar:
             self._bar.update(n)
 
 
-def _staged_bytes(dest: str, before: set[str]) -> int:
-    """Bytes a load into ``dest`` has written so far (into its staging directory)."""
+def _staging(directory: str) -> set[str]:
+    """The staging directories loads into ``directory`` have made (see ``Engine.load``)."""
+    return set(glob.glob(os.path.join(glob.escape(directory), ".ckpt-load-*")))
+
+
+def _staged_bytes(dirs: Iterable[str]) -> int:
+    """Bytes loads have written so far into their staging directories ``dirs``."""
     total = 0
-    for d in glob.glob(os.path.join(glob.escape(dest), ".ckpt-load-*")):
-        if d in before:
-            continue
+    for d in dirs:
         for base, _dirs, files in os.walk(d):
             for f in files:
                 with contextlib.suppress(OSError):  # renamed into place meanwhile
@@ -169,6 +172,10 @@ def _staged_bytes(dest: str, before: set[str]) -> int:
                     # A ranged download writes at offsets: count what is allocated.
                     total += min(st.st_size, st.st_blocks * 512)
     return total
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'s' * (count != 1)}"
 
 
 class Session:
@@ -251,7 +258,7 @@ class Session:
         used = {f"{e.keys.scope_prefix}/{f.key}" for e in committed for f in e.manifest.files
                 if f.key is not None}
         return [u for u in self.inventory().uncommitted
-                if target.has_keys(u.keys) and not used.intersection(u.objects)]
+                if target.has_keys(u.keys) and not any(o.key in used for o in u.objects)]
 
     def resolve(self, which: str, *, name: str | None = None) -> Entry:
         """The checkpoint ``which`` names: a manifest key, a checkpoint id, or a pathspec
@@ -323,8 +330,9 @@ class Session:
             "state": "incomplete", "name": None, "checkpoint_id": keys.checkpoint_id,
             "pathspec": f"{self.flow}/{keys.run_id}/{step}/{task}", "run_id": keys.run_id,
             "step": step, "task_id": task, "attempt": attempt, "namespace": None,
-            "files": len(u.objects), "size_bytes": None, "stored_bytes": None,
-            "referenced_bytes": None, "created_on": created, "committed_on": None,
+            "files": len(u.objects), "size_bytes": u.size, "stored_bytes": u.size,
+            "referenced_bytes": 0, "created_on": created, "committed_on": None,
+            "written_on": datetime.datetime.fromtimestamp(u.mtime, datetime.UTC).isoformat(),
             "latest": None, "metadata": None, "key": None,
             "url": self.catalog.engine.backend.url_of(keys.data_prefix),
         }
@@ -375,7 +383,7 @@ class Session:
         self._print_rows(ordered)
         n = sum(1 for r in ordered if r["state"] == "committed")
         total = sum(r["size_bytes"] or 0 for r in ordered)
-        click.echo(f"{n} committed checkpoint{'s' * (n != 1)}, {_size(total)}, of "
+        click.echo(f"{_n(n, 'committed checkpoint')}, {_size(total)}, of "
                    f"{target.label(self.flow)} {self.where()}.")
 
     def show(self, which: str, *, name: str | None, as_json: bool) -> None:
@@ -393,7 +401,7 @@ class Session:
             ("created", f"{_when(m.created_on)} UTC"),
             ("committed", f"{_when(m.committed_on)} UTC"),
             ("latest", "yes" if m.latest else "no (saved with latest=False)"),
-            ("size", f"{len(m.files)} file{'s' * (len(m.files) != 1)}, {_size(m.total_bytes)}"
+            ("size", f"{_n(len(m.files), 'file')}, {_size(m.total_bytes)}"
                      + (f" ({_size(r['stored_bytes'])} stored by this checkpoint, the rest "
                         "in earlier ones)" if r["referenced_bytes"] else "")),
             ("format", str(m.format)),
@@ -414,7 +422,7 @@ class Session:
                  progress: bool) -> None:
         entry = self.resolve(which, name=name)
         m, dest = entry.manifest, os.path.abspath(directory)
-        before = set(glob.glob(os.path.join(glob.escape(dest), ".ckpt-load-*")))
+        before = _staging(dest)
         failed: list[BaseException] = []
         done = threading.Event()
 
@@ -428,11 +436,11 @@ class Session:
 
         worker = threading.Thread(target=load, name="checkpoint-download", daemon=True)
         worker.start()
-        label = f"Downloading {m.name!r} ({len(m.files)} files, {_size(m.total_bytes)})"
+        label = f"Downloading {m.name!r} ({_n(len(m.files), 'file')}, {_size(m.total_bytes)})"
         with _Bar(m.total_bytes, label, enabled=progress) as bar:
             shown = 0
             while not done.wait(PROGRESS_INTERVAL_S):
-                now = min(_staged_bytes(dest, before), m.total_bytes)
+                now = min(_staged_bytes(_staging(dest) - before), m.total_bytes)
                 bar.update(now - shown)
                 shown = max(shown, now)
             if not failed:
@@ -441,11 +449,11 @@ class Session:
         if failed:
             e = failed[0]
             if isinstance(e, CheckpointError):
-                raise CheckpointVerifyException(
+                raise CheckpointDownloadException(
                     f"{e}\nNothing was placed in {dest!r}.") from e
             raise e
         click.echo(f"Downloaded checkpoint {m.name!r} ({entry.keys.checkpoint_id}) into "
-                   f"{dest}: {len(m.files)} file{'s' * (len(m.files) != 1)}, "
+                   f"{dest}: {_n(len(m.files), 'file')}, "
                    f"{_size(m.total_bytes)}, every SHA-256 verified.")
 
     def _to_verify(self, which: str | None, name: str | None
@@ -469,7 +477,8 @@ class Session:
             label = Target.parse(which, self.flow).label(self.flow)
             raise CheckpointNotFoundException(
                 f"{label} has no committed checkpoints{named} {self.where()}.{self._hint()}")
-        engine = self.catalog.engine
+        catalog = self.catalog  # made here, not by the threads below
+        engine = catalog.engine
         failures: list[dict[str, Any]] = []
         for keys in unread:
             try:
@@ -490,7 +499,7 @@ class Session:
             d = os.path.join(scratch, str(i))
             one = Entry(entry.keys, dataclasses.replace(entry.manifest, files=(f,)))
             try:
-                self.catalog.load(one, d)
+                catalog.load(one, d)
                 got = os.path.getsize(os.path.join(d, *f.path.split("/")))
                 if got != f.size:
                     url = engine.backend.url_of(entry.keys.stored(f.path, f.key))
@@ -505,26 +514,35 @@ class Session:
 
         try:
             with ThreadPoolExecutor(VERIFY_WORKERS) as pool, \
-                    _Bar(total, f"Verifying {len(entries)} checkpoints ({_size(total)})",
+                    _Bar(total, f"Verifying {_n(len(entries), 'checkpoint')} ({_size(total)})",
                          enabled=progress) as bar:
                 futures = {pool.submit(check, i, e, f): (e, f) for i, (e, f) in enumerate(jobs)}
-                for fut in as_completed(futures):
-                    e, f = futures[fut]
-                    bar.update(f.size)
-                    error = fut.result()
-                    if error is not None:
-                        failures.append({
-                            "checkpoint_id": e.keys.checkpoint_id, "name": e.manifest.name,
-                            "key": e.keys.manifest, "file": f.path,
-                            "data_key": e.keys.stored(f.path, f.key), "error": error})
+                pending, done_bytes, shown = set(futures), 0, 0
+                while pending:
+                    finished, pending = wait(pending, timeout=PROGRESS_INTERVAL_S,
+                                             return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        e, f = futures[fut]
+                        done_bytes += f.size
+                        error = fut.result()
+                        if error is not None:
+                            failures.append({
+                                "checkpoint_id": e.keys.checkpoint_id, "name": e.manifest.name,
+                                "key": e.keys.manifest, "file": f.path,
+                                "data_key": e.keys.stored(f.path, f.key), "error": error})
+                    staged = _staged_bytes(set().union(*(
+                        _staging(d) for d in glob.glob(os.path.join(glob.escape(scratch), "*")))))
+                    now = min(total, done_bytes + staged)
+                    bar.update(now - shown)
+                    shown = max(shown, now)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         failures.sort(key=lambda x: (x["key"], x["file"] or ""))
         bad = {x["key"] for x in failures}
-        summary = (f"Verified {len(entries)} checkpoint{'s' * (len(entries) != 1)} "
-                   f"({len(jobs)} files, {_size(total)}) {self.where()}: ")
-        summary += (f"{len(failures)} failure{'s' * (len(failures) != 1)} in {len(bad)} "
-                    f"checkpoint{'s' * (len(bad) != 1)}." if failures else "all intact.")
+        summary = (f"Verified {_n(len(entries), 'checkpoint')} ({_n(len(jobs), 'file')}, "
+                   f"{_size(total)}) {self.where()}: ")
+        summary += (f"{_n(len(failures), 'failure')} in {_n(len(bad), 'checkpoint')}."
+                    if failures else "all intact.")
         if as_json:
             click.echo(json.dumps({
                 "ok": not failures, "checkpoints": len(entries), "files": len(jobs),
@@ -568,7 +586,12 @@ class Session:
             raise click.BadParameter(
                 "prune keeps and deletes per scope (a step, or one foreach branch of it): "
                 "give RUN or RUN/STEP, not a task.", param_hint="PATHSPEC")
-        scopes = [s for s in self.inventory().scopes if target.has_scope(s)]
+        inv = self.inventory()
+        scopes = [s for s in inv.scopes if target.has_scope(s)]
+        if target.run is not None:  # the scopes where the run saved something
+            keys = [*inv.manifests, *(u.keys for u in inv.uncommitted)]
+            scopes = [s for s in scopes if any(
+                k.scope_prefix == s and target.has_keys(k) for k in keys)]
         if not scopes:
             raise CheckpointNotFoundException(
                 f"{target.label(self.flow)} has no checkpoints {self.where()}.{self._hint()}")
@@ -600,18 +623,18 @@ class Session:
                 self._print_plan(scope, plan, dry_run=dry_run)
             if dry_run:
                 n = sum(len(p.delete) for _, p in plans)
-                click.echo(f"Dry run: would delete {n} checkpoint{'s' * (n != 1)} "
+                click.echo(f"Dry run: would delete {_n(n, 'checkpoint')} "
                            f"({_size(sum(self._own_bytes(p.delete) for _, p in plans))}); "
                            "nothing was deleted.")
             else:
                 for err in errors:
                     click.echo(f"ERROR  {err}")
                 click.echo(
-                    f"Deleted {sum(r.checkpoints_deleted for r in reports)} checkpoints "
-                    f"({sum(r.objects_deleted for r in reports)} objects, "
-                    f"{_size(sum(r.bytes_freed for r in reports))}); removed "
-                    f"{sum(r.debris_removed for r in reports)} incomplete uploads' data; "
-                    f"aborted {sum(r.uploads_aborted for r in reports)} multipart uploads.")
+                    f"Deleted {_n(sum(r.checkpoints_deleted for r in reports), 'checkpoint')} "
+                    f"({_n(sum(r.objects_deleted for r in reports), 'object')}, "
+                    f"{_size(sum(r.bytes_freed for r in reports))} freed); removed the data "
+                    f"of {_n(sum(r.debris_removed for r in reports), 'incomplete checkpoint')}; "
+                    f"aborted {_n(sum(r.uploads_aborted for r in reports), 'multipart upload')}.")
         if errors:
             click.get_current_context().exit(1)
 

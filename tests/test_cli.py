@@ -296,10 +296,19 @@ def test_verify_finds_a_corrupt_object_and_names_it(store: Store, tmp_path: Path
     store.cli("verify", rows[2]["checkpoint_id"])
     store.cli("verify", bad["key"], rc=1)
 
-    # A shorter object is a size failure too; a download of it places nothing.
-    store.put(data_key, _content(1)[:1000])
+    # A shorter or longer object is a size failure, a missing one says so; a download of
+    # any of them places nothing.
+    for data, said in ((_content(1)[:1000], "has 1000 bytes"),
+                       (_content(1) + b"x", f"has {len(_content(1)) + 1} bytes")):
+        store.put(data_key, data)
+        out = store.cli("verify", bad["checkpoint_id"], rc=1)
+        (failed,) = [ln for ln in out.stdout.splitlines() if ln.startswith("FAILED")]
+        assert "'weights.bin' at " in failed and failed.endswith(f"{said}, but its manifest "
+                                                                 f"says {len(_content(1))}.")
+        assert bad["checkpoint_id"] in out.stdout and data_key in out.stdout
+    store.delete(data_key)
     out = store.cli("verify", bad["checkpoint_id"], rc=1)
-    assert "weights.bin" in out.stdout and bad["checkpoint_id"] in out.stdout
+    assert "is missing from the store" in out.stdout and data_key in out.stdout
     dest = tmp_path / "out"
     out = store.cli("download", bad["checkpoint_id"], str(dest), rc=1)
     assert "weights.bin" in out.stderr

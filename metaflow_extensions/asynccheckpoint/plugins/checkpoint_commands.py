@@ -492,20 +492,28 @@ class Session:
                 raise CheckpointException(f"cannot read checkpoints {self.where()}: {e}") from e
         jobs = [(e, f) for e in entries for f in e.manifest.files]
         total = sum(f.size for _, f in jobs)
+        # Sizes from the store's listing, not from what a read returns: a ranged read asks
+        # for the manifest's size and would not see bytes appended to an object.
+        sizes: dict[str, int] = {}
+        with self._reading():
+            for scope in sorted({e.keys.scope_prefix for e in entries}):
+                objects = engine.run(engine.backend.list_objects, f"{scope}/data/")
+                sizes.update((o.key, o.size) for o in objects)
         scratch = tempfile.mkdtemp(prefix="metaflow_checkpoint_verify_")
 
         def check(i: int, entry: Entry, f: Any) -> str | None:
+            key = entry.keys.stored(f.path, f.key)
+            who = (f"checkpoint {entry.manifest.name!r} ({entry.keys.checkpoint_id}): file "
+                   f"{f.path!r} at {engine.backend.url_of(key)}")
+            if key not in sizes:
+                return f"{who} is missing from the store."
+            if sizes[key] != f.size:
+                return f"{who} has {sizes[key]} bytes, but its manifest says {f.size}."
             # One file at a time, through the engine's own verified load.
             d = os.path.join(scratch, str(i))
             one = Entry(entry.keys, dataclasses.replace(entry.manifest, files=(f,)))
             try:
                 catalog.load(one, d)
-                got = os.path.getsize(os.path.join(d, *f.path.split("/")))
-                if got != f.size:
-                    url = engine.backend.url_of(entry.keys.stored(f.path, f.key))
-                    return (f"checkpoint {entry.manifest.name!r} ({entry.keys.checkpoint_id}): "
-                            f"file {f.path!r} at {url} has {got} bytes, but its manifest "
-                            f"says {f.size}.")
                 return None
             except CheckpointError as e:
                 return str(e)

@@ -36,9 +36,15 @@ def _namespace_options(f: Any) -> Any:
 
 
 def _session(obj: Any, namespace: str | None, all_namespaces: bool) -> Any:
-    from .checkpoint_commands import Session
+    from .checkpoint_finder import Session
 
     return Session.from_cli(obj, namespace=namespace, all_namespaces=all_namespaces)
+
+
+def _commands() -> Any:
+    from . import checkpoint_commands
+
+    return checkpoint_commands
 
 
 @click.group()
@@ -66,7 +72,8 @@ def checkpoint() -> None:
 def list_checkpoints(obj: Any, pathspec: str | None, name: str | None, incomplete: bool,
                      as_json: bool, namespace: str | None, all_namespaces: bool) -> None:
     with _session(obj, namespace, all_namespaces) as s:
-        s.list_checkpoints(pathspec, name=name, incomplete=incomplete, as_json=as_json)
+        _commands().list_checkpoints(s, pathspec, name=name, incomplete=incomplete,
+                                     as_json=as_json)
 
 
 _WHICH_HELP = (
@@ -84,7 +91,7 @@ _WHICH_HELP = (
 def show(obj: Any, which: str, name: str | None, as_json: bool, namespace: str | None,
          all_namespaces: bool) -> None:
     with _session(obj, namespace, all_namespaces) as s:
-        s.show(which, name=name, as_json=as_json)
+        _commands().show(s, which, name=name, as_json=as_json)
 
 
 @checkpoint.command(help="Copy a checkpoint's files into DIRECTORY, verifying each SHA-256. "
@@ -100,7 +107,7 @@ def show(obj: Any, which: str, name: str | None, as_json: bool, namespace: str |
 def download(obj: Any, which: str, directory: str, name: str | None, progress: bool,
              namespace: str | None, all_namespaces: bool) -> None:
     with _session(obj, namespace, all_namespaces) as s:
-        s.download(which, directory, name=name, progress=progress)
+        _commands().download(s, which, directory, name=name, progress=progress)
 
 
 @checkpoint.command(help="Read stored checkpoints back and check every file's size and "
@@ -118,7 +125,7 @@ def download(obj: Any, which: str, directory: str, name: str | None, progress: b
 def verify(obj: Any, target: str | None, name: str | None, as_json: bool, progress: bool,
            namespace: str | None, all_namespaces: bool) -> None:
     with _session(obj, namespace, all_namespaces) as s:
-        s.verify(target, name=name, as_json=as_json, progress=progress)
+        _commands().verify(s, target, name=name, as_json=as_json, progress=progress)
 
 
 @checkpoint.command(help="Delete the checkpoints no retention rule keeps, per scope (a step, "
@@ -154,6 +161,6 @@ def prune(obj: Any, pathspec: str | None, keep_last: int | None, keep_best: int 
           grace: float | None, dry_run: bool, as_json: bool, namespace: str | None,
           all_namespaces: bool) -> None:
     with _session(obj, namespace, all_namespaces) as s:
-        s.prune(pathspec, keep_last=keep_last, keep_best=keep_best, best_metric=best_metric,
-                best_mode=best_mode, protect=protect, grace=grace, dry_run=dry_run,
-                as_json=as_json)
+        _commands().prune(s, pathspec, keep_last=keep_last, keep_best=keep_best,
+                          best_metric=best_metric, best_mode=best_mode, protect=protect,
+                          grace=grace, dry_run=dry_run, as_json=as_json)

@@ -324,7 +324,8 @@ def test_exit_codes(store: Store) -> None:
                  ["download", "123456789", str(store.cwd / "x")]):
         out = store.cli(*args, rc=1)
         assert "No such checkpoint" in out.stderr or "has no" in out.stderr, out.stderr
-    for args in (["list", "a/b/c/d/e"], ["list", "--no-such-option"], ["download"],
+    for args in (["list", "a/b/c/d/e"], ["list", "OtherFlow/1"], ["list", "--no-such-option"],
+                 ["download"],
                  ["list", "--namespace", "x", "--all-namespaces"], ["show"]):
         out = store.cli(*args, rc=2)
         assert "Usage:" in out.stderr or "Error" in out.stderr, out.stderr

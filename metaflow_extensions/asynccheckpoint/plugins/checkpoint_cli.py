@@ -17,7 +17,8 @@ EXIT_CODES = """
 \b
 Exit codes:
   0  success
-  1  verification failed, nothing matched, or the store could not be read
+  1  a verification or deletion failed, nothing matched, or the store
+     could not be read
   2  usage error (a bad option or argument)
 """
 
@@ -134,7 +135,8 @@ def verify(obj: Any, target: str | None, name: str | None, as_json: bool, progre
                          "the one a retry would resume from, are always kept; data a kept "
                          "checkpoint reads is never deleted. Also removes data no manifest "
                          "commits, and aborts multipart uploads, older than --grace. With "
-                         "--dry-run, only says what it would delete and keep, and why.\n"
+                         "--dry-run, only says what it would delete and keep, and why. Give "
+                         "--keep-last, --keep-best with --best-metric, or both.\n"
                          + EXIT_CODES)
 @click.argument("pathspec", required=False)
 @click.option("--keep-last", type=click.IntRange(min=1), default=None,
@@ -149,7 +151,7 @@ def verify(obj: Any, target: str | None, name: str | None, as_json: bool, progre
               help="Never delete this checkpoint (repeatable).")
 @click.option("--grace", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Leave data without a manifest alone until it is this old: it may be an "
-                   "upload in flight. Default: the retention module's.")
+                   "upload in flight. Default: 6 hours.")
 @click.option("--dry-run", is_flag=True, default=False,
               help="Print what would be deleted and kept, and why; delete nothing.")
 @click.option("--json", "as_json", is_flag=True, default=False,

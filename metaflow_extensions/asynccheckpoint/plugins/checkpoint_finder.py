@@ -60,6 +60,10 @@ class Target:
         parts = text.strip("/").split("/")
         if parts[0] == flow:
             parts = parts[1:]
+        elif len(parts) > 1 and parts[0].isidentifier() and parts[0][0].isupper():
+            raise click.BadParameter(
+                f"{text!r} names the flow {parts[0]}, but this is {flow}'s command line; run "
+                f"the checkpoint command of {parts[0]}'s file.", param_hint="PATHSPEC")
         if len(parts) > 3 or any(not p for p in parts):
             raise click.BadParameter(
                 f"{text!r} is not a pathspec of {flow}: write RUN, RUN/STEP or RUN/STEP/TASK "

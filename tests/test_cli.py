@@ -410,6 +410,18 @@ def test_prune_keep_best_and_usage_errors(store: Store) -> None:
     (scope,) = plan["scopes"]
     assert rows[1]["checkpoint_id"] in [k["checkpoint_id"] for k in scope["keep"]]  # loss 0.4
     assert rows[0]["checkpoint_id"] in [d["checkpoint_id"] for d in scope["delete"]]
+    # Data without a manifest goes once older than --grace; committed ones stay.
+    head = rows[0]["key"].rpartition("/manifests/")[0]
+    orphan = f"{head}/data/{store.run_id}/{rows[0]['checkpoint_id'].replace('-a0-', '-a1-')}/"
+    store.put(orphan + "weights.bin", b"partial")
+    kept = store.json("prune", f"{store.run_id}/train", "--keep-last", "1", "--grace", "3600",
+                      "--dry-run")
+    assert kept["scopes"][0]["debris"] == [] and orphan + "weights.bin" in store.stored_keys()
+    before = store.json("list")["checkpoints"]
+    done = store.json("prune", f"{store.run_id}/train", "--keep-last", "3", "--grace", "0")
+    assert done["scopes"][0]["debris"] == [orphan] and done["deleted"]["debris"] == 1
+    assert orphan + "weights.bin" not in store.stored_keys()
+    assert store.json("list")["checkpoints"] == before
     store.cli("prune", rc=2)  # no rule
     store.cli("prune", "--keep-best", "1", rc=2)  # no metric
     store.cli("prune", f"{store.run_id}/train/1", "--keep-last", "1", rc=2)  # a task

@@ -7,6 +7,11 @@ Checkpoints are made by a real engine; the store is then read back through a fre
 from __future__ import annotations
 
 import dataclasses
+import json
+import random
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +36,8 @@ from uploader import (
 )
 from uploader.catalog import Catalog
 from uploader.config import UploaderMode
-from uploader.retention import DEFAULT_GRACE_S, Pruner, parse_count, parse_grace
+from uploader.pruner import Pruner
+from uploader.retention import DEFAULT_GRACE_S, parse_count, parse_grace
 
 BUCKET = "ckpt-retention"
 SCOPE = Scope("Flow", "user:tester", "train", ())
@@ -59,6 +65,7 @@ class Store:
     make: Callable[[], Engine]  # a new engine on the same store
     s3: S3Server | None
     engines: list[Engine]
+    endpoint: str = ""  # S3: where new engines send requests (a FaultProxy, say)
 
     def engine(self) -> Engine:
         e = self.make()
@@ -85,12 +92,11 @@ def store(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
         monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
         monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-        endpoint = s3.endpoint
 
         def factory(ctx: TransferContext) -> Any:
             from uploader.backends.s3 import S3Backend
 
-            return S3Backend(ctx, bucket=BUCKET, prefix="metaflow", endpoint_url=endpoint)
+            return S3Backend(ctx, bucket=BUCKET, prefix="metaflow", endpoint_url=st.endpoint)
 
     n = iter(range(1000))
 
@@ -98,7 +104,7 @@ def store(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
         return Engine(factory, settings, snapshot_dir=str(tmp_path / f"snap{next(n)}"),
                       log=lambda m: None)
 
-    st = Store(kind, make, s3, [])
+    st = Store(kind, make, s3, [], s3.endpoint if s3 is not None else "")
     yield st
     for e in st.engines:
         e.close()
@@ -341,6 +347,36 @@ def test_a_crash_between_manifest_and_data_leaves_only_whole_checkpoints(
     all_load(Catalog(store.engine()), tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["s3"])
+def test_s3_delete_errors_are_retried_or_reported_by_key(store: Store, tmp_path: Path) -> None:
+    from faultproxy import FaultProxy, error
+
+    engine = store.engine()
+    for ep in range(3):
+        save(engine, tmp_path, ep)
+    assert store.s3 is not None
+    with FaultProxy(store.s3.endpoint) as proxy:
+        # The manifests' DeleteObjects is throttled once (and retried); the data's is denied.
+        proxy.add_rule(error(503, "SlowDown", "Reduce your request rate."), method="POST",
+                       query_contains="delete", times=1)
+        proxy.add_rule(error(403, "AccessDenied", "Access Denied"), method="POST",
+                       query_contains="delete", every=2)
+        store.endpoint = proxy.endpoint
+        pruning = store.engine()
+        catalog = Catalog(pruning)
+        report = execute_prune(catalog, plan_prune(catalog, PREFIX,
+                                                   RetentionPolicy(keep_last=1)))
+        assert proxy.count(method="POST", query_contains="delete") == 3
+    store.endpoint = store.s3.endpoint
+    assert report.checkpoints_deleted == 2 and report.bytes_freed == 0
+    (err,) = report.errors
+    assert "AccessDenied" in err and "s3:DeleteObject" in err and f"'{BUCKET}'" in err
+    assert "/data/1/" in err  # names the key
+    reader = Catalog(store.engine())
+    assert epochs(reader) == [2]
+    all_load(reader, tmp_path)
+
+
 def test_debris_older_than_the_grace_is_removed_and_younger_is_not(
         store: Store, tmp_path: Path) -> None:
     engine = store.engine()
@@ -463,3 +499,102 @@ def test_the_pruner_runs_after_commits_and_drains(store: Store, tmp_path: Path) 
     save(engine, tmp_path, 8)  # closed: no prune any more
     assert pruner.drain(1)
     assert epochs(Catalog(store.engine())) == [8, 7, 6, 0]
+
+
+def test_a_manifest_cache_reads_each_manifest_once(store: Store, tmp_path: Path) -> None:
+    engine = store.engine()
+    first = save(engine, tmp_path, 0)
+    catalog = Catalog(engine)
+    cache: dict[str, Any] = {}
+    plan_prune(catalog, PREFIX, RetentionPolicy(keep_last=1), manifest_cache=cache)
+    assert list(cache) == [first.manifest]
+    # Overwritten behind the cache's back (manifests never are): the cache is what is used.
+    engine.run(engine.backend.put_bytes, first.manifest, b"not json")
+    second = save(engine, tmp_path, 1)
+    plan = plan_prune(catalog, PREFIX, RetentionPolicy(keep_last=1), manifest_cache=cache)
+    assert plan.unreadable == () and [e.keys for e in plan.delete] == [first]
+    assert sorted(cache) == sorted([first.manifest, second.manifest])
+    assert plan_prune(catalog, PREFIX, RetentionPolicy()).unreadable == (first.manifest,)
+    report = execute_prune(catalog, plan, manifest_cache=cache)
+    assert report.errors == [] and report.checkpoints_deleted == 1
+    assert list(cache) == [second.manifest]  # only what is listed now
+
+
+def _prune_child(cfg: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(Path(__file__).parent / "prunekit.py"),
+                           json.dumps(cfg)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_prune_killed_anywhere_leaves_whole_checkpoints_and_the_next_one_cleans_up(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """SIGKILL a prune process at each operation (the local store: a sample of them):
+    readers then see only whole checkpoints, and the next prune leaves exactly the kept
+    ones, with no data of any other."""
+    from treekit import fresh_bucket, local_engine, s3_engine
+
+    server = request.getfixturevalue("server") if kind == "s3" else None
+
+    def setup(trial: Path) -> tuple[Engine, dict[str, Any]]:
+        trial.mkdir()
+        cfg: dict[str, Any] = {"kind": kind, "tmp": str(trial), "scope": PREFIX,
+                               "keep_last": 2}
+        if server is None:
+            engine = local_engine(trial)
+        else:
+            cfg["bucket"], cfg["endpoint"] = fresh_bucket(server), server.endpoint
+            engine = s3_engine(server, trial, cfg["bucket"], uploader=UploaderMode.THREAD)
+        for ep in range(5):
+            save(engine, trial, ep)
+        return engine, cfg
+
+    engine, cfg = setup(tmp_path / "count")
+    out = _prune_child(cfg)
+    assert out.returncode == 0 and "DONE" in out.stdout, out.stderr
+    engine.close()
+    ops = int(out.stdout.split("OPS ")[1].split()[0])
+    points = list(range(1, ops + 1))
+    if kind == "local":  # op 2: the manifests are gone, no data is
+        points = sorted({2, ops - 1, *random.Random(5).sample(points, 6)})
+    for at in points:
+        engine, cfg = setup(tmp_path / f"kill{at}")
+        try:
+            out = _prune_child({**cfg, "kill_op": at})
+            assert out.returncode == -signal.SIGKILL, (at, out.stdout, out.stderr)
+            reader = Catalog(engine)
+            seen = epochs(reader)
+            assert seen[:2] == [4, 3] and set(seen) <= {0, 1, 2, 3, 4}, (at, seen)
+            all_load(reader, tmp_path / f"loads{at}")
+            report = execute_prune(reader, plan_prune(
+                reader, PREFIX, RetentionPolicy(keep_last=2), grace_s=0, now=time.time() + 1))
+            assert report.errors == [], (at, report.errors)
+            kept = reader.entries(PREFIX)
+            assert [int(e.manifest.metadata["epoch"]) for e in kept] == [4, 3]
+            ids = {k[len(PREFIX) + len("/data/"):].split("/")[1] for k in data_keys(engine)}
+            assert ids == {e.keys.checkpoint_id for e in kept}, at
+            all_load(reader, tmp_path / f"after{at}")
+        finally:
+            engine.close()
+
+
+def test_a_failing_prune_logs_a_warning_and_fails_nothing(tmp_path: Path) -> None:
+    logs: list[str] = []
+    engine = Engine(lambda ctx: LocalBackend(str(tmp_path / "store"), ctx), Settings(),
+                    snapshot_dir=str(tmp_path / "snap"), log=logs.append)
+    try:
+        async def broken(prefix: str) -> Any:
+            raise PermissionError(13, "Permission denied", prefix)
+
+        engine.backend.list_objects = broken  # type: ignore[method-assign]
+        pruner = Pruner(engine, PREFIX, RetentionPolicy(keep_last=1), run_id="1",
+                        log=logs.append)
+        for ep in range(3):
+            save(engine, tmp_path, ep)  # each commits: wait() raises otherwise
+        assert pruner.drain(60)
+        assert epochs(Catalog(engine)) == [2, 1, 0]
+        warnings = [m for m in logs if "pruning old checkpoints" in m]
+        assert len(warnings) == 1 and "Permission denied" in warnings[0], logs
+        assert "Checkpoints are unaffected" in warnings[0]
+        pruner.close()
+    finally:
+        engine.close()

@@ -29,10 +29,10 @@ from .layout import (
     value_fingerprint,
 )
 from .manifest import FileEntry, Manifest
+from .pruner import Pruner
 from .retention import (
     DEFAULT_GRACE_S,
     PrunePlan,
-    Pruner,
     PruneReport,
     RetentionPolicy,
     execute_prune,

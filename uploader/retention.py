@@ -27,19 +27,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .backends.base import StoredObject
 from .catalog import Catalog, Entry
 from .engine import Engine
 from .errors import ManifestError
-from .handle import CheckpointHandle
 from .layout import CheckpointKeys, Scope, safe_component
+from .manifest import Manifest
 
-__all__ = ["BEST_MODES", "DEFAULT_GRACE_S", "PrunePlan", "PruneReport", "Pruner",
+__all__ = ["BEST_MODES", "DEFAULT_GRACE_S", "ManifestCache", "PrunePlan", "PruneReport",
            "RetentionPolicy", "choose", "execute_prune", "parse_count", "parse_grace",
            "plan_prune", "prune"]
 
@@ -47,8 +46,6 @@ __all__ = ["BEST_MODES", "DEFAULT_GRACE_S", "PrunePlan", "PruneReport", "Pruner"
 # takes under 6 hours.
 DEFAULT_GRACE_S = 6 * 3600.0
 BEST_MODES = ("min", "max")
-# A prune in the task's teardown waits at most this long for the one in flight.
-PRUNE_DRAIN_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,13 +181,30 @@ def choose(entries: Sequence[Entry], policy: RetentionPolicy,
     return {cid: ", ".join(why) for cid, why in reasons.items()}
 
 
-def _manifests(engine: Engine, scope_prefix: str
+ManifestCache = dict[str, Manifest | ManifestError | None]
+
+
+def _manifests(engine: Engine, scope_prefix: str, cache: ManifestCache | None = None
                ) -> tuple[list[Entry], list[CheckpointKeys], list[str]]:
-    """Readable entries (newest first), every manifest's keys, and the unreadable ones."""
+    """Readable entries (newest first), every manifest's keys, and the unreadable ones.
+
+    ``cache`` (manifest key -> what was read) saves reading a manifest again: a manifest is
+    never rewritten, so a prune after each commit reads only the new ones. It is updated
+    to hold exactly the manifests listed now.
+    """
     found = engine.list_manifest_keys(f"{scope_prefix}/manifests/")
+    known = {} if cache is None else cache
+    todo = [k for k in found if k.manifest not in known or known[k.manifest] is None]
+    read = dict(zip((k.manifest for k in todo), engine.read_manifests(todo), strict=True))
+    got = {k.manifest: read[k.manifest] if k.manifest in read else known[k.manifest]
+           for k in found}
+    if cache is not None:
+        cache.clear()
+        cache.update(got)
     entries: list[Entry] = []
     unreadable: list[str] = []
-    for keys, m in zip(found, engine.read_manifests(found), strict=True):
+    for keys in found:
+        m = got[keys.manifest]
         if isinstance(m, ManifestError):
             unreadable.append(keys.manifest)
         elif m is not None:
@@ -224,13 +238,15 @@ def _by_checkpoint(scope_prefix: str, objects: Iterable[StoredObject]
 
 def plan_prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
                run_id: str | None = None, protect: Iterable[str] = (),
-               grace_s: float = DEFAULT_GRACE_S, now: float | None = None) -> PrunePlan:
+               grace_s: float = DEFAULT_GRACE_S, now: float | None = None,
+               manifest_cache: ManifestCache | None = None) -> PrunePlan:
     """What to delete in the scope at ``scope_prefix``; reads only.
 
     ``run_id`` limits the committed checkpoints considered (for keeping and deleting) to
     one run; debris and stale uploads are looked for in the whole scope. ``protect`` are
     checkpoint ids never deleted (nor their data taken for debris). ``now`` (seconds since
-    the epoch) is the clock the grace period is measured against.
+    the epoch) is the clock the grace period is measured against. ``manifest_cache``, a
+    dict kept between prunes of one scope, spares reading the same manifests again.
 
     Raises ValueError for a prefix that is not a scope's.
     """
@@ -238,7 +254,7 @@ def plan_prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
     prefix = Scope.from_prefix(scope_prefix).prefix
     now = time.time() if now is None else now
     protect = frozenset(protect)
-    entries, all_keys, unreadable = _manifests(engine, prefix)
+    entries, all_keys, unreadable = _manifests(engine, prefix, manifest_cache)
     run = None if run_id is None else safe_component(str(run_id))
     considered = [e for e in entries if run is None or e.keys.run_id == run]
     if unreadable:
@@ -278,12 +294,22 @@ def _stale_uploads(engine: Engine, prefix: str, before: float) -> tuple[tuple[st
 # -- executing -----------------------------------------------------------------------
 
 
-def execute_prune(catalog: Catalog, plan: PrunePlan) -> PruneReport:
-    """Delete what ``plan`` says, manifests first; never raises for a storage error: each
-    one is in the report's ``errors``, and what it stopped is left for the next prune."""
+def execute_prune(catalog: Catalog, plan: PrunePlan, *,
+                  manifest_cache: ManifestCache | None = None) -> PruneReport:
+    """Delete what ``plan`` says, manifests first. Never raises for a storage error: each
+    one is in the report's ``errors``, and what it stopped is left for the next prune.
+
+    Raises ValueError for a plan built by hand that names more than one scope.
+    """
     engine = catalog.engine
     backend = engine.backend
     report = PruneReport()
+    if not plan.scope_prefix:  # a plan built by hand: the scope its checkpoints name
+        scopes = {e.keys.scope_prefix for e in plan.delete} | {
+            d.rstrip("/").rsplit("/", 3)[0] for d in plan.debris}
+        if len(scopes) > 1:
+            raise ValueError(f"a prune plan covers one scope; this one names {sorted(scopes)}")
+        plan = dataclasses.replace(plan, scope_prefix=scopes.pop() if scopes else "")
     if plan.unreadable:
         report.errors.append(
             f"not pruning {plan.scope_prefix}: {len(plan.unreadable)} manifest(s) cannot be "
@@ -301,7 +327,7 @@ def execute_prune(catalog: Catalog, plan: PrunePlan) -> PruneReport:
     # again now: a save may have committed (and a pending one started) since the plan.
     if gone or plan.debris:
         try:
-            _delete_data(engine, plan, gone, report)
+            _delete_data(engine, plan, gone, report, manifest_cache)
         except Exception as e:
             report.errors.append(f"not deleting data under {plan.scope_prefix}: {e}. What is "
                                  "left is removed as debris by a later prune.")
@@ -327,11 +353,11 @@ def _delete(engine: Engine, keys: Sequence[str], report: PruneReport) -> set[str
 
 
 def _delete_data(engine: Engine, plan: PrunePlan, gone: Sequence[Entry],
-                 report: PruneReport) -> None:
+                 report: PruneReport, cache: ManifestCache | None) -> None:
     prefix = plan.scope_prefix
     pending = getattr(engine, "referenced_keys", None)
     refs: set[str] = set(pending()) if pending is not None else set()  # before the listing
-    entries, all_keys, unreadable = _manifests(engine, prefix)
+    entries, all_keys, unreadable = _manifests(engine, prefix, cache)
     if unreadable:
         raise RuntimeError(f"a manifest that cannot be read appeared ({unreadable[0]})")
     refs |= _referenced(engine, entries)
@@ -356,114 +382,9 @@ def _delete_data(engine: Engine, plan: PrunePlan, gone: Sequence[Entry],
 
 def prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
           run_id: str | None = None, protect: Iterable[str] = (),
-          grace_s: float = DEFAULT_GRACE_S, now: float | None = None) -> PruneReport:
+          grace_s: float = DEFAULT_GRACE_S, now: float | None = None,
+          manifest_cache: ManifestCache | None = None) -> PruneReport:
     """:func:`plan_prune`, then :func:`execute_prune`."""
     plan = plan_prune(catalog, scope_prefix, policy, run_id=run_id, protect=protect,
-                      grace_s=grace_s, now=now)
-    return execute_prune(catalog, plan)
-
-
-# -- in a task: after each commit, in the background ---------------------------------
-
-
-class Pruner:
-    """Prunes one scope after each commit of ``engine``, in a thread of its own.
-
-    One prune at a time; commits during a prune coalesce into one more. The set
-    considered is the committed checkpoints of ``run_id`` in the scope; ``protect()``
-    (called at each prune) adds ids never to delete, and every checkpoint the engine has
-    not finished with is protected too. A failing prune logs a warning and nothing else.
-    """
-
-    def __init__(self, engine: Engine, scope_prefix: str, policy: RetentionPolicy, *,
-                 run_id: str | None, grace_s: float = DEFAULT_GRACE_S,
-                 protect: Callable[[], Iterable[str]] = lambda: (),
-                 log: Callable[[str], None] = print) -> None:
-        self._catalog = Catalog(engine)
-        self._engine = engine
-        self._scope_prefix = scope_prefix
-        self._policy = policy
-        self._run_id = run_id
-        self._grace_s = grace_s
-        self._protect = protect
-        self._log = log
-        self._cond = threading.Condition()
-        self._wanted = False
-        self._running = False
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        self.last: PruneReport | None = None
-        engine.add_commit_listener(self._on_commit)
-
-    def _on_commit(self, handle: CheckpointHandle) -> None:
-        # On the engine's loop: only say that a prune is wanted.
-        if handle.scope == self._scope_prefix:
-            self.request()
-
-    def request(self) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._wanted = True
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="checkpoint-pruner",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._wanted and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                self._wanted, self._running = False, True
-            try:
-                self._prune_once()
-            except Exception as e:
-                self._log(f"WARNING: pruning old checkpoints of {self._scope_prefix} failed: "
-                          f"{type(e).__name__}: {e}. Checkpoints are unaffected; the next "
-                          "commit tries again.")
-            finally:
-                with self._cond:
-                    self._running = False
-                    self._cond.notify_all()
-
-    def _prune_once(self) -> None:
-        busy = {h.checkpoint_id for h in self._engine.handles if not h.done()}
-        report = prune(self._catalog, self._scope_prefix, self._policy, run_id=self._run_id,
-                       protect=busy | set(self._protect()), grace_s=self._grace_s)
-        self.last = report
-        if report.deleted_anything:
-            extra = "".join([
-                f", {report.debris_removed} left by failed uploads" if report.debris_removed
-                else "",
-                f", {report.uploads_aborted} incomplete upload(s) aborted"
-                if report.uploads_aborted else ""])
-            self._log(f"Retention: deleted {report.checkpoints_deleted} old checkpoint(s)"
-                      f"{extra}, {report.bytes_freed / 2**20:.1f} MiB freed.")
-        for err in report.errors[:5]:
-            self._log(f"WARNING: retention: {err}")
-
-    def drain(self, timeout: float = PRUNE_DRAIN_S) -> bool:
-        """Wait up to ``timeout`` s for the prune in flight and one still wanted; True if
-        none is left."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._wanted or self._running:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None:
-                    return False
-                self._cond.wait(left)
-        return True
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop: no prune starts from now on; wait up to ``timeout`` s for one running."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-
+                      grace_s=grace_s, now=now, manifest_cache=manifest_cache)
+    return execute_prune(catalog, plan, manifest_cache=manifest_cache)

@@ -64,9 +64,11 @@ class Store:
     client: Any = None  # s3: a boto3 client, the bucket, and the datastore prefix
     bucket: str = ""
 
-    def cli(self, *args: str, rc: int | None = 0) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, rc: int | None = 0, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
         out = subprocess.run([sys.executable, str(FLOW), "checkpoint", *args], cwd=self.cwd,
-                             env=self.env, capture_output=True, text=True, timeout=120)
+                             env={**self.env, **(env or {})}, capture_output=True, text=True,
+                             timeout=120)
         if rc is not None:
             assert out.returncode == rc, (
                 f"exit {out.returncode}, not {rc}\n--- stdout\n{out.stdout}\n--- stderr\n"
@@ -417,6 +419,10 @@ def test_prune_keep_best_and_usage_errors(store: Store) -> None:
     kept = store.json("prune", f"{store.run_id}/train", "--keep-last", "1", "--grace", "3600",
                       "--dry-run")
     assert kept["scopes"][0]["debris"] == [] and orphan + "weights.bin" in store.stored_keys()
+    # Without --grace, the grace tasks use (METAFLOW_CHECKPOINT_DEBRIS_GRACE) applies.
+    out = store.cli("prune", f"{store.run_id}/train", "--keep-last", "3", "--dry-run", "--json",
+                    env={"METAFLOW_CHECKPOINT_DEBRIS_GRACE": "0"})
+    assert json.loads(out.stdout)["scopes"][0]["debris"] == [orphan]
     before = store.json("list")["checkpoints"]
     done = store.json("prune", f"{store.run_id}/train", "--keep-last", "3", "--grace", "0")
     assert done["scopes"][0]["debris"] == [orphan] and done["deleted"]["debris"] == 1

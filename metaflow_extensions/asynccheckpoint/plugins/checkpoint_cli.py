@@ -151,7 +151,8 @@ def verify(obj: Any, target: str | None, name: str | None, as_json: bool, progre
               help="Never delete this checkpoint (repeatable).")
 @click.option("--grace", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Leave data without a manifest alone until it is this old: it may be an "
-                   "upload in flight. Default: 6 hours.")
+                   "upload in flight. Default: METAFLOW_CHECKPOINT_DEBRIS_GRACE (6 hours "
+                   "unless set), as for tasks.")
 @click.option("--dry-run", is_flag=True, default=False,
               help="Print what would be deleted and kept, and why; delete nothing.")
 @click.option("--json", "as_json", is_flag=True, default=False,

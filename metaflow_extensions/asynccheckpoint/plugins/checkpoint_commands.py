@@ -27,10 +27,10 @@ from metaflow._vendor import click
 from uploader import CheckpointError, CheckpointKeys, ManifestError
 from uploader.catalog import Entry
 from uploader.retention import (
-    DEFAULT_GRACE_S,
     PrunePlan,
     RetentionPolicy,
     execute_prune,
+    parse_grace,
     plan_prune,
 )
 
@@ -40,7 +40,7 @@ from .checkpoint_finder import (
     Target,
     is_one_checkpoint,
 )
-from .exceptions import CheckpointException
+from .exceptions import CheckpointConfigException, CheckpointException
 
 __all__ = ["download", "list_checkpoints", "prune", "show", "verify"]
 
@@ -386,12 +386,19 @@ def prune(s: Session, pathspec: str | None, *, keep_last: int | None,
     if not scopes:
         raise CheckpointNotFoundException(
             f"{target.label(s.flow)} has no checkpoints {s.where()}.{s.hint()}")
+    if grace is None:  # as tasks prune: METAFLOW_CHECKPOINT_DEBRIS_GRACE
+        from metaflow import metaflow_config
+
+        try:
+            grace = parse_grace(getattr(metaflow_config, "CHECKPOINT_DEBRIS_GRACE", None),
+                                "METAFLOW_CHECKPOINT_DEBRIS_GRACE")
+        except ValueError as e:
+            raise CheckpointConfigException(str(e)) from e
     plans = []
     with s.reading():
         for scope in scopes:
-            plans.append((scope, plan_prune(
-                s.catalog, scope, policy, run_id=target.run, protect=protect,
-                grace_s=DEFAULT_GRACE_S if grace is None else grace)))
+            plans.append((scope, plan_prune(s.catalog, scope, policy, run_id=target.run,
+                                            protect=protect, grace_s=grace)))
     reports = []
     if not dry_run:
         with s.reading():

@@ -232,7 +232,8 @@ class Session:
             "namespace": ident.get("namespace"), "files": len(m.files),
             "size_bytes": m.total_bytes, "stored_bytes": stored,
             "referenced_bytes": m.total_bytes - stored, "created_on": m.created_on,
-            "committed_on": m.committed_on, "latest": m.latest, "metadata": m.metadata,
+            "committed_on": m.committed_on, "written_on": None, "latest": m.latest,
+            "metadata": m.metadata,
             "key": e.keys.manifest, "url": backend.url_of(e.keys.data_prefix),
         }
 

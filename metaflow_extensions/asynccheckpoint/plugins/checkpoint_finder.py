@@ -1,0 +1,256 @@
+"""Finding the checkpoints a ``checkpoint`` command names, in the flow's datastore.
+
+A thin adapter over :class:`uploader.catalog.Catalog`, read through the engine
+:class:`.reader.Reader` builds for the flow's datastore (as ``current.checkpoint`` and
+``Checkpoint`` read); a flow's scopes, and data no manifest commits, come from
+:func:`uploader.inventory.take_inventory`. It turns what users type (a pathspec, a
+checkpoint id, a manifest key) into catalog entries, and entries into rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from metaflow._vendor import click
+
+from uploader import CheckpointError, CheckpointKeys, Scope, checkpoint_order
+from uploader.catalog import Catalog, Entry
+from uploader.inventory import Inventory, Uncommitted, take_inventory
+from uploader.layout import ROOT_PREFIX, safe_component
+
+from .exceptions import CheckpointException
+from .reader import Reader
+from .storage import SUPPORTED_DATASTORES, engine_settings
+
+__all__ = ["CheckpointNotFoundException", "Session", "Target", "is_one_checkpoint"]
+
+_UNORDERED = (-1, -1, -1)
+
+
+class CheckpointNotFoundException(CheckpointException):
+    headline = "No such checkpoint"
+
+
+def is_one_checkpoint(which: str) -> bool:
+    """Whether ``which`` names one checkpoint (a manifest key or an id), not a pathspec."""
+    return "/manifests/" in which or ("/" not in which
+                                      and checkpoint_order(which) != _UNORDERED)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"[@checkpoint] {message}", err=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a PATHSPEC names within the flow: everything, a run, a step of it, or a task."""
+
+    run: str | None = None
+    step: str | None = None
+    task: str | None = None
+
+    @classmethod
+    def parse(cls, text: str | None, flow: str) -> Target:
+        if text is None or not text.strip("/"):
+            return cls()
+        parts = text.strip("/").split("/")
+        if parts[0] == flow:
+            parts = parts[1:]
+        elif len(parts) > 1 and parts[0].isidentifier() and parts[0][0].isupper():
+            raise click.BadParameter(
+                f"{text!r} names the flow {parts[0]}, but this is {flow}'s command line; run "
+                f"the checkpoint command of {parts[0]}'s file.", param_hint="PATHSPEC")
+        if len(parts) > 3 or any(not p for p in parts):
+            raise click.BadParameter(
+                f"{text!r} is not a pathspec of {flow}: write RUN, RUN/STEP or RUN/STEP/TASK "
+                f"(optionally after {flow}/).", param_hint="PATHSPEC")
+        return cls(*parts)
+
+    def label(self, flow: str) -> str:
+        return "/".join([flow, *(p for p in (self.run, self.step, self.task) if p)])
+
+    def has_scope(self, scope: str) -> bool:
+        return self.step is None or Scope.from_prefix(scope).step == safe_component(self.step)
+
+    def has_keys(self, keys: CheckpointKeys) -> bool:
+        """Whether a checkpoint's keys lie under this target (the task read from its id)."""
+        return (self.has_scope(keys.scope_prefix)
+                and (self.run is None or keys.run_id == safe_component(self.run))
+                and (self.task is None or _id_task(keys.checkpoint_id) == safe_component(
+                    self.task)))
+
+
+def _id_task(checkpoint_id: str) -> str:
+    """The task component of an id this package wrote (see ``new_checkpoint_id``)."""
+    head = checkpoint_id.rsplit("-", 3)[0]
+    return head.partition("-")[2]
+
+
+def _newest_first(entries: Iterable[Entry]) -> list[Entry]:
+    by_keys = {e.keys: e for e in entries}
+    return [by_keys[k] for k in CheckpointKeys.newest_first(by_keys)]
+
+
+class Session:
+    """One command's view of the flow's checkpoints: a store, a namespace, a catalog."""
+
+    def __init__(self, *, flow: str, datastore: str, root: str, namespace: str | None) -> None:
+        if datastore not in SUPPORTED_DATASTORES:
+            raise CheckpointException(
+                f"checkpoints are stored in the {' or '.join(SUPPORTED_DATASTORES)} datastore; "
+                f"this command runs with {datastore!r}. Pass --datastore=local or "
+                "--datastore=s3 before `checkpoint`.")
+        self.flow, self.namespace = flow, namespace
+        self.datastore, self.root = datastore, root
+        self.reader = Reader(settings=engine_settings(), log=_warn)
+        self._inventory: Inventory | None = None
+
+    @classmethod
+    def from_cli(cls, obj: Any, *, namespace: str | None, all_namespaces: bool) -> Session:
+        """For the flow Metaflow's CLI was started with, and its ``--datastore`` options."""
+        if namespace is not None and all_namespaces:
+            raise click.UsageError("--namespace and --all-namespaces exclude each other.")
+        if namespace is None and not all_namespaces:
+            from metaflow import get_namespace
+
+            namespace = get_namespace()  # None is Metaflow's global namespace: all
+        impl = obj.datastore_impl
+        return cls(flow=obj.flow.name, datastore=impl.TYPE, root=str(impl.datastore_root),
+                   namespace=namespace)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.reader.close()
+
+    # -- finding ---------------------------------------------------------------------
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.reader.catalog(self.datastore, self.root)
+
+    @property
+    def prefix(self) -> str:
+        head = f"{ROOT_PREFIX}/{safe_component(self.flow)}/"
+        return head if self.namespace is None else f"{head}{safe_component(self.namespace)}/"
+
+    def where(self) -> str:
+        ns = "any namespace" if self.namespace is None else f"namespace {self.namespace}"
+        return f"in {ns} of {self.catalog.engine.backend.url}"
+
+    def hint(self) -> str:
+        return ("" if self.namespace is None
+                else " Checkpoints of other namespaces are listed with --all-namespaces.")
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        try:
+            yield
+        except CheckpointError as e:
+            raise CheckpointException(f"cannot read checkpoints {self.where()}: {e}") from e
+
+    def inventory(self) -> Inventory:
+        if self._inventory is None:
+            with self.reading():
+                self._inventory = take_inventory(self.catalog.engine, self.prefix)
+        return self._inventory
+
+    def committed(self, target: Target) -> list[Entry]:
+        """Every committed checkpoint under ``target``, newest first."""
+        found: list[Entry] = []
+        with self.reading():
+            for scope in self.inventory().scopes:
+                if target.has_scope(scope):
+                    found += self.catalog.select(scope, run_id=target.run, task_id=target.task)
+        return _newest_first(found)
+
+    def uncommitted(self, target: Target, committed: Sequence[Entry]) -> list[Uncommitted]:
+        """Data without a manifest under ``target``; not what a later checkpoint (format 2)
+        still reads, which stays after its own manifest is deleted."""
+        used = {f"{e.keys.scope_prefix}/{f.key}" for e in committed for f in e.manifest.files
+                if f.key is not None}
+        return [u for u in self.inventory().uncommitted
+                if target.has_keys(u.keys) and not any(o.key in used for o in u.objects)]
+
+    def resolve(self, which: str, *, name: str | None = None) -> Entry:
+        """The checkpoint ``which`` names: a manifest key, a checkpoint id, or a pathspec
+        (its newest checkpoint, of ``name`` if given)."""
+        if "/manifests/" in which:
+            try:
+                with self.reading():
+                    entry = self.catalog.read(which)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="CHECKPOINT") from e
+            if entry is None:
+                raise CheckpointNotFoundException(
+                    f"no committed checkpoint has the manifest key {which!r} in "
+                    f"{self.catalog.engine.backend.url}.")
+            return entry
+        if is_one_checkpoint(which):
+            return self._by_id(which)
+        target = Target.parse(which, self.flow)
+        found = [e for e in self.committed(target) if name is None or e.manifest.name == name]
+        if not found:
+            named = "" if name is None else f" named {name!r}"
+            raise CheckpointNotFoundException(
+                f"{target.label(self.flow)} has no committed checkpoint{named} "
+                f"{self.where()}.{self.hint()}")
+        return found[0]
+
+    def _by_id(self, checkpoint_id: str) -> Entry:
+        inv = self.inventory()
+        for keys in inv.manifests:
+            if keys.checkpoint_id == checkpoint_id:
+                with self.reading():
+                    entry = self.catalog.read(keys.manifest)
+                if entry is not None:
+                    return entry
+        if any(u.keys.checkpoint_id == checkpoint_id for u in inv.uncommitted):
+            raise CheckpointNotFoundException(
+                f"checkpoint {checkpoint_id} has data but no manifest {self.where()}: it was "
+                "never committed (an upload in flight, or one that crashed), and nothing "
+                "loads it.")
+        raise CheckpointNotFoundException(
+            f"{self.flow} has no checkpoint {checkpoint_id} {self.where()}.{self.hint()}")
+
+    # -- rows --------------------------------------------------------------------------
+
+    def row(self, e: Entry) -> dict[str, Any]:
+        m, ident = e.manifest, e.manifest.identity
+        stored = sum(f.size for f in m.files if f.key is None)
+        step = str(ident.get("step") or Scope.from_prefix(e.keys.scope_prefix).step)
+        backend = self.catalog.engine.backend
+        return {
+            "state": "committed", "name": m.name, "checkpoint_id": e.keys.checkpoint_id,
+            "pathspec": f"{self.flow}/{m.run_id}/{step}/{e.task_id}", "run_id": m.run_id,
+            "step": step, "task_id": e.task_id, "attempt": e.attempt,
+            "namespace": ident.get("namespace"), "files": len(m.files),
+            "size_bytes": m.total_bytes, "stored_bytes": stored,
+            "referenced_bytes": m.total_bytes - stored, "created_on": m.created_on,
+            "committed_on": m.committed_on, "written_on": None, "latest": m.latest,
+            "metadata": m.metadata,
+            "key": e.keys.manifest, "url": backend.url_of(e.keys.data_prefix),
+        }
+
+    def uncommitted_row(self, u: Uncommitted) -> dict[str, Any]:
+        keys = u.keys
+        attempt, _seq, us = checkpoint_order(keys.checkpoint_id)
+        step = Scope.from_prefix(keys.scope_prefix).step
+        task = _id_task(keys.checkpoint_id)
+        created = (None if us < 0 else datetime.datetime.fromtimestamp(
+            us / 1e6, datetime.UTC).isoformat())
+        return {
+            "state": "incomplete", "name": None, "checkpoint_id": keys.checkpoint_id,
+            "pathspec": f"{self.flow}/{keys.run_id}/{step}/{task}", "run_id": keys.run_id,
+            "step": step, "task_id": task, "attempt": attempt, "namespace": None,
+            "files": len(u.objects), "size_bytes": u.size, "stored_bytes": u.size,
+            "referenced_bytes": 0, "created_on": created, "committed_on": None,
+            "written_on": datetime.datetime.fromtimestamp(u.mtime, datetime.UTC).isoformat(),
+            "latest": None, "metadata": None, "key": None,
+            "url": self.catalog.engine.backend.url_of(keys.data_prefix),
+        }

@@ -166,3 +166,23 @@ def test_callback_example_saves_through_the_checkpoint_class(
     for _, m in manifests(tmp_path / "ds" / ".metaflow"):
         assert m.name == "trainer"
         assert [f.path for f in m.files] == ["trainer_state.json"]
+
+
+def test_finetune_example_skips_the_frozen_base_and_keeps_last_and_best(tmp_path: Path) -> None:
+    out = run_example("finetune_retention.py", "--base-mib", "2", cwd=tmp_path)
+    # Attempt 0 saves epochs 0..6 and fails at 7; the retry loads 6 and saves 7..11.
+    assert "Resumed at epoch 7" in out, out
+    # Every save of the retry skips the unchanged 2 MiB base, its first one included: it
+    # compares with the checkpoint it loaded. (In attempt 0 a save skips it only if the
+    # save before had committed when its upload began.)
+    first, _, retry = out.partition("Task is starting (retry)")
+    skipped = r"committed 'mfchckpt' \(save \d+\): [^\n]* 2\.0 MiB unchanged"
+    assert len(re.findall(skipped, retry)) == 5, out
+    assert re.search(r"committed 'mfchckpt' \(save 1\): [^\n]* 0 B unchanged", first), out
+    # The 3 newest, the 2 best by val_loss (epochs 3 and 4), and the one the retry loaded
+    # (6): the task's end waited for the last prune.
+    assert "Kept checkpoints of epochs [3, 4, 6, 9, 10, 11]" in out, out
+    root = tmp_path / "ds" / ".metaflow"
+    kept = sorted(int(m.metadata["epoch"]) for _, m in manifests(root))
+    assert kept == [3, 4, 6, 9, 10, 11]
+    assert verify_all(root) == 6  # every kept one is whole, following its pointers

@@ -174,7 +174,10 @@ def list_checkpoints(s: Session, pathspec: str | None, *, name: str | None,
     _print_rows(s, ordered)
     n = sum(1 for r in ordered if r["state"] == "committed")
     total = sum(r["size_bytes"] or 0 for r in ordered)
-    click.echo(f"{_n(n, 'committed checkpoint')}, {_size(total)}, of "
+    stored = sum(r.get("stored_bytes") or 0 for r in ordered)
+    # Where checkpoints share unchanged files, what they hold is more than what is stored.
+    also = f" ({_size(stored)} stored)" if stored != total else ""
+    click.echo(f"{_n(n, 'committed checkpoint')}, {_size(total)}{also}, of "
                f"{target.label(s.flow)} {s.where()}.")
 
 

@@ -21,6 +21,8 @@ from .errors import (
 )
 from .handle import CheckpointHandle, CheckpointState, SaveStats
 from .layout import (
+    MODELS_PREFIX,
+    ROOT_PREFIX,
     CheckpointKeys,
     Scope,
     checkpoint_order,
@@ -33,6 +35,8 @@ from .retry import RetryPolicy
 from .snapshot import Snapshot, take_snapshot
 
 __all__ = [
+    "MODELS_PREFIX",
+    "ROOT_PREFIX",
     "Backend",
     "CheckpointError",
     "CheckpointHandle",

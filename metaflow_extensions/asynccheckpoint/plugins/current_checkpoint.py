@@ -223,12 +223,13 @@ class CurrentCheckpoint:
         task: Any = None,
         attempt: int | None = None,
         full_namespace: bool = False,
-    ) -> list[CheckpointReference]:
+    ) -> list[dict[str, Any]]:
         """Committed checkpoints, newest first.
 
         Without ``task``: those of this task, every attempt. With ``task`` (a pathspec or
-        a ``metaflow.Task``): those of that task. ``full_namespace=True`` lists every run
-        of this step and foreach branch in this namespace.
+        a ``metaflow.Task``): those of that task, then those ``metaflow-checkpoint`` saved
+        in it (marked ``"source": "metaflow-checkpoint"``). ``full_namespace=True`` lists
+        every run of this step and foreach branch in this namespace.
         """
         if task is not None:
             return self._reader.list_task(task, name=name, attempt=attempt)
@@ -271,7 +272,13 @@ class CurrentCheckpoint:
 
     # -- task lifecycle (called by the decorator) ------------------------------------
 
-    def _load_on_start(self, policy: str) -> None:
+    def _load_on_start(self, policy: str, *, legacy_identifier: str | None = None) -> None:
+        """Load the checkpoint ``policy`` names into ``directory``.
+
+        Where this package has none for the task (``fresh``) or the step and foreach
+        branch (``eager``), the published ``metaflow-checkpoint``'s are considered, found
+        as that package finds them (``legacy_identifier`` is its task identifier).
+        """
         self._engine.backend  # noqa: B018  start the uploader now, not in the first save()
         if policy == "none":
             return
@@ -298,12 +305,42 @@ class CurrentCheckpoint:
             found = entry
             break
         if found is None:
+            self._load_legacy_on_start(policy, legacy_identifier)
             return
         manifest = found.manifest
         self._loaded = self._reader.reference(catalog, found)
         self._log(f"Loaded checkpoint {manifest.name!r} saved by {self._loaded['pathspec']} "
                   f"(attempt {self._loaded['attempt']}, {manifest.created_on}), "
                   f"{len(manifest.files)} file(s), {manifest.total_bytes} bytes.")
+
+    def _load_legacy_on_start(self, policy: str, identifier: str | None) -> None:
+        from . import legacy
+
+        i, engine = self._identity, self._engine
+        candidates: list[tuple[str, Callable[[], legacy.LegacyEntry | None]]] = [
+            ("this task", lambda: legacy.latest_for_task(engine, i.pathspec))]
+        if policy == "eager" and identifier is not None:
+            candidates.append(("this step and foreach branch", lambda: legacy.latest_for_scope(
+                engine, flow=i.flow, step=i.step, namespace=i.namespace,
+                identifier=identifier)))
+        for what, find in candidates:
+            try:
+                entry = find()
+                if entry is None:
+                    continue
+                legacy.load(engine, entry, self._directory)
+            except (CheckpointError, CheckpointException) as e:
+                self._clear_directory()
+                self._log(f"ERROR: could not load the metaflow-checkpoint checkpoint of {what}: "
+                          f"{e} The task starts without it.")
+                return
+            ref = CheckpointReference(entry.reference)
+            self._loaded = ref
+            self._log(f"No checkpoint of this package to resume from; loaded the latest "
+                      f"checkpoint metaflow-checkpoint saved for {what}: {ref.get('name')!r} "
+                      f"by {ref.get('pathspec')} (attempt {ref.get('attempt')}, "
+                      f"{ref.get('created_on')}), key {entry.key}.")
+            return
 
     def _finish(self, *, success: bool, artifacts: Mapping[str, Any] | None = None) -> None:
         """Drain pending uploads. On success, raise if a checkpoint failed for good.

@@ -10,6 +10,20 @@ from metaflow.decorators import StepDecorator
 from .exceptions import CheckpointConfigException
 
 
+def _from_command_line(value: Any) -> Any:
+    # A decorator added with ``--with model:...`` reaches the task as strings.
+    if not isinstance(value, str):
+        return value
+    if value in ("None", "True", "False") or value.startswith(("[", "(")):
+        import ast
+
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
+
+
 def parse_load(load: Any, where: str) -> list[tuple[str, str | None]]:
     """``@model(load=...)`` as ``(artifact name, path or None)`` pairs.
 
@@ -69,6 +83,8 @@ class ModelDecorator(StepDecorator):
 
         where = f"@model on step '{step_name}'"
         self._where = where
+        for name in self.defaults:
+            self.attributes[name] = _from_command_line(self.attributes[name])
         self._load = parse_load(self.attributes["load"], where)
         best = self.attributes["best_effort_load"]
         if not isinstance(best, bool):

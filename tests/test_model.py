@@ -1,0 +1,117 @@
+"""``@model``, ``current.model`` and ``load_model``, as metaflow-checkpoint documents them,
+on both stores: a flow saves a directory and a file, a later step loads them by artifact
+name, and a notebook (a script here) loads them afterwards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import S3_BUCKET, RunFlow
+from storekit import results
+
+pytestmark = pytest.mark.flow
+
+TOKENIZER = {"config.json": json.dumps({"layers": 2}), "tokenizer/vocab.txt": "a b c"}
+WEIGHTS = {"weights.bin": "w" * 1000}
+
+NOTEBOOK = """
+import json, os, sys
+from metaflow import Flow, load_model, namespace
+
+namespace(None)
+run = Flow("ModelFlow").latest_run
+out = {}
+for name in ("my_model", "weights"):
+    target = os.path.join(sys.argv[1], name)
+    load_model(run.data.__getattr__(name), target)
+    out[name] = {os.path.relpath(os.path.join(d, f), target): open(os.path.join(d, f)).read()
+                 for d, _, fs in os.walk(target) for f in fs}
+ref = run.data.my_model
+out["ref"] = {k: ref[k] for k in ("type", "label", "metadata", "storage_format", "size")}
+out["uuid"] = ref["model_uuid"].startswith("my_model_")
+print("RESULT notebook=" + json.dumps(out))
+"""
+
+
+def _check_run(out: subprocess.CompletedProcess[str]) -> list[str]:
+    r = {k: json.loads(v) for k, v in results(out.stdout + out.stderr).items()}
+    assert r["loaded_model"] == TOKENIZER
+    assert r["loaded_weights"] == WEIGHTS
+    assert r["load_again"] == WEIGHTS
+    assert r["loaded_ckpt"] == {"state.txt": "epoch 3"}  # a checkpoint loads by @model too
+    assert r["info"] == {"epochs": 10, "learning-rate": 0.001}
+    assert r["load_model"] == TOKENIZER
+    # Models live in a tree of their own, never among the checkpoints.
+    assert all(k.startswith("mf.models/ModelFlow/") for k in r["saved"]), r["saved"]
+    return list(r["saved"])
+
+
+def _notebook(env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    target = cwd / "notebook"
+    out = subprocess.run([sys.executable, "-c", NOTEBOOK, str(target)], env=env, cwd=cwd,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    found: dict[str, Any] = json.loads(results(out.stdout)["notebook"])
+    return found
+
+
+def _check_notebook(nb: dict[str, Any]) -> None:
+    assert nb["my_model"] == TOKENIZER and nb["weights"] == WEIGHTS
+    assert nb["ref"] == {"type": "model", "label": "my_model", "storage_format": "files",
+                         "metadata": {"epochs": 10, "learning-rate": 0.001},
+                         "size": sum(len(v) for v in TOKENIZER.values())}
+    assert nb["uuid"]
+
+
+def test_model_flow_in_the_published_style_on_the_local_store(
+        run_flow: RunFlow, flow_env: dict[str, str], tmp_path: Path,
+        datastore_root: Path) -> None:
+    saved = _check_run(run_flow("model_flow.py"))
+    # Checksummed like checkpoints: every stored file matches its manifest.
+    for key in saved:
+        m = json.loads((datastore_root / key).read_text())
+        head = key.rpartition("/manifests/")[0]
+        for f in m["files"]:
+            data = (datastore_root / head / "data" / m["run_id"] / m["checkpoint_id"]
+                    / f["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == f["sha256"]
+    assert not list((datastore_root / "mf.checkpoints").rglob("*my_model*"))
+    _check_notebook(_notebook(flow_env, tmp_path))
+
+
+@pytest.mark.s3
+def test_model_flow_in_the_published_style_on_s3(run_flow: RunFlow, s3_env: dict[str, str],
+                                                  s3_server: Any, tmp_path: Path) -> None:
+    saved = _check_run(run_flow("model_flow.py", env=s3_env))
+    keys = [o["Key"] for page in s3_server.client().get_paginator("list_objects_v2").paginate(
+        Bucket=S3_BUCKET) for o in page.get("Contents", ())]
+    for key in saved:
+        assert f"metaflow/{key}" in keys
+    _check_notebook(_notebook(s3_env, tmp_path))
+
+
+def test_bad_load_argument_names_the_step_and_the_entry(run_flow: RunFlow) -> None:
+    out = run_flow("model_flow.py", "--with", "model:load=[3]", check=False)
+    assert out.returncode != 0
+    assert "each entry must be an artifact name" in out.stdout + out.stderr
+
+
+def test_a_missing_artifact_fails_unless_best_effort(run_flow: RunFlow) -> None:
+    import metaflow  # noqa: F401  (first: it loads the extension's plugins)
+
+    from metaflow_extensions.asynccheckpoint.plugins.model_decorator import parse_load
+
+    assert parse_load("m", "w") == [("m", None)]
+    assert parse_load(["a", ("b", "/x"), ("c", None)], "w") == [
+        ("a", None), ("b", "/x"), ("c", None)]
+    out = run_flow("model_flow.py", "--with", "model:load=nope", check=False)
+    assert out.returncode != 0
+    assert "self.nope is not set" in out.stdout + out.stderr
+    out = run_flow("model_flow.py", "--with", "model:load=nope,best_effort_load=True")
+    assert "best_effort_load=True: going on without it" in out.stdout + out.stderr

@@ -79,6 +79,12 @@ with Checkpoint() as cp:
                       c["key"] == refs["ckpt_tar"]["key"]) for c in listed]
     cp.load(listed[-1], os.path.join(dest, "ckpt"))
     out["ckpt"] = tree(os.path.join(dest, "ckpt"))
+# What `fresh` falls back to for a task metaflow-checkpoint ran: its newest latest=True save.
+from metaflow_extensions.asynccheckpoint.plugins import legacy
+from metaflow_extensions.asynccheckpoint.plugins.checkpoint_api import _reader
+from metaflow_extensions.asynccheckpoint.plugins.reader import default_location
+fresh = legacy.latest_for_task(_reader().catalog(*default_location()).engine, refs["task"])
+out["fresh"] = [fresh.reference["name"], fresh.reference["source"], fresh.key]
 bad = dict(refs["ckpt"], version_id=7)
 try:
     load_model(bad, os.path.join(dest, "bad"))
@@ -115,6 +121,7 @@ def _check(refs: dict[str, Any], ours: subprocess.CompletedProcess[str],
                                              ["mfchckpt", "metaflow-checkpoint"]]
     assert all(x[2] for x in nb["listed"])
     assert nb["ckpt"] == r["ckpt"]
+    assert nb["fresh"] == ["tarred", "metaflow-checkpoint", refs["a"]["ckpt_tar"]["key"]]
     assert "version_id=7" in nb["bad"] and "metaflow-checkpoint stored version_id=0" in nb["bad"]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cardkit import by_id, card_payload, read_cards
 from conftest import S3_BUCKET, RunFlow
 from storekit import results
 
@@ -70,9 +71,12 @@ def _check_notebook(nb: dict[str, Any]) -> None:
 
 
 def test_model_flow_in_the_published_style_on_the_local_store(
-        run_flow: RunFlow, flow_env: dict[str, str], tmp_path: Path,
-        datastore_root: Path) -> None:
-    saved = _check_run(run_flow("model_flow.py"))
+        run_flow: RunFlow, flow_env: dict[str, str], tmp_path: Path) -> None:
+    # As users run it: Metaflow writes local cards under the .metaflow nearest the working
+    # directory, and reads them from the datastore root, so the two are made the same.
+    flow_env = {**flow_env, "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path)}
+    datastore_root = tmp_path / ".metaflow"
+    saved = _check_run(run_flow("model_flow.py", env=flow_env))
     # Checksummed like checkpoints: every stored file matches its manifest.
     for key in saved:
         m = json.loads((datastore_root / key).read_text())
@@ -83,6 +87,19 @@ def test_model_flow_in_the_published_style_on_the_local_store(
             assert hashlib.sha256(data).hexdigest() == f["sha256"]
     assert not list((datastore_root / "mf.checkpoints").rglob("*my_model*"))
     _check_notebook(_notebook(flow_env, tmp_path))
+    # The card lists the models a step saved, and those a step loaded.
+    saved_md = _model_card("start", flow_env, tmp_path)
+    assert "| 1 | my\\_model | committed | 2 |" in saved_md, saved_md
+    assert "| 2 | weights | committed | 1 |" in saved_md, saved_md
+    loaded_md = _model_card("evaluate", flow_env, tmp_path)
+    for name in ("my\\_model", "weights", "ckpt"):
+        assert f"| {name} |" in loaded_md.split("### Saved")[0], loaded_md
+
+
+def _model_card(step: str, env: dict[str, str], cwd: Path) -> str:
+    cards = [c for c in read_cards("ModelFlow", step, env=env, cwd=cwd) if c["id"] == "model"]
+    assert len(cards) == 1, cards
+    return str(by_id(card_payload(cards[0]["html"]), "model-models")["source"])
 
 
 @pytest.mark.s3
@@ -115,3 +132,48 @@ def test_a_missing_artifact_fails_unless_best_effort(run_flow: RunFlow) -> None:
     assert "self.nope is not set" in out.stdout + out.stderr
     out = run_flow("model_flow.py", "--with", "model:load=nope,best_effort_load=True")
     assert "best_effort_load=True: going on without it" in out.stdout + out.stderr
+
+
+# -- the engine and layout pieces models and the legacy reader stand on ----------------------
+
+def test_models_scope_is_its_own_tree_and_round_trips() -> None:
+    from uploader import MODELS_PREFIX, ROOT_PREFIX, Scope
+
+    m = Scope("F", "user:t", "train", ("i0",), root=MODELS_PREFIX)
+    c = Scope("F", "user:t", "train", ("i0",))
+    assert m.prefix.startswith("mf.models/") and c.prefix.startswith(ROOT_PREFIX + "/")
+    assert m.prefix.split("/")[1:] == c.prefix.split("/")[1:]
+    for scope in (m, c):
+        back = Scope.from_prefix(scope.prefix)
+        assert back.prefix == scope.prefix and back.root == scope.root
+    with pytest.raises(ValueError, match="not a scope root"):
+        Scope("F", "user:t", "train", root="mf.other")
+
+
+def test_fetch_is_all_or_nothing_and_checks_sizes(tmp_path: Path) -> None:
+    from enginekit import make_engine
+
+    from uploader import LoadError
+
+    store = tmp_path / "store" / "other"
+    (store / "d").mkdir(parents=True)
+    (store / "a.txt").write_bytes(b"alpha")
+    (store / "d" / "b.txt").write_bytes(b"beta!")
+    engine = make_engine(tmp_path)
+    try:
+        objects = [("other/a.txt", "a.txt", 5), ("other/d/b.txt", "d/b.txt", None)]
+        dest = tmp_path / "dest"
+        got = engine.fetch(objects, str(dest), who="thing", total=10)
+        assert [n for n, _ in got] == [5, 5]
+        assert (dest / "d" / "b.txt").read_bytes() == b"beta!"
+        for bad, total, why in (
+                ([("other/a.txt", "a.txt", 4)], None, "has 5 bytes, but 4 were stored"),
+                (objects, 11, "hold 10 bytes, but 11 were stored"),
+                ([("other/a.txt", "a.txt", 5), ("other/gone", "g", None)], None, "other/gone"),
+                ([("other/a.txt", "../a.txt", 5)], None, "unsafe path")):
+            fresh = tmp_path / f"fresh-{why[:4]}"
+            with pytest.raises((LoadError, ValueError), match=why):
+                engine.fetch(bad, str(fresh), who="thing", total=total)
+            assert not fresh.exists() or list(fresh.iterdir()) == [], why
+    finally:
+        engine.close()

@@ -15,7 +15,7 @@ class LegacyTrainFlow(FlowSpec):
         self.next(self.train, foreach="items")
 
     @model
-    @checkpoint
+    @checkpoint(show_card=False)
     @step
     def train(self):
         d = current.checkpoint.directory

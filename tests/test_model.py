@@ -36,6 +36,9 @@ for name in ("my_model", "weights"):
 ref = run.data.my_model
 out["ref"] = {k: ref[k] for k in ("type", "label", "metadata", "storage_format", "size")}
 out["uuid"] = ref["model_uuid"].startswith("my_model_")
+meta = {s: run[s].task.metadata_dict for s in ("start", "evaluate")}
+out["saved_meta"] = json.loads(meta["start"]["saved-models"])["keys"]
+out["loaded_meta"] = json.loads(meta["evaluate"]["loaded-models"])["keys"]
 print("RESULT notebook=" + json.dumps(out))
 """
 
@@ -62,8 +65,11 @@ def _notebook(env: dict[str, str], cwd: Path) -> dict[str, Any]:
     return found
 
 
-def _check_notebook(nb: dict[str, Any]) -> None:
+def _check_notebook(nb: dict[str, Any], saved: list[str]) -> None:
     assert nb["my_model"] == TOKENIZER and nb["weights"] == WEIGHTS
+    # Task metadata names what was saved and loaded, as metaflow-checkpoint registers it.
+    assert nb["saved_meta"] == saved
+    assert nb["loaded_meta"][:2] == saved and len(nb["loaded_meta"]) == 3
     assert nb["ref"] == {"type": "model", "label": "my_model", "storage_format": "files",
                          "metadata": {"epochs": 10, "learning-rate": 0.001},
                          "size": sum(len(v) for v in TOKENIZER.values())}
@@ -86,7 +92,7 @@ def test_model_flow_in_the_published_style_on_the_local_store(
                     / f["path"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == f["sha256"]
     assert not list((datastore_root / "mf.checkpoints").rglob("*my_model*"))
-    _check_notebook(_notebook(flow_env, tmp_path))
+    _check_notebook(_notebook(flow_env, tmp_path), saved)
     # The card lists the models a step saved, and those a step loaded.
     saved_md = _model_card("start", flow_env, tmp_path)
     assert "| 1 | my\\_model | committed | 2 |" in saved_md, saved_md
@@ -110,7 +116,7 @@ def test_model_flow_in_the_published_style_on_s3(run_flow: RunFlow, s3_env: dict
         Bucket=S3_BUCKET) for o in page.get("Contents", ())]
     for key in saved:
         assert f"metaflow/{key}" in keys
-    _check_notebook(_notebook(s3_env, tmp_path))
+    _check_notebook(_notebook(s3_env, tmp_path), saved)
 
 
 def test_bad_load_argument_names_the_step_and_the_entry(run_flow: RunFlow) -> None:

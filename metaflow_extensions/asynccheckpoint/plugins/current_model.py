@@ -57,6 +57,16 @@ class LoadedModels(Mapping[str, "str | None"]):
     def __len__(self) -> int:
         return len(self._paths)
 
+    def cleanup(self, name: str) -> None:
+        """Remove a loaded model's files and forget it (as in ``metaflow-checkpoint``)."""
+        path = self[name]
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+            if path in self._temp:
+                self._temp.remove(path)
+        del self._paths[name]
+        self.info.pop(name, None)
+
     def _cleanup(self) -> None:
         for d in self._temp:
             shutil.rmtree(d, ignore_errors=True)

@@ -58,7 +58,8 @@ _CKPT = re.compile(r"(?P<root>[^/]+)/checkpoints/artifacts/(?P<flow>[^/]+)/(?P<s
                    r"(?P<scope>[^/]+)/(?P<idf>[^/]+)/(?P<name>[^/]+)")
 _MODEL = re.compile(r"(?P<root>[^/]+)/models/artifacts/(?P<uuid>[^/]+)")
 _CKPT_ROOT = "mf.checkpoints"
-_FORMATS = ("files", "tar")
+_ARCHIVES = ("tar", "tar.gz", "tgz")
+_FORMATS = ("files", *_ARCHIVES)
 _HASH_LEN = 12
 
 
@@ -95,6 +96,11 @@ class LegacyEntry:
     @property
     def storage_format(self) -> str:
         return str(self.reference.get("storage_format") or "files")
+
+    @property
+    def is_archive(self) -> bool:
+        # "tar" is what it writes (uncompressed); a compressed archive reads the same way.
+        return self.storage_format in _ARCHIVES
 
     @property
     def size(self) -> int | None:
@@ -189,7 +195,7 @@ def read(engine: Engine, reference: Any) -> LegacyEntry:
     if entry.storage_format not in _FORMATS:
         raise CheckpointException(
             f"the metaflow-checkpoint {kind} {key!r} is stored as "
-            f"{entry.storage_format!r}; this package reads {' and '.join(_FORMATS)}.")
+            f"{entry.storage_format!r}; this package reads {', '.join(_FORMATS)}.")
     return entry
 
 
@@ -197,7 +203,7 @@ def load(engine: Engine, entry: LegacyEntry, dest: str) -> str:
     """Copy ``entry``'s files into ``dest``: all or nothing, sizes checked."""
     who = f"metaflow-checkpoint {entry.kind} {entry.label!r} ({entry.key})"
     try:
-        if entry.storage_format == "files":
+        if not entry.is_archive:
             prefix = entry.key + "/"
             keys = sorted(engine.list_objects(prefix))
             if not keys:

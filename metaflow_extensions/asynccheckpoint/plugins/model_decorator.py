@@ -110,7 +110,10 @@ class ModelDecorator(StepDecorator):
     def task_pre_step(self, step_name, task_datastore, metadata, run_id, task_id, flow, graph,
                       retry_count, max_user_code_retries, ubf_context,
                       inputs):  # type: ignore[no-untyped-def]
+        import json
+
         from metaflow import current
+        from metaflow.metadata_provider import MetaDatum
 
         from uploader import MODELS_PREFIX, Scope
 
@@ -142,8 +145,22 @@ class ModelDecorator(StepDecorator):
                                    started_at=started)
 
         self._card = ModelCard(render=render, log=_log)
+        # Preemption: commit the models saved so far within the grace period, as
+        # @checkpoint does for checkpoints (with both, each handler drains its own).
+        from . import preemption
+
+        self._restore_sigterm = preemption.install(
+            drain=store._drain_for_signal, grace=self._settings.sigterm_grace,
+            cleanup=store._remove_files, log=_log)
         model._load_named(flow, self._load, best_effort=self.attributes["best_effort_load"],
                           where=self._where)
+        # The keys of what was loaded, and at the end of what was saved, as task metadata
+        # under the fields and type metaflow-checkpoint registers them with.
+        self._register = lambda field, keys: metadata.register_metadata(
+            run_id, step_name, task_id, [MetaDatum(
+                field=field, value=json.dumps({"keys": keys}), type="model-registry",
+                tags=[f"attempt_id:{retry_count}"])]) if keys else None
+        self._register("loaded-models", [str(r.get("key")) for r in model.loaded.info.values()])
 
     def task_decorate(self, step_func, flow, graph, retry_count, max_user_code_retries,
                       ubf_context):  # type: ignore[no-untyped-def]
@@ -160,6 +177,7 @@ class ModelDecorator(StepDecorator):
             try:
                 self._current._finish(success=True, artifacts=artifacts)
                 ok = True
+                self._register("saved-models", [str(r["key"]) for r in self._current.saved])
             finally:
                 if self._card is not None:
                     self._card.finish(task_ok=ok)
@@ -187,5 +205,9 @@ class ModelDecorator(StepDecorator):
                 self._finished = True
                 self._current._finish(success=False)
         finally:
+            restore = getattr(self, "_restore_sigterm", None)
+            if restore is not None:
+                restore()
+                self._restore_sigterm = None
             self._current._close()
             self._current = None

@@ -10,9 +10,11 @@ and a notebook (a script here) lists and loads them too. Nothing is written in i
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,8 @@ load_model(refs["model_dir"], os.path.join(dest, "model"))
 out["model"] = tree(os.path.join(dest, "model"))
 load_model(refs["model_file"]["key"], os.path.join(dest, "file"))   # a key loads too
 out["file"] = tree(os.path.join(dest, "file"))
+load_model(json.dumps(refs["model_file"]), os.path.join(dest, "json"))  # and its JSON
+out["json"] = tree(os.path.join(dest, "json"))
 with Checkpoint() as cp:
     listed = cp.list(task=refs["task"])
     out["listed"] = [(c["name"], c["source"], c["key"] == refs["ckpt"]["key"] or
@@ -116,7 +120,7 @@ def _check(refs: dict[str, Any], ours: subprocess.CompletedProcess[str],
                       "and foreach branch") == 2
     assert notebook.returncode == 0, notebook.stderr
     nb = json.loads(results(notebook.stdout)["notebook"])
-    assert nb["model"] == model and nb["file"] == r["file"]
+    assert nb["model"] == model and nb["file"] == r["file"] == nb["json"]
     assert [x[:2] for x in nb["listed"]] == [["tarred", "metaflow-checkpoint"],
                                              ["mfchckpt", "metaflow-checkpoint"]]
     assert all(x[2] for x in nb["listed"])
@@ -163,6 +167,22 @@ def test_references_and_checkpoints_of_metaflow_checkpoint_on_the_local_store(
     assert out.returncode != 0
     assert "312 were stored" in out.stderr and refs["a"]["ckpt"]["key"] in out.stderr
     assert not dest.exists() or [p.name for p in dest.iterdir()] == []
+
+    # A hostile archive (a name leaving the destination) of the stored size is refused.
+    archive = datastore_root / refs["a"]["model_dir"]["key"]
+    size = archive.stat().st_size
+    with tarfile.open(archive, "w") as tar:
+        member = tarfile.TarInfo("../escaped.txt")
+        member.size = 1
+        tar.addfile(member, io.BytesIO(b"x"))
+    assert archive.stat().st_size == size  # so only the archive's content can refuse it
+    dest = tmp_path / "deep" / "after-hostile-archive"
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(refs["a"]["model_dir"]),
+                          str(dest)], env=flow_env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and "unsafe path '../escaped.txt'" in out.stderr, out.stderr
+    assert not (dest.parent / "escaped.txt").exists()
+    assert [p.name for p in dest.iterdir()] == []
 
 
 @pytest.mark.s3

@@ -330,10 +330,11 @@ class CurrentCheckpoint:
                     continue
                 legacy.load(engine, entry, self._directory)
             except (CheckpointError, CheckpointException) as e:
+                # Loud, but never a task that cannot start.
                 self._clear_directory()
                 self._log(f"ERROR: could not load the metaflow-checkpoint checkpoint of {what}: "
-                          f"{e} The task starts without it.")
-                return
+                          f"{e} Resuming from it is skipped.")
+                continue
             ref = CheckpointReference(entry.reference)
             self._loaded = ref
             self._log(f"No checkpoint of this package to resume from; loaded the latest "

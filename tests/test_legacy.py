@@ -154,6 +154,18 @@ def test_references_and_checkpoints_of_metaflow_checkpoint_on_the_local_store(
     _check(refs, ours, notebook)
     assert _local_layout(datastore_root) == before  # read-only: not a byte or mtime changed
 
+    # A checkpoint of that package that cannot be loaded never keeps a task from starting:
+    # branch b says so and starts without it; branch a resumes as before.
+    tar_b = datastore_root / refs["b"]["ckpt_tar"]["key"]
+    tar_b.write_bytes(tar_b.read_bytes()[:100])
+    again = run_flow("legacy_resume.py", "--refs", json.dumps(refs["a"]), env=flow_env)
+    text = again.stdout + again.stderr
+    r = {k: json.loads(v) for k, v in results(text).items()}
+    assert r["resumed_b"] == {} and r["info_b"] is None
+    assert r["resumed_a"]["state.txt"] == "epoch 4 of a"
+    assert "ERROR: could not load the metaflow-checkpoint checkpoint of this step and foreach " \
+           "branch" in text and "has 100 bytes, but" in text, text
+
     # Verified what can be: a files checkpoint missing bytes is refused, naming the file and
     # key, and nothing lands in the destination.
     victim = datastore_root / refs["a"]["ckpt"]["key"] / "sub" / "opt.bin"

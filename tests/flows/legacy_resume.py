@@ -58,7 +58,8 @@ class LegacyTrainFlow(FlowSpec):
     def train(self):
         info = current.checkpoint.info
         print(f"RESULT resumed_{self.input}={json.dumps(tree(current.checkpoint.directory))}")
-        print(f"RESULT info_{self.input}={json.dumps([info['name'], info.get('source')])}")
+        loaded = None if info is None else [info["name"], info.get("source")]
+        print(f"RESULT info_{self.input}={json.dumps(loaded)}")
         self.next(self.join)
 
     @step

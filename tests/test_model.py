@@ -44,7 +44,11 @@ print("RESULT notebook=" + json.dumps(out))
 
 
 def _check_run(out: subprocess.CompletedProcess[str]) -> list[str]:
-    r = {k: json.loads(v) for k, v in results(out.stdout + out.stderr).items()}
+    text = out.stdout + out.stderr
+    r = {k: json.loads(v) for k, v in results(text).items()}
+    # Drained at the end of the task, each engine its own, with @checkpoint on the step too.
+    assert "[@model] 2 of 2 model(s) of this attempt committed." in text
+    assert "[@checkpoint] 1 of 1 checkpoint(s) of this attempt committed." in text
     assert r["loaded_model"] == TOKENIZER
     assert r["loaded_weights"] == WEIGHTS
     assert r["load_again"] == WEIGHTS

@@ -75,7 +75,7 @@ class CurrentCheckpoint:
 
     def __init__(self, *, identity: TaskIdentity, scope: Scope, settings: Settings,
                  datastore: str, datastore_root: str, temp_dir_root: str | None,
-                 log: Callable[[str], None] = _log) -> None:
+                 log: Callable[[str], None] = _log, noun: str = "checkpoint") -> None:
         import tempfile
 
         self._identity = identity
@@ -83,6 +83,7 @@ class CurrentCheckpoint:
         self._datastore = datastore
         self._datastore_root = datastore_root
         self._log = log
+        self._noun = noun  # what the log calls what is saved: "checkpoint", or "model"
         if temp_dir_root is not None:
             os.makedirs(temp_dir_root, exist_ok=True)
         self._directory = tempfile.mkdtemp(prefix="metaflow_checkpoint_", dir=temp_dir_root)
@@ -389,7 +390,7 @@ class CurrentCheckpoint:
                    "reader can load" if held else "") + ".")
         committed = len(report.committed)
         if report.handles:
-            self._log(f"{committed} of {len(report.handles)} checkpoint(s) of this attempt "
+            self._log(f"{committed} of {len(report.handles)} {self._noun}(s) of this attempt "
                       "committed.")
         if problems:
             text = "\n".join(problems)
@@ -411,7 +412,7 @@ class CurrentCheckpoint:
             self._log(f"ERROR: {h.error}")
         if report.handles:
             self._log(f"SIGTERM: {len(report.committed)} of {len(report.handles)} "
-                      "checkpoint(s) of this attempt committed.")
+                      f"{self._noun}(s) of this attempt committed.")
 
     def _handles(self) -> tuple[CheckpointHandle, ...]:
         """Every save of this attempt so far, oldest first; safe from any thread (the card)."""

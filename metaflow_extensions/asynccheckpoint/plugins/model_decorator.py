@@ -132,7 +132,7 @@ class ModelDecorator(StepDecorator):
             identity=identity, scope=scope, settings=self._settings,
             datastore=self._flow_datastore.TYPE,
             datastore_root=self._flow_datastore.datastore_root,
-            temp_dir_root=self.attributes["temp_dir_root"], log=_log)
+            temp_dir_root=self.attributes["temp_dir_root"], log=_log, noun="model")
         model = CurrentModel(checkpoints=store, default_label=f"{flow.name}_{step_name}",
                              temp_dir_root=self.attributes["temp_dir_root"])
         self._current = model

@@ -187,3 +187,14 @@ def test_fetch_is_all_or_nothing_and_checks_sizes(tmp_path: Path) -> None:
             assert not fresh.exists() or list(fresh.iterdir()) == [], why
     finally:
         engine.close()
+
+
+def test_a_failed_attempt_commits_the_models_it_saved(run_flow: RunFlow, tmp_path: Path,
+                                                     datastore_root: Path) -> None:
+    out = run_flow("model_retry_flow.py")
+    assert "Bad luck on purpose" in out.stdout + out.stderr
+    found = sorted((datastore_root / "mf.models").rglob("manifests/*/*.json"))
+    stored = [json.loads(p.read_text()) for p in found]
+    assert sorted(m["name"] for m in stored) == ["attempt0", "attempt1"]
+    assert all(not m["latest"] for m in stored)  # a model is never what a retry resumes from
+    assert not (datastore_root / "mf.checkpoints").exists()

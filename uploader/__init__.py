@@ -21,6 +21,8 @@ from .errors import (
 )
 from .handle import CheckpointHandle, CheckpointState, SaveStats
 from .layout import (
+    MODELS_PREFIX,
+    ROOT_PREFIX,
     CheckpointKeys,
     Scope,
     checkpoint_order,
@@ -43,6 +45,8 @@ from .snapshot import Snapshot, take_snapshot
 
 __all__ = [
     "DEFAULT_GRACE_S",
+    "MODELS_PREFIX",
+    "ROOT_PREFIX",
     "Backend",
     "CheckpointError",
     "CheckpointHandle",

@@ -157,7 +157,7 @@ def _naming(e: UploadError, req: SaveRequest, what: str, key: str) -> UploadErro
 _MAX_KEY_BYTES = {"s3": 1024, "local": 4095}
 
 
-def _checked_paths(manifest: Manifest, who: str) -> list[list[str]]:
+def _checked_paths(paths: Sequence[str], who: str) -> list[list[str]]:
     """Each file's path, split; :class:`ManifestError` for one that could leave ``dest``.
 
     Exactly what ``save()`` writes passes: relative, "/"-separated, no empty, "." or ".."
@@ -167,16 +167,16 @@ def _checked_paths(manifest: Manifest, who: str) -> list[list[str]]:
     out: list[list[str]] = []
     files: set[str] = set()
     dirs: set[str] = set()
-    for entry in manifest.files:
-        parts = entry.path.split("/")
+    for path in paths:
+        parts = path.split("/")
         if any(p in ("", ".", "..") or "\0" in p for p in parts):
-            raise ManifestError(f"{who}: its manifest lists the unsafe path {entry.path!r}, "
+            raise ManifestError(f"{who}: its manifest lists the unsafe path {path!r}, "
                                 "which could write outside the destination; not loading it.")
         for i in range(1, len(parts)):
             dirs.add("/".join(parts[:i]))
-        if entry.path in files:
-            raise ManifestError(f"{who}: its manifest lists {entry.path!r} twice.")
-        files.add(entry.path)
+        if path in files:
+            raise ManifestError(f"{who}: its manifest lists {path!r} twice.")
+        files.add(path)
         out.append(parts)
     clash = files & dirs
     if clash:
@@ -841,6 +841,84 @@ class Engine:
                 out.append(e)
         return out
 
+    def read_objects(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The bytes under each of ``keys`` (None where there is none), read concurrently.
+
+        For objects this package did not write (another package's metadata); checkpoints
+        are read through :meth:`read_manifests` and :meth:`load`.
+        """
+        portal = self._ensure_started()
+        return portal.call(self._get_all, list(keys))
+
+    def list_objects(self, prefix: str) -> list[str]:
+        """Every key under ``prefix``, in no particular order."""
+        portal = self._ensure_started()
+        return portal.call(self.backend.list_keys, prefix)
+
+    def fetch(self, objects: Sequence[tuple[str, str, int | None]], dest: str, *,
+              who: str, total: int | None = None) -> list[tuple[int, str]]:
+        """Copy objects stored without a manifest into ``dest``: all or nothing.
+
+        ``objects`` are ``(key, relative path, expected size or None)``. For data another
+        writer stored with no checksums to verify against: each object's size is checked
+        where one is expected (and their sum, where ``total`` is given), and its SHA-256
+        computed while it is written. Returns
+        ``(bytes, sha256)`` per object, in order. Files land in ``dest`` only once every
+        one arrived, never through a symlink already there. Raises
+        :class:`~uploader.errors.LoadError` naming ``who``, the path and the key.
+        """
+        paths = _checked_paths([rel for _, rel, _ in objects], who)
+        portal = self._ensure_started()
+        return portal.call(self._fetch, list(objects), paths, dest, who, total)
+
+    async def _fetch(self, objects: list[tuple[str, str, int | None]], paths: list[list[str]],
+                     dest: str, who: str, total: int | None) -> list[tuple[int, str]]:
+        backend = self._backend
+        assert backend is not None
+        try:
+            staging = await anyio.to_thread.run_sync(_load_staging, dest)
+        except OSError as e:
+            raise LoadError(f"{who}: cannot create a directory in {dest!r} to load into "
+                            f"({e}); check that it is writable.") from e
+        got: list[tuple[int, str]] = [(0, "")] * len(objects)
+
+        async def one(i: int) -> None:
+            key, rel, size = objects[i]
+            what = f"{who}: file {rel!r} at {backend.url_of(key)}"
+            target = os.path.join(staging, str(i))
+            try:
+                # A size of 0 asks the backend for the object in one stream, whatever it is.
+                digest = await backend.get_file(key, target, size or 0)
+                n = (await anyio.to_thread.run_sync(os.stat, target)).st_size
+            except LoadError as e:
+                raise type(e)(f"{what}: {e}") from e
+            except (CheckpointError, OSError) as e:
+                raise LoadError(f"{what} could not be loaded: {e}") from e
+            if size is not None and n != size:
+                raise LoadError(f"{what} has {n} bytes, but {size} were stored. The stored "
+                                "copy is incomplete or was changed.")
+            got[i] = (n, digest)
+
+        try:
+            try:
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(objects)):
+                        tg.start_soon(one, i)
+            except BaseExceptionGroup as eg:
+                raise first_error(eg) from None
+            received = sum(n for n, _ in got)
+            if total is not None and received != total:
+                raise LoadError(f"{who}: its files hold {received} bytes, but {total} were "
+                                "stored. A file is missing or was changed in the store.")
+            try:
+                await anyio.to_thread.run_sync(_place, staging, dest, paths, who)
+            except OSError as e:
+                raise LoadError(f"{who}: cannot place its files in {dest!r}: {e}") from e
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
+        return got
+
     async def _get_all(self, keys: list[str]) -> list[bytes | None]:
         backend = self._backend
         assert backend is not None
@@ -878,7 +956,7 @@ class Engine:
         backend = self._backend
         assert backend is not None
         who = f"checkpoint {manifest.name!r} ({keys.checkpoint_id})"
-        paths = _checked_paths(manifest, who)
+        paths = _checked_paths([f.path for f in manifest.files], who)
         try:
             staging = await anyio.to_thread.run_sync(_load_staging, dest)
         except OSError as e:

@@ -35,10 +35,14 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["ROOT_PREFIX", "CheckpointKeys", "Scope", "checkpoint_order", "foreach_token",
-           "new_checkpoint_id", "safe_component", "value_fingerprint"]
+__all__ = ["MODELS_PREFIX", "ROOT_PREFIX", "CheckpointKeys", "Scope", "checkpoint_order",
+           "foreach_token", "new_checkpoint_id", "safe_component", "value_fingerprint"]
 
 ROOT_PREFIX = "mf.checkpoints"
+# Models (``@model``) live in a tree of their own, in the same layout: a listing or a load
+# policy of checkpoints never sees a model, and the reverse.
+MODELS_PREFIX = "mf.models"
+_ROOTS = (ROOT_PREFIX, MODELS_PREFIX)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _FOREACH_TOKEN = re.compile(r"i[0-9]+|v[0-9a-f]{16}k[0-9]+")
 # The pieces of a checkpoint id, ASCII digits only (``str.isdigit`` accepts "²").
@@ -94,15 +98,19 @@ class Scope:
     """The set of checkpoints one task's attempts share and ``eager`` searches across runs.
 
     ``foreach`` holds one token per foreach level, from :func:`foreach_token` (ints are
-    taken as indices).
+    taken as indices). ``root`` is :data:`ROOT_PREFIX` for checkpoints and
+    :data:`MODELS_PREFIX` for models.
     """
 
     flow: str
     namespace: str
     step: str
     foreach: tuple[str | int, ...] = ()
+    root: str = ROOT_PREFIX
 
     def __post_init__(self) -> None:
+        if self.root not in _ROOTS:
+            raise ValueError(f"not a scope root: {self.root!r} (one of {', '.join(_ROOTS)})")
         tokens = tuple(f"i{t}" if isinstance(t, int) else t for t in self.foreach)
         for t in tokens:
             if not _FOREACH_TOKEN.fullmatch(t):
@@ -112,7 +120,7 @@ class Scope:
     @property
     def prefix(self) -> str:
         foreach = ".".join(str(t) for t in self.foreach) if self.foreach else "root"
-        return "/".join([ROOT_PREFIX, safe_component(self.flow),
+        return "/".join([self.root, safe_component(self.flow),
                          safe_component(self.namespace or "global"),
                          safe_component(self.step), foreach])
 
@@ -127,10 +135,10 @@ class Scope:
     @classmethod
     def from_prefix(cls, prefix: str) -> Scope:
         parts = prefix.strip("/").split("/")
-        if len(parts) != 5 or parts[0] != ROOT_PREFIX:
+        if len(parts) != 5 or parts[0] not in _ROOTS:
             raise ValueError(f"not a checkpoint scope prefix: {prefix!r}")
         foreach = () if parts[4] == "root" else tuple(parts[4].split("."))
-        return cls(parts[1], parts[2], parts[3], foreach)
+        return cls(parts[1], parts[2], parts[3], foreach, root=parts[0])
 
 
 @dataclasses.dataclass(frozen=True)

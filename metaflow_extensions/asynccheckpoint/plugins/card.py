@@ -50,19 +50,20 @@ __all__ = ["CARD_ID", "CheckpointCard", "LoadInfo", "SaveRow", "attach", "save_r
 
 # -- attaching ------------------------------------------------------------------------
 
-def attach(decorators: list[Any]) -> float | None:
-    """Make sure the step has the checkpoint card; return its refresh interval.
+def attach(decorators: list[Any], card_id: str = CARD_ID) -> float | None:
+    """Make sure the step has the card ``card_id``; return its refresh interval.
 
-    Called from ``@checkpoint``'s ``step_init`` with the step's decorator list. The card
-    is added as a non-static decorator, so Metaflow passes it to the task's command line
-    like ``--with card:...``; in the task it is then already present and not added twice.
+    Called from ``@checkpoint``'s (and ``@model``'s) ``step_init`` with the step's decorator
+    list. The card is added as a non-static decorator, so Metaflow passes it to the task's
+    command line like ``--with card:...``; in the task it is then already present and not
+    added twice.
     """
     for deco in decorators:
-        if getattr(deco, "name", None) == "card" and deco.attributes.get("id") == CARD_ID:
+        if getattr(deco, "name", None) == "card" and deco.attributes.get("id") == card_id:
             return float(deco.attributes.get("refresh_interval") or REFRESH_INTERVAL)
     from metaflow.plugins.cards.card_decorator import CardDecorator
 
-    card = CardDecorator(attributes={"type": "blank", "id": CARD_ID,
+    card = CardDecorator(attributes={"type": "blank", "id": card_id,
                                      "refresh_interval": int(REFRESH_INTERVAL)})
     card.external_init()
     decorators.append(card)

@@ -39,6 +39,19 @@ def _foreach_tokens(flow: Any) -> tuple[str, ...]:
     return tuple(tokens)
 
 
+def _legacy_identifier(flow: Any, step_name: str) -> str | None:
+    """The task identifier ``metaflow-checkpoint`` gives this task (see :mod:`.legacy`)."""
+    from .legacy import task_identifier
+
+    if getattr(flow, "index", None) is None:
+        return task_identifier(step_name, None)
+    try:
+        values = [frame[2] for frame in flow.foreach_stack()]
+    except Exception:
+        return None
+    return task_identifier(step_name, values)
+
+
 class CheckpointDecorator(StepDecorator):
     """
     Saves checkpoints of a step without blocking it, and resumes from them on retry.
@@ -151,7 +164,8 @@ class CheckpointDecorator(StepDecorator):
         self._finished = False
         self._install_sigterm_handler()
         started = time.time()
-        self._current._load_on_start(self._load_policy)
+        self._current._load_on_start(self._load_policy,
+                                     legacy_identifier=_legacy_identifier(flow, step_name))
         if self._retention.active:
             self._current._start_retention(self._retention, grace_s=self._debris_grace)
         if self._card_interval is not None:

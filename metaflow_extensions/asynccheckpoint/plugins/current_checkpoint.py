@@ -79,7 +79,7 @@ class CurrentCheckpoint:
 
     def __init__(self, *, identity: TaskIdentity, scope: Scope, settings: Settings,
                  datastore: str, datastore_root: str, temp_dir_root: str | None,
-                 log: Callable[[str], None] = _log) -> None:
+                 log: Callable[[str], None] = _log, noun: str = "checkpoint") -> None:
         import tempfile
 
         self._identity = identity
@@ -87,6 +87,7 @@ class CurrentCheckpoint:
         self._datastore = datastore
         self._datastore_root = datastore_root
         self._log = log
+        self._noun = noun  # what the log calls what is saved: "checkpoint", or "model"
         if temp_dir_root is not None:
             os.makedirs(temp_dir_root, exist_ok=True)
         self._directory = tempfile.mkdtemp(prefix="metaflow_checkpoint_", dir=temp_dir_root)
@@ -230,12 +231,13 @@ class CurrentCheckpoint:
         task: Any = None,
         attempt: int | None = None,
         full_namespace: bool = False,
-    ) -> list[CheckpointReference]:
+    ) -> list[dict[str, Any]]:
         """Committed checkpoints, newest first.
 
         Without ``task``: those of this task, every attempt. With ``task`` (a pathspec or
-        a ``metaflow.Task``): those of that task. ``full_namespace=True`` lists every run
-        of this step and foreach branch in this namespace.
+        a ``metaflow.Task``): those of that task, then those ``metaflow-checkpoint`` saved
+        in it (marked ``"source": "metaflow-checkpoint"``). ``full_namespace=True`` lists
+        every run of this step and foreach branch in this namespace.
         """
         if task is not None:
             return self._reader.list_task(task, name=name, attempt=attempt)
@@ -278,7 +280,13 @@ class CurrentCheckpoint:
 
     # -- task lifecycle (called by the decorator) ------------------------------------
 
-    def _load_on_start(self, policy: str) -> None:
+    def _load_on_start(self, policy: str, *, legacy_identifier: str | None = None) -> None:
+        """Load the checkpoint ``policy`` names into ``directory``.
+
+        Where this package has none for the task (``fresh``) or the step and foreach
+        branch (``eager``), the published ``metaflow-checkpoint``'s are considered, found
+        as that package finds them (``legacy_identifier`` is its task identifier).
+        """
         self._engine.backend  # noqa: B018  start the uploader now, not in the first save()
         if policy == "none":
             return
@@ -305,6 +313,7 @@ class CurrentCheckpoint:
             found = entry
             break
         if found is None:
+            self._load_legacy_on_start(policy, legacy_identifier)
             return
         manifest = found.manifest
         if catalog.engine is self._engine:
@@ -326,6 +335,36 @@ class CurrentCheckpoint:
         self._pruner = Pruner(self._engine, self._scope.prefix, policy,
                               run_id=self._identity.run_id, grace_s=grace_s, protect=protect,
                               log=self._log)
+
+    def _load_legacy_on_start(self, policy: str, identifier: str | None) -> None:
+        from . import legacy
+
+        i, engine = self._identity, self._engine
+        candidates: list[tuple[str, Callable[[], legacy.LegacyEntry | None]]] = [
+            ("this task", lambda: legacy.latest_for_task(engine, i.pathspec))]
+        if policy == "eager" and identifier is not None:
+            candidates.append(("this step and foreach branch", lambda: legacy.latest_for_scope(
+                engine, flow=i.flow, step=i.step, namespace=i.namespace,
+                identifier=identifier)))
+        for what, find in candidates:
+            try:
+                entry = find()
+                if entry is None:
+                    continue
+                legacy.load(engine, entry, self._directory)
+            except (CheckpointError, CheckpointException) as e:
+                # Loud, but never a task that cannot start.
+                self._clear_directory()
+                self._log(f"ERROR: could not load the metaflow-checkpoint checkpoint of {what}: "
+                          f"{e} Resuming from it is skipped.")
+                continue
+            ref = CheckpointReference(entry.reference)
+            self._loaded = ref
+            self._log(f"No checkpoint of this package to resume from; loaded the latest "
+                      f"checkpoint metaflow-checkpoint saved for {what}: {ref.get('name')!r} "
+                      f"by {ref.get('pathspec')} (attempt {ref.get('attempt')}, "
+                      f"{ref.get('created_on')}), key {entry.key}.")
+            return
 
     def _finish(self, *, success: bool, artifacts: Mapping[str, Any] | None = None) -> None:
         """Drain pending uploads. On success, raise if a checkpoint failed for good.
@@ -377,7 +416,7 @@ class CurrentCheckpoint:
                    "reader can load" if held else "") + ".")
         committed = len(report.committed)
         if report.handles:
-            self._log(f"{committed} of {len(report.handles)} checkpoint(s) of this attempt "
+            self._log(f"{committed} of {len(report.handles)} {self._noun}(s) of this attempt "
                       "committed.")
         if problems:
             text = "\n".join(problems)
@@ -402,7 +441,7 @@ class CurrentCheckpoint:
             self._log(f"ERROR: {h.error}")
         if report.handles:
             self._log(f"SIGTERM: {len(report.committed)} of {len(report.handles)} "
-                      "checkpoint(s) of this attempt committed.")
+                      f"{self._noun}(s) of this attempt committed.")
 
     def _handles(self) -> tuple[CheckpointHandle, ...]:
         """Every save of this attempt so far, oldest first; safe from any thread (the card)."""

@@ -1,4 +1,4 @@
-"""Registers ``@checkpoint`` and the ``checkpoint`` command with Metaflow.
+"""Registers ``@checkpoint``, ``@model`` and the ``checkpoint`` command with Metaflow.
 
 Metaflow imports this module for every flow, so it only names the decorator and the
 command group by string; the implementation is imported when a step actually uses it,
@@ -7,6 +7,7 @@ or when ``python flow.py checkpoint ...`` runs.
 
 STEP_DECORATORS_DESC = [
     ("checkpoint", ".checkpoint_decorator.CheckpointDecorator"),
+    ("model", ".model_decorator.ModelDecorator"),
 ]
 
 # `python flow.py checkpoint list|show|download|verify|prune`, next to Metaflow's own

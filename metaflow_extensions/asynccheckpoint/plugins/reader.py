@@ -2,7 +2,8 @@
 
 A thin adapter over :class:`uploader.catalog.Catalog`: it turns what users hand us (a
 reference dict, a manifest key, a task pathspec, a ``metaflow.Task``) into a store and a
-manifest, and manifests back into references.
+manifest, and manifests back into references. References the published
+``metaflow-checkpoint`` package wrote go to :mod:`.legacy`, which reads its layout.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 from uploader import CheckpointError, Engine, Settings
 from uploader.catalog import Catalog, Entry
 
+from . import legacy
 from .exceptions import CheckpointException, CheckpointReferenceError
+from .legacy import LegacyEntry
 from .reference import CheckpointReference, reference_from_manifest
 from .storage import backend_factory
 
@@ -53,13 +56,21 @@ class TaskCheckpoints:
     """Where one task's checkpoints are: its scope, run and task id, and its store."""
 
     def __init__(self, *, scope: str, run_id: str, task_id: str, datastore: str,
-                 datastore_root: str) -> None:
+                 datastore_root: str, pathspec: str = "") -> None:
         self.scope, self.run_id, self.task_id = scope, run_id, task_id
         self.datastore, self.datastore_root = datastore, datastore_root
+        self.pathspec = pathspec
 
     @classmethod
     def of(cls, task: Any) -> TaskCheckpoints | None:
         """For a ``metaflow.Task`` or its pathspec; None if it saved no checkpoints."""
+        found = cls.locate(task)
+        return found if found.scope else None
+
+    @classmethod
+    def locate(cls, task: Any) -> TaskCheckpoints:
+        """Where a task's checkpoints would be; ``scope`` is empty if it did not run with
+        this package's ``@checkpoint`` (``metaflow-checkpoint``'s may still be there)."""
         from metaflow import Task
         from metaflow.exception import MetaflowNotFound
 
@@ -68,14 +79,11 @@ class TaskCheckpoints:
             meta = t.metadata_dict
         except MetaflowNotFound as e:
             raise CheckpointReferenceError(f"no such task {task!r}: {e}") from e
-        scope = meta.get("checkpoint-scope")
-        if not scope:
-            return None
         _flow, run_id, _step, task_id = t.pathspec.split("/")
         ds, root = default_location() if "ds-type" not in meta else (
             meta["ds-type"], meta["ds-root"])
-        return cls(scope=scope, run_id=run_id, task_id=task_id, datastore=ds,
-                   datastore_root=root)
+        return cls(scope=meta.get("checkpoint-scope") or "", run_id=run_id, task_id=task_id,
+                   datastore=ds, datastore_root=root, pathspec=t.pathspec)
 
 
 class Reader:
@@ -117,18 +125,31 @@ class Reader:
             datastore_root=backend.url)
 
     def list_task(self, task: Any, *, name: str | None = None,
-                  attempt: int | None = None) -> list[CheckpointReference]:
-        """The committed checkpoints of ``task`` (newest first); [] if it saved none."""
-        where = TaskCheckpoints.of(task)
-        if where is None:
+                  attempt: int | None = None) -> list[dict[str, Any]]:
+        """The committed checkpoints of ``task`` (newest first); [] if it saved none.
+
+        Those ``metaflow-checkpoint`` saved in it follow ours, marked
+        ``"source": "metaflow-checkpoint"``.
+        """
+        where = TaskCheckpoints.locate(task)
+        if where.datastore not in ("local", "s3"):
             return []
         catalog = self.catalog(where.datastore, where.datastore_root)
-        return [self.reference(catalog, e) for e in catalog.select(
-            where.scope, run_id=where.run_id, task_id=where.task_id, name=name,
-            attempt=attempt)]
+        out: list[dict[str, Any]] = []
+        if where.scope:
+            out += [self.reference(catalog, e) for e in catalog.select(
+                where.scope, run_id=where.run_id, task_id=where.task_id, name=name,
+                attempt=attempt)]
+        try:
+            out += legacy.list_task(catalog.engine, where.pathspec, name=name, attempt=attempt)
+        except CheckpointError as e:
+            raise CheckpointException(
+                f"cannot list the metaflow-checkpoint checkpoints of {where.pathspec}: {e}"
+            ) from e
+        return out
 
     def resolve(self, reference: Any, *, default: tuple[str, str] | None = None,
-                datastore_root: str | None = None) -> tuple[Catalog, Entry]:
+                datastore_root: str | None = None) -> tuple[Catalog, Entry | LegacyEntry]:
         """The committed checkpoint ``reference`` names.
 
         ``reference`` is a reference dict (from ``save()``, ``list()`` or an artifact), a
@@ -145,6 +166,11 @@ class Reader:
 
         explicit = None if datastore_root is None else (_kind_of(datastore_root),
                                                         datastore_root)
+        if legacy.recognise(reference) is not None:
+            # metaflow-checkpoint's references name no root: like that package, read them
+            # from the flow's datastore (or the one the caller names).
+            catalog = self.catalog(*(explicit or default or default_location()))
+            return catalog, legacy.read(catalog.engine, reference)
         if isinstance(reference, dict) and isinstance(reference.get("key"), str):
             ds = reference.get("datastore")
             root = reference.get("datastore_root")
@@ -175,7 +201,8 @@ class Reader:
             return catalog, found
         raise CheckpointReferenceError(
             "load() takes a reference returned by save() or list() (a dict with a 'key'), "
-            "its key, a task pathspec 'Flow/run/step/task' or a metaflow.Task; got "
+            "its key, a task pathspec 'Flow/run/step/task' or a metaflow.Task (or a reference "
+            "metaflow-checkpoint returned, or its key); got "
             f"{reference!r:.200}.")
 
     def _read(self, catalog: Catalog, key: str) -> tuple[Catalog, Entry]:
@@ -190,7 +217,9 @@ class Reader:
                 "reference.wait()), or it failed.")
         return catalog, entry
 
-    def load(self, catalog: Catalog, entry: Entry, path: str) -> str:
+    def load(self, catalog: Catalog, entry: Entry | LegacyEntry, path: str) -> str:
+        if isinstance(entry, LegacyEntry):
+            return legacy.load(catalog.engine, entry, path)
         try:
             catalog.load(entry, path)
         except CheckpointError as e:

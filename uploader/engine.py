@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
@@ -80,6 +80,17 @@ REWRITE_ADVICE = (
 
 def _utcnow() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+async def _each(fn: Callable[[T], Coroutine[Any, Any, object]], items: Iterable[T]) -> None:
+    """``fn(item)`` for every item, concurrently; raises the error that failed one of
+    them, not the cancellations it caused in the others."""
+    try:
+        async with anyio.create_task_group() as tg:
+            for item in items:
+                tg.start_soon(fn, item)
+    except BaseExceptionGroup as eg:
+        raise first_error(eg) from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -641,19 +652,10 @@ class Engine:
             entries[f.relpath] = FileEntry(f.relpath, f.size, digest)
             stats.bytes_uploaded += f.size  # per file: the progress costs nothing per byte
 
-        async def each(fn: Callable[[SnapshotFile], Any], files: Sequence[SnapshotFile]
-                       ) -> None:
-            try:
-                async with anyio.create_task_group() as tg:
-                    for f in files:
-                        tg.start_soon(fn, f)
-            except BaseExceptionGroup as eg:
-                raise first_error(eg) from None
-
         try:
             handle._transition(CheckpointState.UPLOADING)
-            await each(one, snap.files)
-            await each(confirm, [f for f in snap.files if entries[f.relpath].key is not None])
+            await _each(one, snap.files)
+            await _each(confirm, [f for f in snap.files if entries[f.relpath].key is not None])
             upload_s = time.monotonic() - t0
             manifest = Manifest(
                 checkpoint_id=keys.checkpoint_id, name=req.name, run_id=keys.run_id,
@@ -900,12 +902,7 @@ class Engine:
             got[i] = (n, digest)
 
         try:
-            try:
-                async with anyio.create_task_group() as tg:
-                    for i in range(len(objects)):
-                        tg.start_soon(one, i)
-            except BaseExceptionGroup as eg:
-                raise first_error(eg) from None
+            await _each(one, range(len(objects)))
             received = sum(n for n, _ in got)
             if total is not None and received != total:
                 raise LoadError(f"{who}: its files hold {received} bytes, but {total} were "
@@ -927,12 +924,7 @@ class Engine:
         async def one(i: int) -> None:
             got[i] = await backend.get_bytes(keys[i])
 
-        try:
-            async with anyio.create_task_group() as tg:
-                for i in range(len(keys)):
-                    tg.start_soon(one, i)
-        except BaseExceptionGroup as eg:
-            raise first_error(eg) from None
+        await _each(one, range(len(keys)))
         return got
 
     def load(self, manifest: Manifest, dest: str, *, keys: CheckpointKeys | None = None
@@ -963,7 +955,8 @@ class Engine:
             raise LoadError(f"{who}: cannot create a directory in {dest!r} to load into "
                             f"({e}); check that it is writable.") from e
 
-        async def one(i: int, entry: FileEntry) -> None:
+        async def one(i: int) -> None:
+            entry = manifest.files[i]
             key = keys.stored(entry.path, entry.key)
             what = f"{who}: file {entry.path!r} at {backend.url_of(key)}"
             try:
@@ -979,12 +972,7 @@ class Engine:
                     "(current.checkpoint.list()) instead.")
 
         try:
-            try:
-                async with anyio.create_task_group() as tg:
-                    for i, entry in enumerate(manifest.files):
-                        tg.start_soon(one, i, entry)
-            except BaseExceptionGroup as eg:
-                raise first_error(eg) from None
+            await _each(one, range(len(manifest.files)))
             try:
                 await anyio.to_thread.run_sync(_place, staging, dest, paths, who)
             except OSError as e:

@@ -261,6 +261,7 @@ def child(url: str, size: int, concurrency: int, tmpdir: str) -> None:
 @contextlib.contextmanager
 def pinned_setup(tmp: str, size: int, modes: list[str], concurrency: int
                  ) -> Iterator[tuple[MemServer, dict[str, Uploads]]]:
+    everywhere = os.sched_getaffinity(0)
     pin(UPLOAD_CPU)  # everything started from here on inherits CPU 1
     server = MemServer()
     uploads: dict[str, Uploads] = {}
@@ -276,6 +277,9 @@ def pinned_setup(tmp: str, size: int, modes: list[str], concurrency: int
         for u in uploads.values():
             u.close()
         server.close()
+        # Give the calling thread all its CPUs back: the suite runs the other benchmarks
+        # after this one in the same process, and its threads inherit this mask.
+        os.sched_setaffinity(0, everywhere)
 
 
 def measure(size: int, repeat: int, modes: list[str], *, concurrency: int = 16,

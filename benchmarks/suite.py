@@ -5,7 +5,7 @@ Writes ``results.md``, ``results.png`` and ``results.json`` to ``--out``
 (``benchmarks/results`` by default) and prints the table. ``--quick`` runs everything
 small (a smoke run: the numbers mean little); ``--only`` picks benchmarks by name.
 
-    tox -e bench                      # the full run, about 12 minutes on 2 cores
+    tox -e bench                      # the full run, about 7 minutes on 2 cores
     python benchmarks/suite.py --quick --only listing,small_save
 """
 

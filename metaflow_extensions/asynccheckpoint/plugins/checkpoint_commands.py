@@ -174,9 +174,13 @@ def list_checkpoints(s: Session, pathspec: str | None, *, name: str | None,
     _print_rows(s, ordered)
     n = sum(1 for r in ordered if r["state"] == "committed")
     total = sum(r["size_bytes"] or 0 for r in ordered)
-    stored = sum(r.get("stored_bytes") or 0 for r in ordered)
-    # Where checkpoints share unchanged files, what they hold is more than what is stored.
-    also = f" ({_size(stored)} stored)" if stored != total else ""
+    # Where checkpoints share unchanged files, what they hold is more than what the store
+    # holds for them: each object counted once, wherever it lies (an object a checkpoint
+    # reads may sit under an older checkpoint that retention has deleted).
+    objects = {e.keys.stored(f.path, f.key): f.size for e in shown for f in e.manifest.files}
+    stored = sum(objects.values()) + sum(r["size_bytes"] or 0 for r in ordered
+                                         if r["state"] != "committed")
+    also = f" ({_size(stored)} in the store)" if stored != total else ""
     click.echo(f"{_n(n, 'committed checkpoint')}, {_size(total)}{also}, of "
                f"{target.label(s.flow)} {s.where()}.")
 

@@ -358,7 +358,10 @@ def test_sizes_of_a_checkpoint_that_reads_earlier_data(store: Store, tmp_path: P
     assert newest["checkpoint_id"] == new_id
     assert (newest["size_bytes"], newest["stored_bytes"], newest["referenced_bytes"]) == (
         weights.size + 1, 1, weights.size)
-    assert "STORED" in store.cli("list").stdout.splitlines()[0]
+    listing = store.cli("list").stdout
+    assert "STORED" in listing.splitlines()[0]
+    # The total counts the shared object once: less is in the store than the sum of sizes.
+    assert "in the store)" in listing.splitlines()[-1], listing
     store.cli("verify", new_id)
     dest = tmp_path / "out"
     store.cli("download", new_id, str(dest))
@@ -369,6 +372,9 @@ def test_sizes_of_a_checkpoint_that_reads_earlier_data(store: Store, tmp_path: P
     rows_after = store.json("list", "--incomplete")["checkpoints"]
     assert base["checkpoint_id"] not in [r["checkpoint_id"] for r in rows_after]
     assert all(r["state"] == "committed" for r in rows_after)
+    # Now no listed checkpoint holds the object the new one reads; it still counts once,
+    # so what is in the store is exactly the sum of the sizes listed.
+    assert "in the store)" not in store.cli("list").stdout.splitlines()[-1]
     store.cli("verify", new_id)
 
 

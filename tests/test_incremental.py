@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -226,6 +228,68 @@ def test_a_referenced_object_removed_before_the_commit_is_uploaded_after_all(
         engine.load(manifest_of(engine, second.keys), str(out), keys=second.keys)
         assert (out / "base.bin").read_bytes() == (src / "base.bin").read_bytes()
     finally:
+        engine.close()
+
+
+class HeldDelete(LocalBackend):
+    """A local store whose deletions wait, once told to, until the test releases them."""
+
+    def __init__(self, root: str, ctx: TransferContext) -> None:
+        super().__init__(root, ctx)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    async def delete_keys(self, keys: Sequence[str]) -> list[tuple[str, str]]:
+        import anyio.to_thread
+
+        self.entered.set()
+        await anyio.to_thread.run_sync(self.release.wait)
+        return await super().delete_keys(keys)
+
+
+def test_a_deletion_never_lands_between_a_saves_check_and_its_commit(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write(src / "base.bin", os.urandom(100_000))
+    backends: list[HeldDelete] = []
+
+    def factory(ctx: TransferContext) -> HeldDelete:
+        backends.append(HeldDelete(str(tmp_path / "store"), ctx))
+        return backends[-1]
+
+    engine = Engine(factory, Settings(copy_budget=0), snapshot_dir=str(tmp_path / "snap"),
+                    log=lambda m: None)
+    try:
+        first = request(src)
+        engine.save(first).wait(30)
+        (backend,) = backends
+        shared = first.keys.data("base.bin")
+        # A pruner decides to delete the object while no save points at it, and is slow.
+        pruned: list[object] = []
+        pruner = threading.Thread(
+            target=lambda: pruned.append(engine.delete_unreferenced([shared])))
+        pruner.start()
+        assert backend.entered.wait(30)
+        # Meanwhile a save finds the file unchanged and points at that object...
+        second = request(src)
+        h = engine.save(second)
+        deadline = time.monotonic() + 30
+        while shared not in engine.referenced_keys():
+            assert time.monotonic() < deadline and not h.done(), h.state
+            time.sleep(0.005)  # polls a real condition, with a deadline
+        # ... and only then does the deletion go through. The save must not commit a
+        # manifest pointing at the object it found before the deletion: it checks after.
+        backend.release.set()
+        pruner.join(30)
+        assert pruned == [([shared], [])]
+        h.wait(30)
+        assert h.state is CheckpointState.COMMITTED
+        m = manifest_of(engine, second.keys)
+        assert all(f.key is None for f in m.files), m  # uploaded after all
+        out = tmp_path / "out"
+        engine.load(m, str(out), keys=second.keys)
+        assert (out / "base.bin").read_bytes() == (src / "base.bin").read_bytes()
+    finally:
+        backends[0].release.set()
         engine.close()
 
 

@@ -327,6 +327,9 @@ class Engine:
         self._ctx: TransferContext | None = None
         self._bases = Bases()  # touched only on the loop thread
         self._refs = References()
+        # Held on the loop from a save's check that the objects it points at exist until
+        # its manifest is written, and by delete_unreferenced(): see there.
+        self._pointing: anyio.Lock | None = None
         self._told_torn = False
         self._hinted: dict[str, str] = {}
         self._newest: dict[tuple[str, str], CheckpointHandle] = {}  # per (scope, name)
@@ -446,6 +449,35 @@ class Engine:
         """Full keys of stored objects that saves of this engine, not yet final, point at
         instead of uploading: a pruner must not remove them. Safe from any thread."""
         return self._refs.all()
+
+    def delete_unreferenced(self, keys: Sequence[str]) -> tuple[list[str],
+                                                                  list[tuple[str, str]]]:
+        """Delete those of ``keys`` that no save of this engine points at; return
+        ``(deleted, failed)``, ``failed`` as ``(key, reason)``. From any thread but the loop.
+
+        A save registers what it points at, then checks that each object still exists,
+        then writes its manifest; this deletion and that check-and-commit exclude each
+        other. So either the save registered first and its objects are spared here, or
+        the deletion came first and the save finds them gone and uploads them again: a
+        committed manifest never points at an object this engine deleted.
+        """
+        return self.run(self._delete_unreferenced, list(keys))
+
+    def _pointing_lock(self) -> anyio.Lock:
+        if self._pointing is None:  # made on the loop, the only place it is used
+            self._pointing = anyio.Lock()
+        return self._pointing
+
+    async def _delete_unreferenced(self, keys: list[str]
+                                   ) -> tuple[list[str], list[tuple[str, str]]]:
+        backend = self._backend
+        assert backend is not None
+        async with self._pointing_lock():
+            refs = self._refs.all()
+            doomed = [k for k in keys if k not in refs]
+            failed = await backend.delete_keys(doomed) if doomed else []
+        gone = {k for k, _ in failed}
+        return [k for k in doomed if k not in gone], failed
 
     def save(self, request: SaveRequest) -> CheckpointHandle:
         """Snapshot ``request.source`` now and upload it in the background.
@@ -655,22 +687,28 @@ class Engine:
         try:
             handle._transition(CheckpointState.UPLOADING)
             await _each(one, snap.files)
-            await _each(confirm, [f for f in snap.files if entries[f.relpath].key is not None])
-            upload_s = time.monotonic() - t0
-            manifest = Manifest(
-                checkpoint_id=keys.checkpoint_id, name=req.name, run_id=keys.run_id,
-                scope_prefix=keys.scope_prefix, created_on=req.reference.get("created_on", ""),
-                committed_on=_utcnow(), latest=req.latest,
-                files=tuple(entries[f.relpath] for f in snap.files),
-                metadata=req.metadata, identity=req.identity,
-                source="file" if os.path.isfile(req.source) else "directory",
-                timings={"snapshot_s": snap.seconds, "upload_s": upload_s},
-                bytes_skipped=stats.bytes_skipped,
-            )
-            try:
-                await backend.put_bytes(keys.manifest, manifest.to_json())
-            except UploadError as e:
-                raise _naming(e, req, "writing its manifest", keys.manifest) from e
+            pointing = [f for f in snap.files if entries[f.relpath].key is not None]
+            # Until the manifest is written, no deletion through this engine runs between
+            # the check that those objects exist and the commit (delete_unreferenced).
+            guard = self._pointing_lock() if pointing else contextlib.nullcontext()
+            async with guard:
+                await _each(confirm, pointing)
+                upload_s = time.monotonic() - t0
+                manifest = Manifest(
+                    checkpoint_id=keys.checkpoint_id, name=req.name, run_id=keys.run_id,
+                    scope_prefix=keys.scope_prefix,
+                    created_on=req.reference.get("created_on", ""),
+                    committed_on=_utcnow(), latest=req.latest,
+                    files=tuple(entries[f.relpath] for f in snap.files),
+                    metadata=req.metadata, identity=req.identity,
+                    source="file" if os.path.isfile(req.source) else "directory",
+                    timings={"snapshot_s": snap.seconds, "upload_s": upload_s},
+                    bytes_skipped=stats.bytes_skipped,
+                )
+                try:
+                    await backend.put_bytes(keys.manifest, manifest.to_json())
+                except UploadError as e:
+                    raise _naming(e, req, "writing its manifest", keys.manifest) from e
             req.reference["size"] = manifest.total_bytes
             if req.latest:
                 # Before the handle completes, so whoever waits on it sees the hint too;

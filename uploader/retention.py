@@ -16,8 +16,10 @@ reader), then its data objects. A crash between the two leaves data no manifest 
 which the next prune removes as debris: readers only ever see committed and complete
 checkpoints. An object is never deleted while a remaining manifest of the scope (of any
 run) points at it through ``FileEntry.key``, nor while a save of the engine not yet
-committed may (``Engine.referenced_keys()``, where the engine has it). A scope with a
-manifest this version cannot read is not pruned at all: what it references is unknown.
+committed may (``Engine.referenced_keys()``); data is deleted through
+``Engine.delete_unreferenced()``, which never lands between a save's check of what it
+points at and its commit. A scope with a manifest this version cannot read is not pruned
+at all: what it references is unknown.
 
 The ``latest.json`` hint is never rewritten: a prune only deletes, so it can never race a
 writer into a worse state, and readers list manifests rather than trust the hint.
@@ -215,10 +217,7 @@ def _manifests(engine: Engine, scope_prefix: str, cache: ManifestCache | None = 
 def _referenced(engine: Engine, entries: Iterable[Entry]) -> set[str]:
     """Every key a manifest in ``entries``, or a save of ``engine`` not yet committed,
     stores bytes under."""
-    refs: set[str] = set()
-    pending = getattr(engine, "referenced_keys", None)
-    if pending is not None:
-        refs.update(pending())
+    refs: set[str] = set(engine.referenced_keys())
     for e in entries:
         refs.update(e.keys.stored(f.path, f.key) for f in e.manifest.files)
     return refs
@@ -355,8 +354,7 @@ def _delete(engine: Engine, keys: Sequence[str], report: PruneReport) -> set[str
 def _delete_data(engine: Engine, plan: PrunePlan, gone: Sequence[Entry],
                  report: PruneReport, cache: ManifestCache | None) -> None:
     prefix = plan.scope_prefix
-    pending = getattr(engine, "referenced_keys", None)
-    refs: set[str] = set(pending()) if pending is not None else set()  # before the listing
+    refs = set(engine.referenced_keys())  # before the listing
     entries, all_keys, unreadable = _manifests(engine, prefix, cache)
     if unreadable:
         raise RuntimeError(f"a manifest that cannot be read appeared ({unreadable[0]})")
@@ -371,13 +369,24 @@ def _delete_data(engine: Engine, plan: PrunePlan, gone: Sequence[Entry],
         if (run, cid) not in committed:  # committed since the plan: not debris after all
             targets.append((d, groups.get((run, cid), [])))
     doomed = [o for _, objs in targets for o in objs if o.key not in refs]
-    failed = _delete(engine, [o.key for o in doomed], report) if doomed else set()
+    # Through the engine, which spares what a save registered since ``refs`` was read,
+    # and keeps the deletion from landing between a save's check of what it points at
+    # and its commit.
+    deleted: set[str] = set()
+    if doomed:
+        try:
+            done, failed = engine.delete_unreferenced([o.key for o in doomed])
+        except Exception as e:
+            report.errors.append(str(e))
+        else:
+            deleted = set(done)
+            report.errors.extend(reason for _, reason in failed)
     for o in doomed:
-        if o.key not in failed:
+        if o.key in deleted:
             report.objects_deleted += 1
             report.bytes_freed += o.size
     report.debris_removed += sum(1 for d, objs in targets
-                                 if d and not any(o.key in failed for o in objs))
+                                 if d and all(o.key in deleted or o.key in refs for o in objs))
 
 
 def prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,

@@ -422,6 +422,29 @@ def test_a_killed_local_writer_s_temporary_file_is_debris(tmp_path: Path) -> Non
         engine.close()
 
 
+def test_a_temporary_file_of_a_killed_manifest_write_goes_after_the_grace(tmp_path: Path
+                                                                          ) -> None:
+    engine = Engine(lambda ctx: LocalBackend(str(tmp_path / "store"), ctx), Settings(),
+                    snapshot_dir=str(tmp_path / "snap"))
+    try:
+        catalog = Catalog(engine)
+        committed = save(engine, tmp_path, 1)
+        runs = tmp_path / "store" / PREFIX / "manifests" / "1"
+        tmp = runs / ".ckpt-tmp-0123456789abcdef0123456789abcdef"
+        tmp.write_bytes(b'{"half a manifest')
+        young = plan_prune(catalog, PREFIX, RetentionPolicy(), grace_s=3600)
+        assert young.stale_temp == ()
+        plan = plan_prune(catalog, PREFIX, RetentionPolicy(), grace_s=3600,
+                          now=time.time() + 3601)
+        assert plan.stale_temp == (f"{PREFIX}/manifests/1/{tmp.name}",)
+        report = execute_prune(catalog, plan)
+        assert report.errors == [] and report.debris_removed == 1
+        assert not tmp.exists() and (tmp_path / "store" / committed.manifest).exists()
+        assert epochs(catalog) == [1]
+    finally:
+        engine.close()
+
+
 def test_incomplete_multipart_uploads_older_than_the_grace_are_aborted(
         server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     server.reset()

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .backends.base import StoredObject
+from .backends.local import TEMP_PREFIX
 from .catalog import Catalog, Entry
 from .engine import Engine
 from .errors import ManifestError
@@ -93,6 +94,9 @@ class PrunePlan:
     # Manifest keys this version cannot read: while there are any, nothing is deleted.
     unreadable: tuple[str, ...] = ()
     scope_prefix: str = ""
+    # Temporary files a writer killed mid-manifest left under manifests/ (local store):
+    # never a manifest, and removed once older than the grace period.
+    stale_temp: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -261,7 +265,9 @@ def plan_prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
                    "read, which may reference its data" for e in considered}
         return PrunePlan(keep=tuple(considered), delete=(), reasons=reasons, debris=(),
                          uploads=_stale_uploads(engine, prefix, now - grace_s),
-                         unreadable=tuple(unreadable), scope_prefix=prefix)
+                         unreadable=tuple(unreadable), scope_prefix=prefix,
+                         stale_temp=_stale_temp(engine, prefix, now - grace_s))
+    stale_temp = _stale_temp(engine, prefix, now - grace_s)
     kept = choose(considered, policy, protect) if policy.active else {
         e.keys.checkpoint_id: "no retention rule set" for e in considered}
     reasons = dict(kept)
@@ -282,7 +288,14 @@ def plan_prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
     return PrunePlan(keep=tuple(e for e in considered if e.keys.checkpoint_id in kept),
                      delete=tuple(delete), reasons=reasons, debris=tuple(debris),
                      uploads=_stale_uploads(engine, prefix, now - grace_s),
-                     scope_prefix=prefix)
+                     scope_prefix=prefix, stale_temp=stale_temp)
+
+
+def _stale_temp(engine: Engine, prefix: str, before: float) -> tuple[str, ...]:
+    found = engine.run(engine.backend.list_objects, f"{prefix}/manifests/")
+    return tuple(sorted(o.key for o in found
+                        if o.key.rpartition("/")[2].startswith(TEMP_PREFIX)
+                        and o.mtime <= before))
 
 
 def _stale_uploads(engine: Engine, prefix: str, before: float) -> tuple[tuple[str, str], ...]:
@@ -330,7 +343,13 @@ def execute_prune(catalog: Catalog, plan: PrunePlan, *,
         except Exception as e:
             report.errors.append(f"not deleting data under {plan.scope_prefix}: {e}. What is "
                                  "left is removed as debris by a later prune.")
-    # 3. Multipart uploads that will never complete.
+    # 3. What writers killed mid-manifest left: never read, never referenced.
+    if plan.stale_temp:
+        failed = _delete(engine, plan.stale_temp, report)
+        removed = sum(1 for k in plan.stale_temp if k not in failed)
+        report.objects_deleted += removed
+        report.debris_removed += removed
+    # 4. Multipart uploads that will never complete.
     for key, upload_id in plan.uploads:
         try:
             engine.run(backend.abort_upload, key, upload_id)

@@ -34,7 +34,7 @@ T = TypeVar("T")
 _CHUNK = 8 << 20
 _TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT})
 # Temporary names are short and fixed-length, so a stored name may use all of NAME_MAX.
-_TMP_PREFIX = ".ckpt-tmp-"
+TEMP_PREFIX = ".ckpt-tmp-"
 _TMP_NAME = re.compile(r"\.ckpt-tmp-[0-9a-f]{32}|.*\.tmp-[0-9a-f]{32}")  # ours, older ones
 
 Side = Literal["read", "write"]
@@ -64,7 +64,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _tmp_path(directory: str) -> str:
-    return os.path.join(directory, f"{_TMP_PREFIX}{uuid.uuid4().hex}")
+    return os.path.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
 
 
 @contextlib.contextmanager

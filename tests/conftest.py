@@ -83,13 +83,10 @@ def s3_env(s3_server, flow_env: dict[str, str], tmp_path: Path) -> dict[str, str
     """Environment for a flow on the S3 datastore of a fresh, empty moto server."""
     s3_server.reset()
     s3_server.client().create_bucket(Bucket=S3_BUCKET)
-    env = dict(flow_env)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        env.pop(name, None)
-    env.update(s3_server.env(S3_BUCKET))
-    env["AWS_CONFIG_FILE"] = str(tmp_path / "no-aws-config")
-    env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "no-aws-credentials")
-    return env
+    from s3server import PROFILE_VARS
+
+    env = {k: v for k, v in flow_env.items() if k not in PROFILE_VARS}
+    return {**env, **s3_server.env(S3_BUCKET), **s3_server.credentials(tmp_path)}
 
 
 # -- real filesystems, loop-mounted (see fsimages.py) ------------------------------------

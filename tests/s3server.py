@@ -15,10 +15,17 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pytest
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
+# What would send boto3 to the machine's own credentials instead of this server's.
+PROFILE_VARS = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
 def free_port() -> int:
@@ -41,6 +48,25 @@ class S3Server:
 
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
                             aws_secret_access_key=SECRET_KEY, region_name=REGION)
+
+    def credentials(self, home: Path | str) -> dict[str, str]:
+        """This server's credentials, from the environment only: the config and credentials
+        files are looked for under ``home``, where there are none."""
+        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_DEFAULT_REGION": REGION,
+                "AWS_CONFIG_FILE": os.path.join(home, "no-aws-config"),
+                "AWS_SHARED_CREDENTIALS_FILE": os.path.join(home, "no-aws-credentials")}
+
+    def fresh(self, bucket: str, monkeypatch: pytest.MonkeyPatch, home: Path | str
+              ) -> S3Server:
+        """Reset the server, make ``bucket``, and give this process its credentials."""
+        self.reset()
+        self.client().create_bucket(Bucket=bucket)
+        for name in PROFILE_VARS:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in self.credentials(home).items():
+            monkeypatch.setenv(name, value)
+        return self
 
     def env(self, bucket: str, prefix: str = "metaflow") -> dict[str, str]:
         """Environment that points Metaflow (and so @checkpoint) at this server."""

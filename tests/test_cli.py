@@ -118,9 +118,7 @@ def s3_source(s3_server: Any, tmp_path_factory: pytest.TempPathFactory
     s3_server.reset()
     s3_server.client().create_bucket(Bucket="cli-source")
     env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(base / "ds"),
-           **s3_server.env("cli-source"),
-           "AWS_CONFIG_FILE": str(base / "no-aws-config"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(base / "no-aws-credentials")}
+           **s3_server.env("cli-source"), **s3_server.credentials(base)}
     yield "cli-source", _run_flow(base, env)
 
 
@@ -144,8 +142,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
             client.copy_object(Bucket=bucket, Key=o["Key"],
                                CopySource={"Bucket": source, "Key": o["Key"]})
     env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "ds"),
-           **server.env(bucket), "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}
+           **server.env(bucket), **server.credentials(tmp_path)}
     return Store("s3", env, run_id, tmp_path, client=client, bucket=bucket)
 
 

@@ -82,16 +82,7 @@ def store(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
         def factory(ctx: TransferContext) -> Any:
             return LocalBackend(str(tmp_path / "store"), ctx)
     else:
-        s3 = request.getfixturevalue("server")
-        s3.reset()
-        s3.client().create_bucket(Bucket=BUCKET)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+        s3 = request.getfixturevalue("server").fresh(BUCKET, monkeypatch, tmp_path)
 
         def factory(ctx: TransferContext) -> Any:
             from uploader.backends.s3 import S3Backend

@@ -36,7 +36,7 @@ from botocore.exceptions import (
 from faultproxy import RESET, FaultProxy, error
 from hypothesis import given
 from hypothesis import strategies as st
-from s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, running_s3_server
+from s3server import S3Server, running_s3_server
 
 import uploader.backends.s3_dataplane as dataplane_mod
 from uploader.backends import S3Backend, TransferContext
@@ -69,16 +69,7 @@ def server() -> Iterator[S3Server]:
 @pytest.fixture
 def s3(server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> S3Server:
     """A fresh server state with one bucket, and credentials from the environment only."""
-    server.reset()
-    server.client().create_bucket(Bucket=BUCKET)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    return server
+    return server.fresh(BUCKET, monkeypatch, tmp_path)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
-from s3server import ACCESS_KEY, REGION, SECRET_KEY
 
 from uploader import (
     CheckpointKeys,
@@ -34,16 +33,7 @@ SCOPE = Scope("TrainFlow", "user:me", "train")
 
 @pytest.fixture
 def s3(s3_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    s3_server.reset()
-    s3_server.client().create_bucket(Bucket=BUCKET)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    yield s3_server
+    yield s3_server.fresh(BUCKET, monkeypatch, tmp_path)
     s3_server.reset()  # moto keeps every byte in memory
 
 

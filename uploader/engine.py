@@ -847,16 +847,13 @@ class Engine:
 
     def list_manifest_keys(self, prefix: str) -> list[CheckpointKeys]:
         """Committed checkpoints under a scope's ``manifests/`` prefix, newest first."""
-        portal = self._ensure_started()
-        keys = portal.call(self.backend.list_keys, prefix)
         out = []
-        for k in keys:
+        for k in self.list_keys(prefix):
             try:
                 out.append(CheckpointKeys.from_manifest_key(k))
             except ValueError:
                 continue
-        out = CheckpointKeys.newest_first(out)
-        return out
+        return CheckpointKeys.newest_first(out)
 
     def read_manifest(self, keys: CheckpointKeys) -> Manifest | None:
         portal = self._ensure_started()
@@ -871,10 +868,8 @@ class Engine:
         Read concurrently, each GET bounded by the backend: on S3 a round trip costs
         20-50 ms, and 1,000 checkpoints read one at a time took tens of seconds.
         """
-        portal = self._ensure_started()
-        blobs = portal.call(self._get_all, [k.manifest for k in keys])
         out: list[Manifest | ManifestError | None] = []
-        for data in blobs:
+        for data in self.read_objects([k.manifest for k in keys]):
             try:
                 out.append(None if data is None else Manifest.from_json(data))
             except ManifestError as e:
@@ -884,16 +879,15 @@ class Engine:
     def read_objects(self, keys: Sequence[str]) -> list[bytes | None]:
         """The bytes under each of ``keys`` (None where there is none), read concurrently.
 
-        For objects this package did not write (another package's metadata); checkpoints
-        are read through :meth:`read_manifests` and :meth:`load`.
+        Manifests are read through :meth:`read_manifests`, and checkpoints' data through
+        :meth:`load`; this is for the rest (another package's metadata).
         """
         portal = self._ensure_started()
         return portal.call(self._get_all, list(keys))
 
-    def list_objects(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix``, in no particular order."""
-        portal = self._ensure_started()
-        return portal.call(self.backend.list_keys, prefix)
+        return self.run(self.backend.list_keys, prefix)
 
     def fetch(self, objects: Sequence[tuple[str, str, int | None]], dest: str, *,
               who: str, total: int | None = None) -> list[tuple[int, str]]:
@@ -913,45 +907,25 @@ class Engine:
 
     async def _fetch(self, objects: list[tuple[str, str, int | None]], paths: list[list[str]],
                      dest: str, who: str, total: int | None) -> list[tuple[int, str]]:
-        backend = self._backend
-        assert backend is not None
-        try:
-            staging = await anyio.to_thread.run_sync(_load_staging, dest)
-        except OSError as e:
-            raise LoadError(f"{who}: cannot create a directory in {dest!r} to load into "
-                            f"({e}); check that it is writable.") from e
         got: list[tuple[int, str]] = [(0, "")] * len(objects)
 
-        async def one(i: int) -> None:
-            key, rel, size = objects[i]
-            what = f"{who}: file {rel!r} at {backend.url_of(key)}"
-            target = os.path.join(staging, str(i))
-            try:
-                # A size of 0 asks the backend for the object in one stream, whatever it is.
-                digest = await backend.get_file(key, target, size or 0)
-                n = (await anyio.to_thread.run_sync(os.stat, target)).st_size
-            except LoadError as e:
-                raise type(e)(f"{what}: {e}") from e
-            except (CheckpointError, OSError) as e:
-                raise LoadError(f"{what} could not be loaded: {e}") from e
+        async def check(i: int, what: str, target: str, digest: str) -> None:
+            size = objects[i][2]
+            n = (await anyio.to_thread.run_sync(os.stat, target)).st_size
             if size is not None and n != size:
                 raise LoadError(f"{what} has {n} bytes, but {size} were stored. The stored "
                                 "copy is incomplete or was changed.")
             got[i] = (n, digest)
 
-        try:
-            await _each(one, range(len(objects)))
+        def whole() -> None:
             received = sum(n for n, _ in got)
             if total is not None and received != total:
                 raise LoadError(f"{who}: its files hold {received} bytes, but {total} were "
                                 "stored. A file is missing or was changed in the store.")
-            try:
-                await anyio.to_thread.run_sync(_place, staging, dest, paths, who)
-            except OSError as e:
-                raise LoadError(f"{who}: cannot place its files in {dest!r}: {e}") from e
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
+
+        # A size of 0 asks the backend for the object in one stream, whatever it is.
+        await self._download(dest, who, paths, [(key, rel, size or 0)
+                                                for key, rel, size in objects], check, whole)
         return got
 
     async def _get_all(self, keys: list[str]) -> list[bytes | None]:
@@ -983,10 +957,33 @@ class Engine:
         portal.call(self._load, manifest, dest, keys)
 
     async def _load(self, manifest: Manifest, dest: str, keys: CheckpointKeys) -> None:
-        backend = self._backend
-        assert backend is not None
         who = f"checkpoint {manifest.name!r} ({keys.checkpoint_id})"
         paths = _checked_paths([f.path for f in manifest.files], who)
+
+        async def check(i: int, what: str, target: str, digest: str) -> None:
+            if digest != manifest.files[i].sha256:
+                raise ChecksumMismatchError(
+                    f"{what} has SHA-256 {digest}, but its manifest says "
+                    f"{manifest.files[i].sha256}. The stored copy is corrupt; load an older "
+                    "checkpoint (current.checkpoint.list()) instead.")
+
+        await self._download(dest, who, paths, [
+            (keys.stored(f.path, f.key), f.path, f.size) for f in manifest.files], check)
+
+    async def _download(self, dest: str, who: str, paths: list[list[str]],
+                        files: Sequence[tuple[str, str, int]],
+                        check: Callable[[int, str, str, str], Awaitable[None]],
+                        whole: Callable[[], None] = lambda: None) -> None:
+        """Download each ``(key, relative path, size)`` of ``files`` into a staging
+        directory beside ``dest``, then place them at ``paths`` in ``dest``: all or nothing.
+
+        ``check(i, what, downloaded path, its SHA-256)`` raises for a file that is not what
+        was stored (``what`` names it for the message), and ``whole()`` for a set that is
+        not; nothing lands in ``dest`` unless both pass for all. Raises
+        :class:`~uploader.errors.LoadError` naming ``who``, the file and its key.
+        """
+        backend = self._backend
+        assert backend is not None
         try:
             staging = await anyio.to_thread.run_sync(_load_staging, dest)
         except OSError as e:
@@ -994,23 +991,20 @@ class Engine:
                             f"({e}); check that it is writable.") from e
 
         async def one(i: int) -> None:
-            entry = manifest.files[i]
-            key = keys.stored(entry.path, entry.key)
-            what = f"{who}: file {entry.path!r} at {backend.url_of(key)}"
+            key, rel, size = files[i]
+            what = f"{who}: file {rel!r} at {backend.url_of(key)}"
+            target = os.path.join(staging, str(i))
             try:
-                digest = await backend.get_file(key, os.path.join(staging, str(i)), entry.size)
+                digest = await backend.get_file(key, target, size)
             except LoadError as e:
                 raise type(e)(f"{what}: {e}") from e
             except (CheckpointError, OSError) as e:
                 raise LoadError(f"{what} could not be loaded: {e}") from e
-            if digest != entry.sha256:
-                raise ChecksumMismatchError(
-                    f"{what} has SHA-256 {digest}, but its manifest says {entry.sha256}. The "
-                    "stored copy is corrupt; load an older checkpoint "
-                    "(current.checkpoint.list()) instead.")
+            await check(i, what, target, digest)
 
         try:
-            await _each(one, range(len(manifest.files)))
+            await _each(one, range(len(files)))
+            whole()
             try:
                 await anyio.to_thread.run_sync(_place, staging, dest, paths, who)
             except OSError as e:

@@ -148,39 +148,34 @@ def _makedirs(path: str) -> list[str]:
     return made
 
 
-def _list(root: str, prefix: str) -> list[str]:
+def _walk(root: str, prefix: str) -> Iterator[tuple[str, str, str]]:
+    """``(key, directory, name)`` of every file whose key starts with ``prefix``,
+    temporary files included."""
     # Walk from the deepest directory the prefix names, then filter by the full prefix.
     base_rel = prefix.rpartition("/")[0]
     base = os.path.join(root, *base_rel.split("/")) if base_rel else root
-    out: list[str] = []
     for dirpath, _dirs, names in os.walk(base):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         for n in names:
-            if _TMP_NAME.fullmatch(n):
-                continue
             key = n if rel_dir == "." else f"{rel_dir}/{n}"
             if key.startswith(prefix):
-                out.append(key)
-    return out
+                yield key, dirpath, n
+
+
+def _list(root: str, prefix: str) -> list[str]:
+    return [key for key, _, n in _walk(root, prefix) if not _TMP_NAME.fullmatch(n)]
 
 
 def _list_objects(root: str, prefix: str) -> list[StoredObject]:
     # Like _list, but with sizes and times, and with the temporary files of writers that
     # were killed: they are part of what a crashed upload left behind.
-    base_rel = prefix.rpartition("/")[0]
-    base = os.path.join(root, *base_rel.split("/")) if base_rel else root
     out: list[StoredObject] = []
-    for dirpath, _dirs, names in os.walk(base):
-        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        for n in names:
-            key = n if rel_dir == "." else f"{rel_dir}/{n}"
-            if not key.startswith(prefix):
-                continue
-            try:
-                st = os.lstat(os.path.join(dirpath, n))
-            except FileNotFoundError:
-                continue  # deleted while we walked
-            out.append(StoredObject(key, st.st_size, st.st_mtime))
+    for key, dirpath, n in _walk(root, prefix):
+        try:
+            st = os.lstat(os.path.join(dirpath, n))
+        except FileNotFoundError:
+            continue  # deleted while we walked
+        out.append(StoredObject(key, st.st_size, st.st_mtime))
     return out
 
 

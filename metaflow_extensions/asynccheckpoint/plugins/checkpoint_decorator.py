@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from metaflow.decorators import StepDecorator
-
 from .exceptions import CheckpointConfigException
+from .lifecycle import DrainingDecorator
 
 LOAD_POLICIES = ("fresh", "eager", "none")
 
@@ -52,7 +51,7 @@ def _legacy_identifier(flow: Any, step_name: str) -> str | None:
     return task_identifier(step_name, values)
 
 
-class CheckpointDecorator(StepDecorator):
+class CheckpointDecorator(DrainingDecorator):
     """
     Saves checkpoints of a step without blocking it, and resumes from them on retry.
 
@@ -89,6 +88,7 @@ class CheckpointDecorator(StepDecorator):
     """
 
     name = "checkpoint"
+    _label = "@checkpoint"
     # best_mode is None here so that METAFLOW_CHECKPOINT_BEST_MODE can apply; unset is "min".
     defaults: dict[str, Any] = {"load_policy": "fresh", "temp_dir_root": None, "show_card": True,
                                 "keep_last": None, "keep_best": None, "best_metric": None,
@@ -162,7 +162,7 @@ class CheckpointDecorator(StepDecorator):
             field="checkpoint-scope", value=scope.prefix, type="checkpoint-scope",
             tags=[f"attempt_id:{retry_count}"])])
         self._finished = False
-        self._install_sigterm_handler()
+        self._install_sigterm_handler(self._current, self._settings.sigterm_grace, _log)
         started = time.time()
         self._current._load_on_start(self._load_policy,
                                      legacy_identifier=_legacy_identifier(flow, step_name))
@@ -177,77 +177,12 @@ class CheckpointDecorator(StepDecorator):
                 load_policy=self._load_policy, interval=self._card_interval, log=_log)
             self._card.loaded(self._current.info, time.time() - started)
 
-    def task_decorate(self, step_func, flow, graph, retry_count, max_user_code_retries,
-                      ubf_context):  # type: ignore[no-untyped-def]
-        # The card goes up here, not in task_pre_step: @card's own task_pre_step, which
-        # may run after ours, is what makes current.card usable.
-        if self._card is not None:
-            self._card.start()
-        return step_func
+    def _released(self) -> None:
+        import os
 
-    def _finish_card(self, *, task_ok: bool) -> None:
-        if self._card is not None:
-            self._card.finish(task_ok=task_ok)
+        from .checkpoint_api import ENV_TASK
 
-    def _install_sigterm_handler(self) -> None:
-        # Preemption sends SIGTERM and allows a grace period: use it to commit what was
-        # saved, then die the way the previous handler would have.
-        from . import preemption
-        from .current_checkpoint import _log
-
-        current = self._current
-        self._restore_sigterm = preemption.install(
-            drain=current._drain_for_signal, grace=self._settings.sigterm_grace,
-            cleanup=current._remove_files, log=_log)
-
-    def task_post_step(self, step_name, flow, graph, retry_count,
-                       max_user_code_retries):  # type: ignore[no-untyped-def]
-        if self._current is not None and not self._finished:
-            self._finished = True
-            # Artifacts set by this step, so an error can name the one holding a reference.
-            artifacts = {k: v for k, v in vars(flow).items() if not k.startswith("_")}
-            ok = False
-            try:
-                self._current._finish(success=True, artifacts=artifacts)
-                ok = True
-            finally:
-                self._finish_card(task_ok=ok)
-
-    def task_exception(self, exception, step_name, flow, graph, retry_count,
-                       max_user_code_retries):  # type: ignore[no-untyped-def]
-        # Commit what the failed attempt saved, so the next attempt resumes from it; never
-        # replace the user's exception with ours.
-        if self._current is not None and not self._finished:
-            self._finished = True
-            try:
-                self._current._finish(success=False)
-            except Exception as e:
-                print(f"[@checkpoint] ERROR while draining uploads: {e}")
-            self._finish_card(task_ok=False)
-        return None
-
-    def task_finished(self, step_name, flow, graph, is_task_ok, retry_count,
-                      max_user_code_retries):  # type: ignore[no-untyped-def]
-        # The safety net for sys.exit() and KeyboardInterrupt, which skip both hooks above.
-        if self._current is None:
-            return
-        try:
-            if not self._finished:
-                self._finished = True
-                self._current._finish(success=False)
-        finally:
-            self._finish_card(task_ok=is_task_ok)
-            restore = getattr(self, "_restore_sigterm", None)
-            if restore is not None:
-                restore()
-                self._restore_sigterm = None
-            self._current._close()
-            self._current = None
-            import os
-
-            from .checkpoint_api import ENV_TASK
-
-            if getattr(self, "_previous_env", None) is None:
-                os.environ.pop(ENV_TASK, None)
-            else:
-                os.environ[ENV_TASK] = self._previous_env
+        if getattr(self, "_previous_env", None) is None:
+            os.environ.pop(ENV_TASK, None)
+        else:
+            os.environ[ENV_TASK] = self._previous_env

@@ -205,7 +205,7 @@ def load(engine: Engine, entry: LegacyEntry, dest: str) -> str:
     try:
         if not entry.is_archive:
             prefix = entry.key + "/"
-            keys = sorted(engine.list_objects(prefix))
+            keys = sorted(engine.list_keys(prefix))
             if not keys:
                 raise CheckpointException(
                     f"{who}: no files are stored under {engine.backend.url_of(prefix)}.")
@@ -298,7 +298,7 @@ def list_task(engine: Engine, pathspec: str, *, name: str | None = None,
     """References of the checkpoints ``metaflow-checkpoint`` saved in a task, newest first,
     each marked ``"source": "metaflow-checkpoint"``."""
     prefix = f"{_CKPT_ROOT}/checkpoints/metadata/{pathspec}/"
-    keys = [k for k in engine.list_objects(prefix)
+    keys = [k for k in engine.list_keys(prefix)
             if k.endswith(".metadata") and "/" not in k[len(prefix):]]
     out = []
     for key, data in zip(keys, engine.read_objects(keys), strict=True):

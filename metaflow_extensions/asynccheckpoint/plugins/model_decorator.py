@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from metaflow.decorators import StepDecorator
-
 from .exceptions import CheckpointConfigException
+from .lifecycle import DrainingDecorator
 
 
 def _from_command_line(value: Any) -> Any:
@@ -51,7 +50,7 @@ def parse_load(load: Any, where: str) -> list[tuple[str, str | None]]:
     return out
 
 
-class ModelDecorator(StepDecorator):
+class ModelDecorator(DrainingDecorator):
     """
     Saves and loads models in a step; the uploads do not block it.
 
@@ -75,6 +74,7 @@ class ModelDecorator(StepDecorator):
     """
 
     name = "model"
+    _label = "@model"
     defaults: dict[str, Any] = {"load": None, "best_effort_load": False, "temp_dir_root": None}
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore,
@@ -147,11 +147,7 @@ class ModelDecorator(StepDecorator):
         self._card = ModelCard(render=render, log=_log)
         # Preemption: commit the models saved so far within the grace period, as
         # @checkpoint does for checkpoints (with both, each handler drains its own).
-        from . import preemption
-
-        self._restore_sigterm = preemption.install(
-            drain=store._drain_for_signal, grace=self._settings.sigterm_grace,
-            cleanup=store._remove_files, log=_log)
+        self._install_sigterm_handler(store, self._settings.sigterm_grace, _log)
         model._load_named(flow, self._load, best_effort=self.attributes["best_effort_load"],
                           where=self._where)
         # The keys of what was loaded, and at the end of what was saved, as task metadata
@@ -162,52 +158,5 @@ class ModelDecorator(StepDecorator):
                 tags=[f"attempt_id:{retry_count}"])]) if keys else None
         self._register("loaded-models", [str(r.get("key")) for r in model.loaded.info.values()])
 
-    def task_decorate(self, step_func, flow, graph, retry_count, max_user_code_retries,
-                      ubf_context):  # type: ignore[no-untyped-def]
-        if self._card is not None:
-            self._card.start()
-        return step_func
-
-    def task_post_step(self, step_name, flow, graph, retry_count,
-                       max_user_code_retries):  # type: ignore[no-untyped-def]
-        if self._current is not None and not self._finished:
-            self._finished = True
-            artifacts = {k: v for k, v in vars(flow).items() if not k.startswith("_")}
-            ok = False
-            try:
-                self._current._finish(success=True, artifacts=artifacts)
-                ok = True
-                self._register("saved-models", [str(r["key"]) for r in self._current.saved])
-            finally:
-                if self._card is not None:
-                    self._card.finish(task_ok=ok)
-
-    def task_exception(self, exception, step_name, flow, graph, retry_count,
-                       max_user_code_retries):  # type: ignore[no-untyped-def]
-        # Commit what the failed attempt saved; never replace the user's exception.
-        if self._current is not None and not self._finished:
-            self._finished = True
-            try:
-                self._current._finish(success=False)
-            except Exception as e:
-                print(f"[@model] ERROR while draining uploads: {e}")
-            if self._card is not None:
-                self._card.finish(task_ok=False)
-        return None
-
-    def task_finished(self, step_name, flow, graph, is_task_ok, retry_count,
-                      max_user_code_retries):  # type: ignore[no-untyped-def]
-        # The safety net for sys.exit() and KeyboardInterrupt, which skip both hooks above.
-        if self._current is None:
-            return
-        try:
-            if not self._finished:
-                self._finished = True
-                self._current._finish(success=False)
-        finally:
-            restore = getattr(self, "_restore_sigterm", None)
-            if restore is not None:
-                restore()
-                self._restore_sigterm = None
-            self._current._close()
-            self._current = None
+    def _after_success(self) -> None:
+        self._register("saved-models", [str(r["key"]) for r in self._current.saved])

@@ -283,7 +283,7 @@ def test_optional_fields_an_older_writer_left_out_take_defaults() -> None:
     b"\x00\x01 not json", b"[1, 2]", b'{"format": 1}', b'{"format": "one"}',
     OLD_MANIFEST.replace(b'"size": 7', b'"size": -7'),
     OLD_MANIFEST.replace(b'"latest": true', b'"latest": "yes"'),
-    OLD_MANIFEST.replace(b'"format": 1', b'"format": 1, "min_reader": 3'),
+    OLD_MANIFEST.replace(b'"format": 1', b'"format": 1, "min_reader": 4'),
 ])
 def test_an_unreadable_manifest_is_a_manifest_error(data: bytes) -> None:
     with pytest.raises(ManifestError):

@@ -12,7 +12,8 @@ import dataclasses
 
 from .engine import Engine
 from .errors import ManifestError
-from .layout import CheckpointKeys, Scope
+from .gang import Gang, GangPart, group, parse_markers
+from .layout import CheckpointKeys, Scope, safe_component
 from .manifest import Manifest
 
 __all__ = ["Catalog", "Entry"]
@@ -24,6 +25,8 @@ class Entry:
 
     keys: CheckpointKeys
     manifest: Manifest
+    # A gang checkpoint (see uploader.gang): this entry is one rank's part of it.
+    gang: Gang | None = None
 
     @property
     def attempt(self) -> int:
@@ -43,10 +46,15 @@ class Catalog:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def entries(self, scope_prefix: str, *, run_id: str | None = None) -> list[Entry]:
-        """Every committed checkpoint of a scope (of one run, if given), newest first."""
-        prefix = Scope.from_prefix(scope_prefix).manifests_prefix(run_id)
-        found = self.engine.list_manifest_keys(prefix)
+    def entries(self, scope_prefix: str, *, run_id: str | None = None,
+                incomplete: bool = False) -> list[Entry]:
+        """Every committed checkpoint of a scope (of one run, if given), newest first.
+
+        A gang checkpoint is one entry, its lowest rank's part, with ``gang`` set; it is
+        left out until every participant's part is committed, unless ``incomplete``.
+        """
+        scope = Scope.from_prefix(scope_prefix)
+        found = self.engine.list_manifest_keys(scope.manifests_prefix(run_id))
         out = []
         # Read all at once: on S3, one at a time costs a round trip per checkpoint.
         for keys, m in zip(found, self.engine.read_manifests(found), strict=True):
@@ -54,7 +62,14 @@ class Catalog:
                 self._skip(keys, m)
             elif m is not None:
                 out.append(Entry(keys, m))
-        return out
+        if not any(GangPart.of(e.manifest) for e in out):
+            return out
+        markers = self.engine.list_keys(f"{scope.prefix}/gangs/"
+                                        + ("" if run_id is None else
+                                           f"{safe_component(run_id)}/"))
+        return [e if g is None else dataclasses.replace(e, gang=g)
+                for e, g in group(out, parse_markers(scope.prefix, markers))
+                if g is None or incomplete or g.complete]
 
     def _skip(self, keys: CheckpointKeys, e: ManifestError) -> None:
         """One warning for a manifest that cannot be read; listings go on without it.
@@ -69,13 +84,31 @@ class Catalog:
 
     def select(self, scope_prefix: str, *, run_id: str | None = None,
                task_id: str | None = None, name: str | None = None,
-               attempt: int | None = None, latest_only: bool = False) -> list[Entry]:
-        """:meth:`entries`, filtered; ``latest_only`` keeps those saved with ``latest=True``."""
-        return [e for e in self.entries(scope_prefix, run_id=run_id)
-                if (task_id is None or e.task_id == str(task_id))
-                and (name is None or e.manifest.name == name)
-                and (attempt is None or e.attempt == int(attempt))
-                and (not latest_only or e.manifest.latest)]
+               attempt: int | None = None, latest_only: bool = False,
+               gang_id: str | None = None, rank: int | None = None) -> list[Entry]:
+        """:meth:`entries`, filtered; ``latest_only`` keeps those saved with ``latest=True``.
+
+        A gang checkpoint matches ``task_id`` when one of its parts was saved by that task,
+        and is then given as that part; ``gang_id`` keeps the checkpoints of one gang, and
+        ``rank`` gives each as the part that rank loads (:meth:`Gang.part_for`).
+        """
+        out = []
+        for e in self.entries(scope_prefix, run_id=run_id):
+            g = e.gang
+            if g is not None and rank is not None:
+                e = dataclasses.replace(g.part_for(rank), gang=g)
+            if task_id is not None and e.task_id != str(task_id):
+                mine = [p for p in (g.parts.values() if g is not None else ())
+                        if p.task_id == str(task_id)]
+                if not mine:
+                    continue
+                e = dataclasses.replace(mine[0], gang=g)
+            if ((gang_id is None or (g is not None and g.gang_id == gang_id))
+                    and (name is None or e.manifest.name == name)
+                    and (attempt is None or e.attempt == int(attempt))
+                    and (not latest_only or e.manifest.latest)):
+                out.append(e)
+        return out
 
     def latest(self, scope_prefix: str, *, run_id: str | None = None,
                task_id: str | None = None) -> Entry | None:

@@ -64,6 +64,9 @@ class Settings:
     # GIL, the worker process kept the upload at full speed and the loop at the speed it
     # has with the same upload done by an unrelated process; threads lost both.
     uploader: UploaderMode = UploaderMode.PROCESS
+    # Seconds a rank of a gang waits, as it starts, for rank 0 to choose the gang
+    # checkpoint every rank resumes from (see uploader.gang).
+    gang_timeout: float = 900.0
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
@@ -131,6 +134,7 @@ _FIELDS: dict[str, _Field] = {
                                 "seconds, 0.01..3600"),
     "UPLOADER": _Field("uploader", lambda s: UploaderMode(s.strip().lower()), lambda v: True,
                        "one of thread, process"),
+    "GANG_TIMEOUT": _Field("gang_timeout", float, _float_in(1, 86400), "seconds, 1..86400"),
 }
 
 SETTING_NAMES: tuple[str, ...] = tuple(_FIELDS)

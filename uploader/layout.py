@@ -13,8 +13,8 @@ branch finds its checkpoints of an earlier run even when the list was reordered,
 branches with equal values never share them; ``i<index>`` where a value has no stable
 fingerprint (see :func:`foreach_token`). Attempts of one task share the
 scope, which is what lets ``@retry`` resume. Checkpoint ids carry a fixed-width
-timestamp, the task, the attempt, a per-process sequence number and random bits, so no
-two saves collide.
+timestamp, the task, the attempt, the process, the save's number in the task attempt
+(:mod:`uploader.sequence`) and random bits, so no two saves collide.
 
 Ids are not compared as strings to find the newest: that would trust the clock of
 whichever host saved each one, and the hosts that run a task's attempts need not agree.
@@ -208,8 +208,9 @@ class CheckpointKeys:
 def checkpoint_order(checkpoint_id: str) -> tuple[int, int, int]:
     """``(attempt, seq, µs)`` of a checkpoint id: larger was saved later in its task.
 
-    The sequence number counts saves in one process, so within an attempt it orders saves
-    however the host's clock moved; the timestamp only breaks ties. An id that does not
+    The sequence number counts the saves of the task attempt on its host, across its
+    processes, so within an attempt it orders saves however the host's clock moved; the
+    timestamp only breaks ties. An id that does not
     parse sorts as the oldest, so one stray key never stops a listing.
     """
     # From the right: the task id may itself contain "-", the three last fields never do.
@@ -225,15 +226,18 @@ def checkpoint_order(checkpoint_id: str) -> tuple[int, int, int]:
     return int(m_attempt[1]), int(m_seq[1]), int(m_us[1])
 
 
-def new_checkpoint_id(task_id: str, attempt: int) -> str:
+def new_checkpoint_id(task_id: str, attempt: int, *, seq: int | None = None) -> str:
     """``<µs since epoch, 16 digits>-<task>-a<attempt>-<pid>.<seq>-<random>``: unique.
 
-    :func:`checkpoint_order` reads the order back; compare ids through it, not as strings.
+    ``seq`` is the save's number in its task attempt, from the task's
+    :class:`~uploader.sequence.SaveSequence`, which every process of the task shares;
+    without it, a counter of this process alone. :func:`checkpoint_order` reads the order
+    back; compare ids through it, not as strings.
     """
     global _last_us
     # Never go backwards within a process, even if the wall clock does.
     _last_us = max(time.time_ns() // 1000, _last_us + 1)
     return "%016d-%s-a%d-%d.%d-%s" % (
-        _last_us, safe_component(str(task_id)), attempt, os.getpid(), next(_seq),
-        os.urandom(4).hex(),
+        _last_us, safe_component(str(task_id)), attempt, os.getpid(),
+        next(_seq) if seq is None else seq, os.urandom(4).hex(),
     )

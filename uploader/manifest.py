@@ -18,6 +18,11 @@ points at the object an earlier checkpoint of the scope stored). It is relative 
 scope prefix and must lie under its ``data/``, so a manifest can only point at data of its
 own scope. A format-1 reader would look for such a file under the checkpoint's own prefix
 and fail, so a manifest with any ``key`` says ``min_reader: 2``.
+
+Format 3 adds ``identity["gang"]``: the manifest is one rank's part of a gang checkpoint
+(:mod:`uploader.gang`), which readers show only once every rank's part is committed. An
+older reader would take the part for a whole checkpoint, so such a manifest says
+``min_reader: 3``.
 """
 
 from __future__ import annotations
@@ -33,11 +38,14 @@ from .errors import ManifestError
 
 __all__ = ["FORMAT_VERSION", "PLACEHOLDER", "FileEntry", "Manifest", "freeze_metadata"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 PLACEHOLDER = "<value cannot be JSON serialized>"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # The first format whose readers follow ``FileEntry.key``.
 _KEY_FORMAT = 2
+# The first format whose readers know that a part of a gang checkpoint (``identity`` has
+# a "gang") is not a checkpoint on its own (see uploader.gang).
+_GANG_FORMAT = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +90,9 @@ class Manifest:
         d = dataclasses.asdict(self)
         d["files"] = [{k: v for k, v in dataclasses.asdict(f).items()
                        if k != "key" or v is not None} for f in self.files]
-        if any(f.key is not None for f in self.files):
+        if "gang" in self.identity:
+            d["min_reader"] = _GANG_FORMAT
+        elif any(f.key is not None for f in self.files):
             d["min_reader"] = _KEY_FORMAT
         return json.dumps(d, indent=1, sort_keys=True).encode()
 

@@ -38,6 +38,7 @@ from .backends.local import TEMP_PREFIX
 from .catalog import Catalog, Entry
 from .engine import Engine
 from .errors import ManifestError
+from .gang import GangPart, group, parse_markers
 from .layout import CheckpointKeys, Scope, safe_component
 from .manifest import Manifest
 
@@ -268,12 +269,11 @@ def plan_prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
                          unreadable=tuple(unreadable), scope_prefix=prefix,
                          stale_temp=_stale_temp(engine, prefix, now - grace_s))
     stale_temp = _stale_temp(engine, prefix, now - grace_s)
-    kept = choose(considered, policy, protect) if policy.active else {
-        e.keys.checkpoint_id: "no retention rule set" for e in considered}
-    reasons = dict(kept)
-    delete = [e for e in considered if e.keys.checkpoint_id not in kept]
+    reasons = _keep_whole_gangs(engine, prefix, considered, policy, protect)
+    delete = [e for e in considered if reasons.get(e.keys.checkpoint_id, "deleted").startswith(
+        "deleted")]
     for e in delete:
-        reasons[e.keys.checkpoint_id] = "deleted: kept by no rule"
+        reasons.setdefault(e.keys.checkpoint_id, "deleted: kept by no rule")
     refs = _referenced(engine, entries)
     committed = {(k.run_id, k.checkpoint_id) for k in all_keys}
     debris = []
@@ -285,10 +285,57 @@ def plan_prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
             continue  # maybe still uploading
         if any(o.key not in refs for o in objs):
             debris.append(f"{prefix}/data/{r}/{cid}/")
-    return PrunePlan(keep=tuple(e for e in considered if e.keys.checkpoint_id in kept),
+    doomed = {e.keys.checkpoint_id for e in delete}
+    return PrunePlan(keep=tuple(e for e in considered if e.keys.checkpoint_id not in doomed),
                      delete=tuple(delete), reasons=reasons, debris=tuple(debris),
                      uploads=_stale_uploads(engine, prefix, now - grace_s),
                      scope_prefix=prefix, stale_temp=stale_temp)
+
+
+def _keep_whole_gangs(engine: Engine, prefix: str, considered: Sequence[Entry],
+                      policy: RetentionPolicy, protect: frozenset[str]) -> dict[str, str]:
+    """Why each checkpoint of ``considered`` is kept, or why it is deleted, by id; an id
+    not in the result is deleted by no rule.
+
+    A gang checkpoint (:mod:`uploader.gang`) counts once and is kept or deleted whole, by
+    what its lowest rank's part says; one protected part protects every part. One not
+    complete yet is kept while it is newer than every complete one (its ranks may still be
+    committing), and is deleted once a complete one is newer: no reader will ever pick it.
+    """
+    units = group(considered, _participants(engine, prefix, considered))
+    complete = [rep for rep, g in units if g is None or g.complete]
+    shielded = set(protect)
+    for rep, g in units:
+        if g is not None and any(p.keys.checkpoint_id in protect for p in g.parts.values()):
+            shielded.add(rep.keys.checkpoint_id)
+    chosen = choose(complete, policy, shielded) if policy.active else {
+        e.keys.checkpoint_id: "no retention rule set" for e in complete}
+    reasons: dict[str, str] = {}
+    before_any_complete = True
+    for rep, g in units:
+        if g is None:
+            if rep.keys.checkpoint_id in chosen:
+                reasons[rep.keys.checkpoint_id] = chosen[rep.keys.checkpoint_id]
+            continue
+        before_any_complete = before_any_complete and not g.complete
+        if g.complete:
+            why = chosen.get(rep.keys.checkpoint_id)
+        elif before_any_complete or not policy.active:
+            why = f"gang checkpoint in progress: rank(s) {g.missing} of {g.size} to commit"
+        else:
+            why = (f"deleted: an incomplete gang checkpoint (rank(s) {g.missing} never "
+                   "committed) older than a complete one")
+        if why is not None:
+            for part in g.parts.values():
+                reasons[part.keys.checkpoint_id] = why
+    return reasons
+
+
+def _participants(engine: Engine, prefix: str, entries: Sequence[Entry]
+                  ) -> dict[tuple[str, str], set[int]]:
+    if not any(GangPart.of(e.manifest) for e in entries):
+        return {}
+    return parse_markers(prefix, engine.list_keys(f"{prefix}/gangs/"))
 
 
 def _stale_temp(engine: Engine, prefix: str, before: float) -> tuple[str, ...]:

@@ -60,6 +60,9 @@ CHECKPOINT_PROGRESS_INTERVAL = _from_conf("CHECKPOINT_PROGRESS_INTERVAL", "5")
 # Where S3 upload bytes are read, hashed and sent: "process" (a spawned worker process, so
 # the training loop's GIL is not shared with the upload) or "thread" (threads of the task).
 CHECKPOINT_UPLOADER = _from_conf("CHECKPOINT_UPLOADER", "process")
+# Seconds each rank of a @parallel gang waits, as it starts, for rank 0 to choose the gang
+# checkpoint every rank resumes from.
+CHECKPOINT_GANG_TIMEOUT = _from_conf("CHECKPOINT_GANG_TIMEOUT", "900")
 # Retention, in the task (a decorator argument of the same name wins over these): keep the
 # N newest committed checkpoints of the task, and the M best by a metadata key.
 CHECKPOINT_KEEP_LAST = _from_conf("CHECKPOINT_KEEP_LAST")

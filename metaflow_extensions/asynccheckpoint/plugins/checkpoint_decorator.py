@@ -11,18 +11,31 @@ from .lifecycle import DrainingDecorator
 LOAD_POLICIES = ("fresh", "eager", "none")
 
 
+# The foreach variable Metaflow gives a @parallel step: its frame's index is the rank.
+_PARALLEL_VAR = "_parallel_ubf_iter"
+
+
 def _foreach_tokens(flow: Any) -> tuple[str, ...]:
     """This task's foreach branch, one token per level: by value, else by index.
 
     A branch matches a branch of an earlier run with the same values (the n-th
     occurrence of a value matching the n-th), so neither a reordered list nor duplicate
-    values hand a branch another branch's checkpoints.
+    values hand a branch another branch's checkpoints. The ranks of a ``@parallel`` step
+    share their step's scope (their parts make gang checkpoints, see :func:`_gang`), and
+    an unbounded foreach has no list to read values from: it is matched by index.
     """
     from uploader import foreach_token
 
     tokens = []
     for frame in getattr(flow, "_foreach_stack", None) or []:
         index = int(frame.index)
+        if frame.var == _PARALLEL_VAR:
+            continue
+        if getattr(frame, "num_splits", 0) is None:
+            # Unbounded: its iterator answers every index (Metaflow's ParallelUBF never
+            # raises IndexError), so list() on it would never end.
+            tokens.append(f"i{index}")
+            continue
         try:
             values = list(getattr(flow, frame.var))
             token, by_index = foreach_token(values, index)
@@ -36,6 +49,32 @@ def _foreach_tokens(flow: Any) -> tuple[str, ...]:
                  "earlier runs by index: reordering that list between runs mixes branches up.")
         tokens.append(token)
     return tuple(tokens)
+
+
+def _gang(flow: Any, ubf_context: Any, task_id: str) -> Any:
+    """This task's place in its ``@parallel`` gang, or None outside one.
+
+    Read from the step's foreach frame and its ``num_parallel``, not from the
+    ``MF_PARALLEL_*`` variables, which the compute decorators may set only after this
+    decorator's ``task_pre_step``. The gang is named by its control task: the task itself
+    on the control task, ``MF_PARALLEL_CONTROL_TASK_ID`` on the workers (set when they
+    are launched, locally and on Kubernetes and Batch).
+    """
+    import os
+
+    from metaflow.unbounded_foreach import UBF_CONTROL
+
+    from uploader.gang import GangMember
+
+    frames = [f for f in getattr(flow, "_foreach_stack", None) or []
+              if f.var == _PARALLEL_VAR]
+    ubf = getattr(flow, _PARALLEL_VAR, None)
+    if not frames or ubf is None:
+        return None
+    control = str(task_id) if ubf_context == UBF_CONTROL else os.environ.get(
+        "MF_PARALLEL_CONTROL_TASK_ID") or str(task_id).split("_node_")[0]
+    size = int(ubf.num_parallel)
+    return GangMember(control, int(frames[-1].index or 0), size) if size > 1 else None
 
 
 def _legacy_identifier(flow: Any, step_name: str) -> str | None:
@@ -144,20 +183,15 @@ class CheckpointDecorator(DrainingDecorator):
         scope = Scope(flow.name, namespace, step_name, _foreach_tokens(flow))
         identity = TaskIdentity(flow=flow.name, run_id=str(run_id), step=step_name,
                                 task_id=str(task_id), attempt=int(retry_count),
-                                namespace=namespace)
+                                namespace=namespace,
+                                gang=_gang(flow, ubf_context, str(task_id)))
         self._current = CurrentCheckpoint(
             identity=identity, scope=scope, settings=self._settings,
             datastore=self._flow_datastore.TYPE,
             datastore_root=self._flow_datastore.datastore_root,
-            temp_dir_root=self.attributes["temp_dir_root"])
+            temp_dir_root=self.attributes["temp_dir_root"],
+            retention=(self._retention, self._debris_grace))
         current._update_env({"checkpoint": self._current})
-        # Processes the step starts (torchrun workers, subprocesses) save for this task.
-        import os
-
-        from .checkpoint_api import ENV_TASK
-
-        self._previous_env = os.environ.get(ENV_TASK)
-        os.environ[ENV_TASK] = self._current.environment()
         metadata.register_metadata(run_id, step_name, task_id, [MetaDatum(
             field="checkpoint-scope", value=scope.prefix, type="checkpoint-scope",
             tags=[f"attempt_id:{retry_count}"])])
@@ -166,8 +200,14 @@ class CheckpointDecorator(DrainingDecorator):
         started = time.time()
         self._current._load_on_start(self._load_policy,
                                      legacy_identifier=_legacy_identifier(flow, step_name))
-        if self._retention.active:
-            self._current._start_retention(self._retention, grace_s=self._debris_grace)
+        self._current._start_retention()
+        # Processes the step starts (torchrun workers, subprocesses) save for this task.
+        import os
+
+        from .checkpoint_api import ENV_TASK
+
+        self._previous_env = os.environ.get(ENV_TASK)
+        os.environ[ENV_TASK] = self._current.environment()
         if self._card_interval is not None:
             from .card import CheckpointCard
 

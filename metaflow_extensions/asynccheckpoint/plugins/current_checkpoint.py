@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -28,7 +30,10 @@ from uploader import (
     Settings,
     new_checkpoint_id,
 )
+from uploader.catalog import Catalog, Entry
+from uploader.gang import GANG_FIELD, GangMember, GangPart, Resume, decision_key, marker_key
 from uploader.manifest import PLACEHOLDER, freeze_metadata
+from uploader.sequence import SaveSequence
 
 from .exceptions import CheckpointException, CheckpointPathNotFound, CheckpointUploadException
 from .reader import Reader
@@ -60,9 +65,10 @@ def _log(msg: str) -> None:
 
 class TaskIdentity:
     def __init__(self, *, flow: str, run_id: str, step: str, task_id: str, attempt: int,
-                 namespace: str) -> None:
+                 namespace: str, gang: GangMember | None = None) -> None:
         self.flow, self.run_id, self.step = flow, run_id, step
         self.task_id, self.attempt, self.namespace = task_id, attempt, namespace
+        self.gang = gang  # this task's rank in a @parallel gang
 
     @property
     def pathspec(self) -> str:
@@ -71,7 +77,8 @@ class TaskIdentity:
     def as_dict(self) -> dict[str, Any]:
         return {"flow": self.flow, "run_id": self.run_id, "step": self.step,
                 "task_id": self.task_id, "attempt": self.attempt, "namespace": self.namespace,
-                "pathspec": self.pathspec, "host": socket.gethostname(), "pid": os.getpid()}
+                "pathspec": self.pathspec, "host": socket.gethostname(), "pid": os.getpid(),
+                **({} if self.gang is None else {GANG_FIELD: self.gang.as_dict()})}
 
 
 class CurrentCheckpoint:
@@ -79,7 +86,12 @@ class CurrentCheckpoint:
 
     def __init__(self, *, identity: TaskIdentity, scope: Scope, settings: Settings,
                  datastore: str, datastore_root: str, temp_dir_root: str | None,
-                 log: Callable[[str], None] = _log, noun: str = "checkpoint") -> None:
+                 log: Callable[[str], None] = _log, noun: str = "checkpoint",
+                 retention: tuple[RetentionPolicy, float] | None = None,
+                 sequence: str | None = None) -> None:
+        """``retention``: the policy and debris grace pruning applies after each commit.
+        ``sequence``: the save counter file of the task that started this process (one
+        is made otherwise)."""
         import tempfile
 
         self._identity = identity
@@ -104,14 +116,29 @@ class CurrentCheckpoint:
         self._loaded: CheckpointReference | None = None
         self._told_tar = False
         self._pruner: Pruner | None = None
+        self._retention = retention
+        self._declared = False  # this process's saves count this rank in its gang
+        # What the task that started this process protects from retention.
+        self._inherited_protect: list[str] = []
+        self._own_sequence = sequence is None
+        if sequence is None:
+            fd, sequence = tempfile.mkstemp(prefix="metaflow_checkpoint_sequence_",
+                                            dir=os.path.dirname(self._directory))
+            os.close(fd)
+        self._sequence = SaveSequence(sequence)
 
     def environment(self) -> str:
         """What a process this task starts needs to save for it (see ``Checkpoint``)."""
         i = self._identity
+        policy, grace = self._retention or (RetentionPolicy(), 0.0)
         return json.dumps({
             "flow": i.flow, "run_id": i.run_id, "step": i.step, "task_id": i.task_id,
             "attempt": i.attempt, "namespace": i.namespace, "scope": self._scope.prefix,
-            "datastore": self._datastore, "datastore_root": self._datastore_root})
+            "datastore": self._datastore, "datastore_root": self._datastore_root,
+            "gang": None if i.gang is None else i.gang.as_dict(),
+            "sequence": self._sequence.path,
+            "retention": dataclasses.asdict(policy), "debris_grace": grace,
+            "protect": self._protected()})
 
     @classmethod
     def from_environment(cls, spec: str) -> CurrentCheckpoint:
@@ -120,12 +147,20 @@ class CurrentCheckpoint:
 
         try:
             d = json.loads(spec)
-            identity = TaskIdentity(flow=d["flow"], run_id=d["run_id"], step=d["step"],
-                                    task_id=d["task_id"], attempt=int(d["attempt"]),
-                                    namespace=d["namespace"])
-            return cls(identity=identity, scope=Scope.from_prefix(d["scope"]),
-                       settings=engine_settings(), datastore=d["datastore"],
-                       datastore_root=d["datastore_root"], temp_dir_root=None)
+            identity = TaskIdentity(
+                flow=d["flow"], run_id=d["run_id"], step=d["step"], task_id=d["task_id"],
+                attempt=int(d["attempt"]), namespace=d["namespace"],
+                gang=None if d.get("gang") is None else GangMember.from_dict(d["gang"]))
+            retention = None
+            if d.get("retention") is not None:
+                retention = (RetentionPolicy(**d["retention"]), float(d["debris_grace"]))
+            child = cls(identity=identity, scope=Scope.from_prefix(d["scope"]),
+                        settings=engine_settings(), datastore=d["datastore"],
+                        datastore_root=d["datastore_root"], temp_dir_root=None,
+                        retention=retention, sequence=d.get("sequence"))
+            child._inherited_protect = [str(p) for p in d.get("protect", [])]
+            child._start_retention()
+            return child
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointException(
                 f"METAFLOW_CHECKPOINT_TASK is not what a task using @checkpoint sets ({e}); "
@@ -163,6 +198,7 @@ class CurrentCheckpoint:
         storage_format: str = "files",
         *,
         wait: bool = False,
+        step: int | None = None,
     ) -> CheckpointReference:
         """Snapshot ``path`` (default: ``directory``) and upload it in the background.
 
@@ -170,9 +206,17 @@ class CurrentCheckpoint:
         passed to ``load()``. With ``wait=True``, returns only once the checkpoint is
         durable, and raises if it could not be stored. ``latest=False`` keeps this
         checkpoint from being the one a retry resumes from.
+
+        In a ``@parallel`` step each rank's save is its part of a gang checkpoint, made
+        whole by the other ranks' saves of the same name and ``step``; without ``step``,
+        the k-th save of a name on every rank belongs to the same one.
         """
         name = DEFAULT_NAME if name is None else name
         self._check_save_args(name, metadata, latest, storage_format)
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool)
+                                 or step < 0):
+            raise CheckpointException(f"save(step=...) must be an integer >= 0 (the training "
+                                      f"step this save belongs to), got {step!r}.")
         # Serialised now, as metaflow-checkpoint does: later changes to the caller's dict
         # are not recorded, and a value JSON cannot hold is a placeholder, not a failure.
         frozen, replaced = freeze_metadata(metadata or {})
@@ -186,8 +230,14 @@ class CurrentCheckpoint:
                 f"cannot save {source!r}: no such file or directory. Pass save(path=...) an "
                 "existing file or directory, or write into current.checkpoint.directory.")
         ident = self._identity
-        cid = new_checkpoint_id(ident.task_id, ident.attempt)
+        seq, nth = self._sequence.next(name)
+        cid = new_checkpoint_id(ident.task_id, ident.attempt, seq=seq)
         keys = CheckpointKeys(self._scope.prefix, ident.run_id, cid)
+        identity = ident.as_dict()
+        if ident.gang is not None:
+            self._declare(ident.gang)
+            identity[GANG_FIELD]["step"] = GangPart.step_key(
+                ident.attempt, name, nth if step is None else f"s{step}")
         backend = self._engine.backend
         ref = CheckpointReference(reference_fields(
             manifest_key=keys.manifest, url=backend.url_of(keys.data_prefix), name=name,
@@ -198,7 +248,7 @@ class CurrentCheckpoint:
         try:
             handle = self._engine.save(SaveRequest(
                 source=source, keys=keys, name=name, latest=latest,
-                metadata=frozen, identity=ident.as_dict(), reference=ref,
+                metadata=frozen, identity=identity, reference=ref,
             ))
         except CheckpointError as e:
             raise CheckpointException(str(e)) from e
@@ -241,13 +291,18 @@ class CurrentCheckpoint:
         """
         if task is not None:
             return self._reader.list_task(task, name=name, attempt=attempt)
-        run_id: str | None = self._identity.run_id
-        task_id: str | None = self._identity.task_id
-        if full_namespace:
-            run_id = task_id = None
+        i = self._identity
         catalog = self._reader.home()
-        return [self._reader.reference(catalog, e) for e in catalog.select(
-            self._scope.prefix, run_id=run_id, task_id=task_id, name=name, attempt=attempt)]
+        if full_namespace:
+            found = catalog.select(self._scope.prefix, name=name, attempt=attempt,
+                                   rank=None if i.gang is None else i.gang.rank)
+        elif i.gang is not None:
+            found = catalog.select(self._scope.prefix, run_id=i.run_id, gang_id=i.gang.gang_id,
+                                   rank=i.gang.rank, name=name, attempt=attempt)
+        else:
+            found = catalog.select(self._scope.prefix, run_id=i.run_id, task_id=i.task_id,
+                                   name=name, attempt=attempt)
+        return [self._reader.reference(catalog, e) for e in found]
 
     def load(self, reference: dict[str, Any] | str, path: str | None = None, *,
              datastore_root: str | None = None) -> str:
@@ -290,6 +345,9 @@ class CurrentCheckpoint:
         self._engine.backend  # noqa: B018  start the uploader now, not in the first save()
         if policy == "none":
             return
+        if self._identity.gang is not None:
+            self._load_gang_on_start(policy, self._identity.gang)
+            return
         catalog = self._reader.home()
         candidates = catalog.select(self._scope.prefix, run_id=self._identity.run_id,
                                     task_id=self._identity.task_id, latest_only=True)
@@ -297,7 +355,14 @@ class CurrentCheckpoint:
             own = {e.keys for e in candidates}
             candidates += [e for e in catalog.select(self._scope.prefix, latest_only=True)
                            if e.keys not in own]
-        found = None
+        found = self._load_first(catalog, candidates)
+        if found is None:
+            self._load_legacy_on_start(policy, legacy_identifier)
+            return
+        self._loaded_from(catalog, found)
+
+    def _load_first(self, catalog: Catalog, candidates: list[Entry]) -> Entry | None:
+        """Load the first of ``candidates`` that loads into ``directory``; None if none."""
         for i, entry in enumerate(candidates):
             try:
                 catalog.load(entry, self._directory)
@@ -310,31 +375,143 @@ class CurrentCheckpoint:
                           f"({entry.keys.checkpoint_id}): {e} Resuming from it is skipped; "
                           f"{older}.")
                 continue
-            found = entry
-            break
-        if found is None:
-            self._load_legacy_on_start(policy, legacy_identifier)
-            return
+            return entry
+        return None
+
+    def _loaded_from(self, catalog: Catalog, found: Entry) -> None:
         manifest = found.manifest
         if catalog.engine is self._engine:
             # Read from the store this task saves to: its first save already skips what
             # is unchanged since the checkpoint it resumes from.
             self._engine.set_base(found.keys, manifest)
         self._loaded = self._reader.reference(catalog, found)
+        member = self._identity.gang
+        gang = "" if member is None else (
+            f"; rank {member.rank} of {member.size}, from the gang checkpoint every rank "
+            "resumes from")
         self._log(f"Loaded checkpoint {manifest.name!r} saved by {self._loaded['pathspec']} "
                   f"(attempt {self._loaded['attempt']}, {manifest.created_on}), "
-                  f"{len(manifest.files)} file(s), {manifest.total_bytes} bytes.")
+                  f"{len(manifest.files)} file(s), {manifest.total_bytes} bytes{gang}.")
 
-    def _start_retention(self, policy: RetentionPolicy, *, grace_s: float) -> None:
-        """Prune this task's checkpoints (this run, every attempt) after each commit."""
-        def protect() -> list[str]:
-            # Never the one this task resumed from, even when no rule would keep it.
-            loaded = self._loaded
-            return [] if loaded is None else [str(loaded.get("version_id", ""))]
+    # -- gangs (see uploader.gang) ----------------------------------------------------
+
+    def _declare(self, member: GangMember) -> None:
+        """Before this rank's first save of the attempt returns, make it a participant."""
+        if self._declared:
+            return
+        i = self._identity
+        body = json.dumps({"rank": member.rank, "size": member.size, "attempt": i.attempt,
+                           "task": i.pathspec, "host": socket.gethostname(),
+                           "pid": os.getpid()}).encode()
+        key = marker_key(self._scope.prefix, i.run_id, member, i.attempt)
+        try:
+            self._engine.run(self._engine.backend.put_bytes, key, body)
+        except Exception as e:
+            raise CheckpointUploadException(
+                f"rank {member.rank} of the gang could not record that it saves checkpoints "
+                f"({self._engine.backend.url_of(key)}): {e}. Nothing was saved; save() "
+                "again once the store answers.") from e
+        self._declared = True
+
+    def _load_gang_on_start(self, policy: str, member: GangMember) -> None:
+        """Every rank loads its part of one gang checkpoint, the one rank 0 chooses."""
+        i, engine = self._identity, self._engine
+        catalog = self._reader.home()
+        key = decision_key(self._scope.prefix, i.run_id, member.gang_id, i.attempt)
+        if member.rank == 0:
+            resume, found = self._choose_for_gang(policy, member, catalog)
+            engine.run(engine.backend.put_bytes, key, resume.to_json())
+        else:
+            resume, found = self._await_choice(key, member), None
+        if resume.error:
+            raise CheckpointException(resume.error)
+        part = resume.key_for(member.rank)
+        if found is None and part is not None:
+            found = catalog.read(part)
+            if found is None:
+                raise CheckpointException(
+                    f"rank {member.rank}: the gang checkpoint rank 0 chose to resume from has "
+                    f"no committed part at {engine.backend.url_of(part)}; not starting from a "
+                    "step other ranks may not have.")
+            try:
+                catalog.load(found, self._directory)
+            except CheckpointError as e:
+                raise CheckpointException(
+                    f"rank {member.rank} could not load its part of the gang checkpoint the "
+                    f"other ranks resume from: {e} Not starting from another step than "
+                    "theirs.") from e
+        if found is not None:
+            self._loaded_from(catalog, found)
+
+    def _choose_for_gang(self, policy: str, member: GangMember, catalog: Catalog
+                         ) -> tuple[Resume, Entry | None]:
+        """Rank 0: the newest gang checkpoint every participant committed (``eager``: of
+        earlier runs too), loaded into this rank's directory."""
+        i = self._identity
+        candidates = catalog.select(self._scope.prefix, run_id=i.run_id,
+                                    gang_id=member.gang_id, rank=0, latest_only=True)
+        if policy == "eager":
+            own = {e.keys for e in candidates}
+            candidates += [e for e in catalog.select(self._scope.prefix, latest_only=True,
+                                                     rank=0) if e.keys not in own]
+        for entry in candidates:
+            g = entry.gang
+            size, ranks = (1, [0]) if g is None else (g.size, sorted(g.parts))
+            if size != member.size and not (g is None or set(g.participants) == {0}):
+                return Resume({}, member.size, error=(
+                    f"the newest gang checkpoint to resume from, {entry.manifest.name!r} of "
+                    f"{entry.manifest.identity.get('pathspec')}, was saved by a gang of "
+                    f"{size} ranks, and this gang has {member.size}: each rank's part is its "
+                    "own shard, so it cannot be loaded by rank. Run with the same "
+                    "num_parallel, or start afresh (load_policy='none').")), None
+            found = self._load_first(catalog, [entry])
+            if found is None:
+                continue
+            parts = {0: entry.keys.manifest} if g is None else {
+                r: g.parts[r].keys.manifest for r in ranks}
+            return Resume(parts, member.size), found
+        return Resume({}, member.size), None
+
+    def _await_choice(self, key: str, member: GangMember) -> Resume:
+        """Ranks but 0: what rank 0 chose, once it has written it down."""
+        engine = self._engine
+        deadline = time.monotonic() + engine.settings.gang_timeout
+        pause = 0.05
+        while True:
+            data = engine.run(engine.backend.get_bytes, key)
+            if data is not None:
+                return Resume.from_json(data)
+            if time.monotonic() >= deadline:
+                raise CheckpointException(
+                    f"rank {member.rank} waited METAFLOW_CHECKPOINT_GANG_TIMEOUT="
+                    f"{engine.settings.gang_timeout:g}s for rank 0 to choose the gang "
+                    f"checkpoint every rank resumes from ({engine.backend.url_of(key)}); "
+                    "rank 0 did not start, or cannot reach the store.")
+            time.sleep(pause)  # a rendezvous through the store: nothing to wait on here
+            pause = min(1.0, pause * 2)
+
+    def _start_retention(self) -> None:
+        """Prune this task's checkpoints (this run, every attempt) after each commit, and
+        once more at its end (for what processes it started saved).
+
+        In a gang, rank 0 prunes for every rank, keeping or deleting whole gang
+        checkpoints; a process started by the task prunes after its own commits.
+        """
+        if self._retention is None or not self._retention[0].active:
+            return
+        if self._identity.gang is not None and self._identity.gang.rank != 0:
+            return
+        policy, grace_s = self._retention
 
         self._pruner = Pruner(self._engine, self._scope.prefix, policy,
-                              run_id=self._identity.run_id, grace_s=grace_s, protect=protect,
-                              log=self._log)
+                              run_id=self._identity.run_id, grace_s=grace_s,
+                              protect=self._protected, log=self._log)
+
+    def _protected(self) -> list[str]:
+        # Never the one the task resumed from, even when no rule would keep it.
+        loaded = self._loaded
+        own = [] if loaded is None else [str(loaded.get("version_id", ""))]
+        return own + self._inherited_protect
 
     def _load_legacy_on_start(self, policy: str, identifier: str | None) -> None:
         from . import legacy
@@ -397,6 +574,8 @@ class CurrentCheckpoint:
                         self._log(f"ERROR: saving again failed: {e}")
                     report = self._engine.drain(max(0.0, deadline - time.monotonic()),
                                                 progress=self._report_drain)
+        if self._pruner is not None:
+            self._pruner.request()  # what processes the task started committed
         if self._pruner is not None and not self._pruner.drain():
             self._log("note: a prune of old checkpoints was still running at the end of the "
                       "task and was left to the next one; checkpoints are unaffected.")
@@ -450,6 +629,9 @@ class CurrentCheckpoint:
     def _remove_files(self) -> None:
         shutil.rmtree(self._directory, ignore_errors=True)
         shutil.rmtree(self._snapshot_dir, ignore_errors=True)
+        if self._own_sequence and self._sequence.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._sequence.path)
 
     def _close(self) -> None:
         if self._pruner is not None:

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,8 @@ def run_example(name: str, *args: str, cwd: Path, env: dict[str, str] | None = N
         "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(cwd / "ds"),
         "USERNAME": "tester",
         "PYTHONUNBUFFERED": "1",
+        # A local @parallel step starts its ranks but the first with the `python` on PATH.
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
         **(env or {}),
     })
     with subprocess.Popen(
@@ -186,3 +189,43 @@ def test_finetune_example_skips_the_frozen_base_and_keeps_last_and_best(tmp_path
     kept = sorted(int(m.metadata["epoch"]) for _, m in manifests(root))
     assert kept == [3, 4, 6, 9, 10, 11]
     assert verify_all(root) == 6  # every kept one is whole, following its pointers
+
+
+def parallel_result(text: str) -> str:
+    m = re.search(r"^.*RESULT (loss=\d+\.\d+ checksum=[0-9a-f]+)$", text, re.MULTILINE)
+    assert m, f"no RESULT line in the output:\n{text}"
+    return m.group(1)
+
+
+@needs_torch
+def test_parallel_example_resumes_every_rank_from_its_shard(tmp_path: Path) -> None:
+    # The two runs side by side: each derives its rendezvous ports from its own run id.
+    (tmp_path / "clean").mkdir()
+    with ThreadPoolExecutor(2) as pool:
+        never_failed = pool.submit(run_example, "parallel_train.py", "--fail-at", "-1",
+                                   cwd=tmp_path / "clean")
+        text = run_example("parallel_train.py", cwd=tmp_path)
+        clean = never_failed.result()
+    assert "Deliberate failure" not in clean and "RESUMED" not in clean, clean
+    assert "Trained without a resume" in clean, clean
+
+    assert "Deliberate failure of rank 1 after step 5 of the first attempt" in text
+    # Every rank loaded its own shard of the one gang checkpoint rank 0 chose: step 5,
+    # the last that all three committed before rank 1 failed.
+    resumed = sorted((int(r), int(s)) for r, s in re.findall(r"RESUMED rank=(\d+) step=(\d+)",
+                                                             text))
+    assert resumed == [(0, 5), (1, 5), (2, 5)], text
+    assert "Resumed every rank from its shard of step 5" in text
+    # Each shard came back with its optimizer state: the final model is the one a run
+    # that never failed trained, to the bit.
+    assert parallel_result(text) == parallel_result(clean)
+
+    # Each rank's parts: steps 0..5 in the first attempt, 6..9 in the retry.
+    root = tmp_path / "ds" / ".metaflow"
+    parts = manifests(root)
+    saved = {(int(m.identity["attempt"]), int(m.identity["gang"]["rank"]),
+              int(m.metadata["step"])) for _, m in parts}
+    assert saved == {(0, r, s) for r in range(3) for s in range(6)} | {
+        (1, r, s) for r in range(3) for s in range(6, 10)}
+    assert all(m.identity["gang"]["rank"] == m.metadata["rank"] for _, m in parts)
+    assert verify_all(root) == len(saved)

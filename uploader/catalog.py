@@ -118,12 +118,20 @@ class Catalog:
 
     def read(self, manifest_key: str) -> Entry | None:
         """The checkpoint whose manifest is at ``manifest_key``; None if not committed.
+        A part of a gang checkpoint comes with its ``gang``.
 
         Raises ValueError when ``manifest_key`` is not a manifest key.
         """
         keys = CheckpointKeys.from_manifest_key(manifest_key)
         m = self.engine.read_manifest(keys)
-        return None if m is None else Entry(keys, m)
+        if m is None:
+            return None
+        if GangPart.of(m) is not None:
+            # A part is shown with its gang checkpoint, complete or not.
+            for e in self.entries(keys.scope_prefix, run_id=keys.run_id, incomplete=True):
+                if e.gang is not None and any(p.keys == keys for p in e.gang.parts.values()):
+                    return dataclasses.replace(Entry(keys, m), gang=e.gang)
+        return Entry(keys, m)
 
     def load(self, entry: Entry, dest: str) -> None:
         """Copy ``entry``'s files into ``dest``, verifying each checksum.

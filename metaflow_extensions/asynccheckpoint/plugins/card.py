@@ -205,6 +205,22 @@ def table_markdown(rows: Sequence[SaveRow]) -> str:
     return "### Saves\n\n" + "\n".join(lines) + note
 
 
+def gang_markdown(rows: Sequence[tuple[str, str, Mapping[int, str]]], *, size: int,
+                  rank: int) -> str:
+    """The gang checkpoints of an attempt, newest first: ``(step, name, state by rank)``."""
+    lines = [f"### Gang checkpoints (this task is rank {rank} of {size})", "",
+             "| step | name | ranks committed | "
+             + " | ".join(f"rank {r}" for r in range(size)) + " |",
+             "|---|---|---:|" + "---|" * size]
+    for step, name, states in rows[:TABLE_ROWS]:
+        done = sum(1 for v in states.values() if v == "committed")
+        cells = " | ".join(states.get(r, "-") for r in range(size))
+        lines.append(f"| {_md(step)} | {_md(name)} | {done}/{len(states)} | {cells} |")
+    if not rows:
+        lines.append("| | _no gang checkpoint yet_ | |" + " |" * size)
+    return "\n".join(lines)
+
+
 def timeline_spec(rows: Sequence[SaveRow], *, now_s: float) -> dict[str, Any]:
     """A Vega-Lite chart: one line per save from ``save()`` to its final state."""
     shown = rows[-CHART_SAVES:]
@@ -259,8 +275,12 @@ class CheckpointCard:
     def __init__(self, *, handles: Callable[[], Sequence[CheckpointHandle]], started_at: float,
                  pathspec: str, attempt: int, load_policy: str,
                  interval: float = REFRESH_INTERVAL, tick: float = _TICK,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None,
+                 gang: Callable[[], str] | None = None) -> None:
+        """``gang``, in a ``@parallel`` step: Markdown of the gang checkpoints of the
+        attempt, with the state of each rank's part (read from the store)."""
         self._handles = handles
+        self._gang = gang
         self._started_at = started_at
         self._pathspec, self._attempt, self._load_policy = pathspec, attempt, load_policy
         self._tick = tick
@@ -296,6 +316,8 @@ class CheckpointCard:
                 "saves": Markdown(table_markdown(rows)),
                 "timeline": VegaChart(timeline_spec(rows, now_s=now - self._started_at)),
             }
+            if self._gang is not None:
+                parts["gang"] = Markdown(self._gang())
             for key, component in parts.items():
                 card.append(component, id=f"{CARD_ID}-{key}")
             self._card, self._parts = card, parts
@@ -343,6 +365,10 @@ class CheckpointCard:
             self._parts["summary"].update(summary_markdown(rows, final=final, now=now))
             self._parts["saves"].update(table_markdown(rows))
             self._parts["timeline"].update(timeline_spec(rows, now_s=now - self._started_at))
+        if "gang" in self._parts and self._gang is not None:
+            text = self._gang()  # reads the store: not under the lock
+            with self._lock:
+                self._parts["gang"].update(text)
         return rows
 
     def _run(self) -> None:

@@ -131,8 +131,10 @@ def _n(count: int, word: str) -> str:
 
 def _print_rows(s: Session, rows: Sequence[dict[str, Any]]) -> None:
     refs = any(r["referenced_bytes"] for r in rows)
+    gangs = any(r["gang"] for r in rows)
     headers = ["NAME", "RUN/STEP/TASK", "ATTEMPT", "CHECKPOINT ID", "SIZE"]
     headers += ["STORED"] if refs else []
+    headers += ["RANKS"] if gangs else []
     headers += ["CREATED (UTC)", "STATE"]
     headers += ["NAMESPACE"] if s.namespace is None else []
     table = []
@@ -140,10 +142,19 @@ def _print_rows(s: Session, rows: Sequence[dict[str, Any]]) -> None:
         cells = [r["name"] or "-", r["pathspec"].split("/", 1)[1], str(r["attempt"]),
                  r["checkpoint_id"], _size(r["size_bytes"])]
         cells += [_size(r["stored_bytes"])] if refs else []
+        cells += [_ranks(r["gang"])] if gangs else []
         cells += [_when(r["created_on"]), r["state"]]
         cells += [r["namespace"] or "-"] if s.namespace is None else []
         table.append(cells)
     _table(headers, table)
+
+
+def _ranks(gang: dict[str, Any] | None) -> str:
+    """``3/3``: parts committed of a gang checkpoint's participants; ``-`` for a plain one."""
+    if gang is None:
+        return "-"
+    ranks = gang["ranks"].values()
+    return f"{sum(1 for r in ranks if r['state'] == 'committed')}/{len(ranks)}"
 
 
 def list_checkpoints(s: Session, pathspec: str | None, *, name: str | None,
@@ -152,6 +163,9 @@ def list_checkpoints(s: Session, pathspec: str | None, *, name: str | None,
     entries = s.committed(target)
     shown = [e for e in entries if name is None or e.manifest.name == name]
     rows = [(e.keys, s.row(e)) for e in shown]
+    if incomplete:
+        rows += [(e.keys, s.row(e)) for e in s.incomplete_gangs(target)
+                 if name is None or e.manifest.name == name]
     if incomplete and name is None:
         # What a later checkpoint still reads may lie in another run of the scope.
         scoped = entries if target.run is None else s.committed(
@@ -177,7 +191,9 @@ def list_checkpoints(s: Session, pathspec: str | None, *, name: str | None,
     # Where checkpoints share unchanged files, what they hold is more than what the store
     # holds for them: each object counted once, wherever it lies (an object a checkpoint
     # reads may sit under an older checkpoint that retention has deleted).
-    objects = {e.keys.stored(f.path, f.key): f.size for e in shown for f in e.manifest.files}
+    objects = {p.keys.stored(f.path, f.key): f.size for e in shown
+               for p in ([e] if e.gang is None else e.gang.parts.values())
+               for f in p.manifest.files}
     stored = sum(objects.values()) + sum(r["size_bytes"] or 0 for r in ordered
                                          if r["state"] != "committed")
     also = f" ({_size(stored)} in the store)" if stored != total else ""
@@ -206,8 +222,17 @@ def show(s: Session, which: str, *, name: str | None, as_json: bool) -> None:
         ("format", str(m.format)),
         ("metadata", json.dumps(m.metadata, sort_keys=True)),
     ]
+    if r["gang"] is not None:
+        g = r["gang"]
+        fields.insert(1, ("gang", f"{_ranks(g)} parts committed, of a gang of {g['size']} "
+                                  f"ranks (step {g['step']})"))
     for label, value in fields:
         click.echo(f"  {label:<10} {value}")
+    if r["gang"] is not None:
+        click.echo("  ranks")
+        _table(["   ", "RANK", "STATE", "CHECKPOINT ID", "TASK"], [
+            ["   ", rank, p["state"], p["checkpoint_id"] or "-", p["task_id"] or "-"]
+            for rank, p in r["gang"]["ranks"].items()])
     click.echo("  files")
     rows = []
     for f in m.files:

@@ -214,7 +214,8 @@ class CheckpointDecorator(DrainingDecorator):
             self._card = CheckpointCard(
                 handles=self._current._handles, started_at=started,
                 pathspec=identity.pathspec, attempt=identity.attempt,
-                load_policy=self._load_policy, interval=self._card_interval, log=_log)
+                load_policy=self._load_policy, interval=self._card_interval, log=_log,
+                gang=None if identity.gang is None else self._current._gang_card)
             self._card.loaded(self._current.info, time.time() - started)
 
     def _released(self) -> None:

@@ -19,6 +19,7 @@ from metaflow._vendor import click
 
 from uploader import CheckpointError, CheckpointKeys, Scope, checkpoint_order
 from uploader.catalog import Catalog, Entry
+from uploader.gang import Gang
 from uploader.inventory import Inventory, Uncommitted, take_inventory
 from uploader.layout import ROOT_PREFIX, safe_component
 
@@ -169,6 +170,19 @@ class Session:
                     found += self.catalog.select(scope, run_id=target.run, task_id=target.task)
         return _newest_first(found)
 
+    def incomplete_gangs(self, target: Target) -> list[Entry]:
+        """Gang checkpoints under ``target`` some rank has not committed its part of."""
+        found: list[Entry] = []
+        with self.reading():
+            for scope in self.inventory().scopes:
+                if target.has_scope(scope):
+                    found += [e for e in self.catalog.entries(scope, run_id=target.run,
+                                                              incomplete=True)
+                              if e.gang is not None and not e.gang.complete
+                              and (target.task is None or any(
+                                  p.task_id == target.task for p in e.gang.parts.values()))]
+        return _newest_first(found)
+
     def uncommitted(self, target: Target, committed: Sequence[Entry]) -> list[Uncommitted]:
         """Data without a manifest under ``target``; not what a later checkpoint (format 2)
         still reads, which stays after its own manifest is deleted."""
@@ -221,20 +235,27 @@ class Session:
     # -- rows --------------------------------------------------------------------------
 
     def row(self, e: Entry) -> dict[str, Any]:
+        """One checkpoint; a gang checkpoint's sizes are those of all its parts."""
         m, ident = e.manifest, e.manifest.identity
-        stored = sum(f.size for f in m.files if f.key is None)
+        parts = [e] if e.gang is None else list(e.gang.parts.values())
+        files = [f for p in parts for f in p.manifest.files]
+        size = sum(f.size for f in files)
+        stored = sum(f.size for f in files if f.key is None)
         step = str(ident.get("step") or Scope.from_prefix(e.keys.scope_prefix).step)
         backend = self.catalog.engine.backend
+        complete = e.gang is None or e.gang.complete
         return {
-            "state": "committed", "name": m.name, "checkpoint_id": e.keys.checkpoint_id,
+            "state": "committed" if complete else "incomplete",
+            "name": m.name, "checkpoint_id": e.keys.checkpoint_id,
             "pathspec": f"{self.flow}/{m.run_id}/{step}/{e.task_id}", "run_id": m.run_id,
             "step": step, "task_id": e.task_id, "attempt": e.attempt,
-            "namespace": ident.get("namespace"), "files": len(m.files),
-            "size_bytes": m.total_bytes, "stored_bytes": stored,
-            "referenced_bytes": m.total_bytes - stored, "created_on": m.created_on,
+            "namespace": ident.get("namespace"), "files": len(files),
+            "size_bytes": size, "stored_bytes": stored,
+            "referenced_bytes": size - stored, "created_on": m.created_on,
             "committed_on": m.committed_on, "written_on": None, "latest": m.latest,
             "metadata": m.metadata,
             "key": e.keys.manifest, "url": backend.url_of(e.keys.data_prefix),
+            "gang": None if e.gang is None else gang_row(e.gang),
         }
 
     def uncommitted_row(self, u: Uncommitted) -> dict[str, Any]:
@@ -252,5 +273,17 @@ class Session:
             "referenced_bytes": 0, "created_on": created, "committed_on": None,
             "written_on": datetime.datetime.fromtimestamp(u.mtime, datetime.UTC).isoformat(),
             "latest": None, "metadata": None, "key": None,
-            "url": self.catalog.engine.backend.url_of(keys.data_prefix),
+            "url": self.catalog.engine.backend.url_of(keys.data_prefix), "gang": None,
         }
+
+
+def gang_row(g: Gang) -> dict[str, Any]:
+    """A gang checkpoint's ranks and the state of each one's part."""
+    ranks: dict[str, Any] = {}
+    for r in sorted(set(g.parts) | set(g.participants)):
+        p = g.parts.get(r)
+        ranks[str(r)] = {"state": "missing", "checkpoint_id": None, "task_id": None} \
+            if p is None else {"state": "committed", "checkpoint_id": p.keys.checkpoint_id,
+                               "task_id": p.task_id}
+    return {"size": g.size, "step": g.step, "complete": g.complete, "missing": g.missing,
+            "ranks": ranks}

@@ -622,6 +622,24 @@ class CurrentCheckpoint:
             self._log(f"SIGTERM: {len(report.committed)} of {len(report.handles)} "
                       f"{self._noun}(s) of this attempt committed.")
 
+    def _gang_card(self) -> str:
+        """The card's table of this attempt's gang checkpoints, each rank's part's state."""
+        from .card import gang_markdown
+
+        i, member = self._identity, self._identity.gang
+        assert member is not None
+        rows = []
+        for e in self._reader.home().entries(self._scope.prefix, run_id=i.run_id,
+                                             incomplete=True):
+            g = e.gang
+            if g is None or g.gang_id != member.gang_id or not g.step.startswith(
+                    f"{i.attempt}/"):
+                continue
+            states = {r: "committed" if r in g.parts else "uploading"
+                      for r in sorted(set(g.parts) | set(g.participants))}
+            rows.append((g.step.rsplit("/", 1)[1], e.manifest.name, states))
+        return gang_markdown(rows, size=member.size, rank=member.rank)
+
     def _handles(self) -> tuple[CheckpointHandle, ...]:
         """Every save of this attempt so far, oldest first; safe from any thread (the card)."""
         return self._engine.handles

@@ -82,7 +82,7 @@ def _part(engine: Engine, tmp: Path, *, rank: int, step: int, size: int = 3,
     write_tree(src, {"shard.json": json.dumps({"rank": rank, "step": step}).encode()})
     task = GANG if rank == 0 else f"{GANG}_node_{rank}"
     keys = CheckpointKeys(SCOPE.prefix, run, new_checkpoint_id(task, attempt))
-    gang = {**member.as_dict(), "step": GangPart.step_key(attempt, "ck", step)}
+    gang = {**member.as_dict(), "step": GangPart.step_key(attempt, "ck", step), "nth": step}
     handle = engine.save(SaveRequest(
         source=str(src), keys=keys, name="ck", latest=True,
         metadata={"step": step, **(metadata or {})},
@@ -132,6 +132,30 @@ def test_ranks_that_never_save_load_the_lowest_ranks_part(tmp_path: Path) -> Non
         # rank 0's part.
         assert _steps(got) == [1, 0]
         assert got[0].task_id == GANG
+    finally:
+        engine.close()
+
+
+def test_rank_0s_first_save_alone_is_not_trusted_as_replicated(tmp_path: Path) -> None:
+    engine = local_engine(tmp_path)
+    try:
+        _part(engine, tmp_path, rank=0, step=0)
+        only = Catalog(engine).select(SCOPE.prefix)
+        # Ranks 1 and 2 may have died before their first save could declare them.
+        assert only[0].gang is not None and only[0].gang.maybe_torn_gang
+        _part(engine, tmp_path, rank=0, step=1)
+        newest = Catalog(engine).select(SCOPE.prefix)[0]
+        # Past a second save (a collective later), a rank that saves would have declared.
+        assert newest.gang is not None and not newest.gang.maybe_torn_gang
+        # Rank 2 never declared, ranks 0 and 1 did: their first step is as doubtful.
+        _part(engine, tmp_path, rank=1, step=0)
+        first = Catalog(engine).select(SCOPE.prefix)[-1]
+        assert first.gang is not None and first.gang.maybe_torn_gang
+        # A sharded gang's first step, once every rank committed, is just complete.
+        _part(engine, tmp_path, rank=2, step=0)
+        first = Catalog(engine).select(SCOPE.prefix)[-1]
+        assert first.gang is not None and first.gang.complete
+        assert not first.gang.maybe_torn_gang
     finally:
         engine.close()
 

@@ -14,8 +14,9 @@ part. A rank becomes a participant durably before its first save of an attempt r
 by writing a marker (:func:`marker_key`). In lock-step training a rank reaches its
 second save only after every other rank passed the collective between the two, so
 every rank that saves at all has declared itself before any gang checkpoint but the
-very first can look complete without it. Ranks that never save (the replicated pattern:
-rank 0 saves, every rank loads it) never declare, and load the lowest participant's part.
+very first of an attempt can look complete without it; resuming skips such a first one
+(:attr:`Gang.maybe_torn_gang`). Ranks that never save (the replicated pattern: rank 0
+saves, every rank loads it) never declare, and load the lowest participant's part.
 
 Which gang checkpoint an attempt resumes from is chosen once, by rank 0, and written
 down (:func:`decision_key`): ranks starting at different moments, while a straggler of
@@ -72,6 +73,7 @@ class GangPart:
 
     member: GangMember
     step: str  # "<attempt>/<name>/<step>": equal on every rank's part of one gang checkpoint
+    nth: int = -1  # how many saves of its name the rank made before it in the attempt
 
     @classmethod
     def of(cls, manifest: Manifest) -> GangPart | None:
@@ -79,7 +81,7 @@ class GangPart:
         if not isinstance(d, dict):
             return None
         try:
-            return cls(GangMember.from_dict(d), str(d["step"]))
+            return cls(GangMember.from_dict(d), str(d["step"]), int(d.get("nth", -1)))
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -137,6 +139,21 @@ class Gang:
     def part_for(self, rank: int) -> Any:
         """What ``rank`` loads: its own part, else (it never saves) the lowest rank's."""
         return self.parts.get(rank, self.parts[min(self.parts)])
+
+    @property
+    def maybe_torn_gang(self) -> bool:
+        """Some rank never declared itself, and this is the first save of its name in the
+        attempt.
+
+        Then it cannot be told apart from a sharded gang's first step whose missing ranks
+        died before their first save could declare them. From the second save on it can:
+        in lock-step training a rank that saves has declared itself (in its first save)
+        before the others get past the collective between the two. Resuming skips it.
+        """
+        if self.size < 2 or set(self.participants) >= set(range(self.size)):
+            return False
+        part = GangPart.of(self.parts[min(self.parts)].manifest)
+        return part is not None and part.nth == 0
 
 
 def group(entries: Sequence[Any], participants: Mapping[tuple[str, str], set[int]]

@@ -40,6 +40,11 @@ class DropinFlow(FlowSpec):
     def start(self):
         cp = current.checkpoint
         if current.retry_count == 0:
+            # A worker process saves for the task first; the callback's saves come after it,
+            # so its last one is the newest, and what the retry resumes from.
+            proc = subprocess.run([sys.executable, "-c", WORKER], capture_output=True,
+                                  text=True, check=True)
+            print(proc.stdout.strip())
             cb = EpochCallback(cp.directory)
             for epoch in range(3):
                 cb.on_epoch_end(epoch)
@@ -52,9 +57,6 @@ class DropinFlow(FlowSpec):
             loaded = cp.load(ref, os.path.join(cp.directory, "..", "reload-%d" % os.getpid()))
             with open(os.path.join(loaded, "epoch.txt")) as f:
                 print("RESULT reloaded=%s" % f.read())
-            proc = subprocess.run([sys.executable, "-c", WORKER], capture_output=True,
-                                  text=True, check=True)
-            print(proc.stdout.strip())
             names = sorted({r["name"] for r in Checkpoint().list()})
             print("RESULT listed=%s" % ",".join(names))
             try:

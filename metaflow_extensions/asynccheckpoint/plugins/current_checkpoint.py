@@ -236,8 +236,8 @@ class CurrentCheckpoint:
         identity = ident.as_dict()
         if ident.gang is not None:
             self._declare(ident.gang)
-            identity[GANG_FIELD]["step"] = GangPart.step_key(
-                ident.attempt, name, nth if step is None else f"s{step}")
+            identity[GANG_FIELD].update(step=GangPart.step_key(
+                ident.attempt, name, nth if step is None else f"s{step}"), nth=nth)
         backend = self._engine.backend
         ref = CheckpointReference(reference_fields(
             manifest_key=keys.manifest, url=backend.url_of(keys.data_prefix), name=name,
@@ -386,9 +386,13 @@ class CurrentCheckpoint:
             self._engine.set_base(found.keys, manifest)
         self._loaded = self._reader.reference(catalog, found)
         member = self._identity.gang
-        gang = "" if member is None else (
-            f"; rank {member.rank} of {member.size}, from the gang checkpoint every rank "
-            "resumes from")
+        gang = ""
+        if member is not None:
+            owner = GangPart.of(manifest)
+            whose = ("its own part" if owner is None or owner.member.rank == member.rank
+                     else f"rank {owner.member.rank}'s part (this rank saves none)")
+            gang = (f"; rank {member.rank} of {member.size}: {whose} of the gang checkpoint "
+                    "every rank resumes from")
         self._log(f"Loaded checkpoint {manifest.name!r} saved by {self._loaded['pathspec']} "
                   f"(attempt {self._loaded['attempt']}, {manifest.created_on}), "
                   f"{len(manifest.files)} file(s), {manifest.total_bytes} bytes{gang}.")
@@ -456,6 +460,14 @@ class CurrentCheckpoint:
                                                      rank=0) if e.keys not in own]
         for entry in candidates:
             g = entry.gang
+            if g is not None and g.maybe_torn_gang:
+                silent = sorted(set(range(g.size)) - set(g.participants))
+                self._log(f"note: not resuming from {entry.manifest.name!r} "
+                          f"({entry.keys.checkpoint_id}): it is the first save of its attempt "
+                          f"and rank(s) {silent} never recorded that they save, which is also "
+                          "what ranks that died before their first save would leave. Trying "
+                          "the one before it.")
+                continue
             size, ranks = (1, [0]) if g is None else (g.size, sorted(g.parts))
             if size != member.size and not (g is None or set(g.participants) == {0}):
                 return Resume({}, member.size, error=(

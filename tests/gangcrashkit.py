@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Mapping
 
@@ -63,20 +64,23 @@ def loaded_line(rank: int, step: int | None, owner: int | None, key: str | None,
             f"files={json.dumps(dict(files))}")
 
 
+_LOADED = re.compile(r"LOADED rank=(\d+)((?: none| \w+=\S+)*?) files=(\{[^{}]*\})")
+
+
 def parse_loaded(text: str) -> dict[int, dict[str, object]]:
-    """``rank -> {"step", "owner", "key", "files"}`` from a run's output."""
+    """``rank -> {"step", "owner", "key", "files"}`` from a run's output.
+
+    Found anywhere in the text: the ranks of a local gang share one output stream, and two
+    ranks' lines can land on one line of the log.
+    """
     out: dict[int, dict[str, object]] = {}
-    for line in text.splitlines():
-        at = line.find("LOADED rank=")
-        if at < 0:
-            continue
-        head, _, files = line[at:].partition(" files=")
-        fields = dict(f.split("=", 1) for f in head.split()[1:] if "=" in f)
-        rank = int(fields["rank"])
+    for m in _LOADED.finditer(text):
+        rank = int(m[1])
+        fields = dict(f.split("=", 1) for f in m[2].split() if "=" in f)
         assert rank not in out, f"rank {rank} reported twice:\n{text}"
         out[rank] = {"step": int(fields["step"]) if "step" in fields else None,
                      "owner": int(fields["owner"]) if "owner" in fields else None,
-                     "key": fields.get("key"), "files": json.loads(files)}
+                     "key": fields.get("key"), "files": json.loads(m[3])}
     return out
 
 

@@ -330,3 +330,29 @@ def test_saves_of_helper_processes_are_pruned_by_keep_last(
     # The retry's helper saved epoch 4; 3 stays as what the task resumed from.
     epochs = sorted(m.metadata["epoch"] for _, m in manifests(datastore_root))
     assert epochs == [3, 4], epochs
+
+
+@pytest.mark.flow
+def test_a_gang_of_another_size_is_refused_by_name(run_flow: RunFlow) -> None:
+    run_flow("gang_eager_flow.py", env={**_gang_env(""), "GANG_SIZE": "3"})
+    # Same size: each rank resumes from its own shard of the earlier run.
+    again = run_flow("gang_eager_flow.py", env={**_gang_env(""), "GANG_SIZE": "3"})
+    r = results(again.stdout + again.stderr)
+    assert [json.loads(r[f"loaded{i}"])["rank"] for i in range(3)] == [0, 1, 2]
+    # Two ranks cannot take three shards: every rank refuses, naming both sizes.
+    proc = run_flow("gang_eager_flow.py", env={**_gang_env(""), "GANG_SIZE": "2"},
+                    check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "saved by a gang of 3 ranks, and this gang has 2" in out, out
+    assert "load_policy='none'" in out
+
+
+@pytest.mark.flow
+def test_a_replicated_checkpoint_loads_on_a_gang_of_another_size(run_flow: RunFlow) -> None:
+    env = {**_gang_env(""), "GANG_SHARDED": "0"}
+    run_flow("gang_eager_flow.py", env={**env, "GANG_SIZE": "3"})
+    proc = run_flow("gang_eager_flow.py", env={**env, "GANG_SIZE": "2"})
+    r = results(proc.stdout + proc.stderr)
+    # Only rank 0 saved: every rank of the new gang loads it.
+    assert [json.loads(r[f"loaded{i}"]) for i in range(2)] == [{"rank": 0, "size": 3}] * 2

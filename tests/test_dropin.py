@@ -46,9 +46,12 @@ task = run["start"].task
 end_task = run["end"].task
 out = {}
 with Checkpoint() as cp:
-    refs = cp.list(task=task)
+    # Its first attempt saved, its retry did not: the latest attempt is listed by default.
+    out["latest_attempt"] = cp.list(task=task)
+    refs = cp.list(task=task, attempt=0)
+    out["all_attempts"] = len(cp.list(task=task, attempt="all")) == len(refs)
     out["names"] = sorted({r["name"] for r in refs})
-    out["by_pathspec"] = len(cp.list(task=task.pathspec)) == len(refs)
+    out["by_pathspec"] = len(cp.list(task=task.pathspec, attempt=0)) == len(refs)
     out["none"] = cp.list(task=end_task)
     path = cp.load(refs[-1])
     out["loaded_files"] = sorted(os.listdir(path))
@@ -75,9 +78,24 @@ def test_notebook_lists_and_loads_by_task_pathspec_and_reference(
     line = next(x for x in proc.stdout.splitlines() if x.startswith("NOTEBOOK "))
     out = json.loads(line[len("NOTEBOOK "):])
     assert out["names"] == ["mfchckpt", "worker"]
+    assert out["latest_attempt"] == [] and out["all_attempts"] is True
     assert out["by_pathspec"] is True
     assert out["none"] == []
     assert out["loaded_files"] and out["latest_files"]
     assert out["bad"] == "CheckpointReferenceError"
     assert out["save_outside"] == "CheckpointException"
     assert os.path.exists(FLOWS / "dropin_flow.py")
+
+
+def test_list_after_save_and_of_a_retried_task(run_flow: RunFlow) -> None:
+    out = run_flow("listing_flow.py")
+    r = results(out.stdout + out.stderr)
+    # Each branch, in each attempt, lists the save it just made first, however far its
+    # upload got; the count grows by one per save (the retry adds to its first attempt's).
+    for branch in ("a", "b"):
+        assert json.loads(r[f"seen_{branch}_0"]) == [[True, n] for n in range(1, 7)]
+        assert json.loads(r[f"seen_{branch}_1"]) == [[True, n] for n in range(7, 13)]
+    # list(task=...) is of the latest attempt unless told otherwise, as published.
+    assert json.loads(r["latest"]) == [1] * 6
+    assert json.loads(r["first"]) == [0] * 6
+    assert r["every"] == "12"

@@ -146,10 +146,12 @@ class Checkpoint:
                                           storage_format=storage_format, wait=wait)
         return ref
 
-    def list(self, name: str | None = None, task: Any = None, attempt: int | None = None,
+    def list(self, name: str | None = None, task: Any = None,
+             attempt: int | str | None = None,
              full_namespace: bool = False, as_dict: bool = True) -> list[dict[str, Any]]:
-        """Committed checkpoints, newest first: of ``task`` (a pathspec or a
-        ``metaflow.Task``), else of the running task. [] for a task that saved none."""
+        """Checkpoints, newest first: of ``task`` (a pathspec or a ``metaflow.Task``; its
+        latest attempt, ``attempt=N`` another, ``attempt="all"`` every one), else of the
+        running task (its saves still in flight first). [] for a task that saved none."""
         from .exceptions import CheckpointReferenceError
 
         if task is not None:

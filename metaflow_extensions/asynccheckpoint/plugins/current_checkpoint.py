@@ -279,18 +279,41 @@ class CurrentCheckpoint:
         self,
         name: str | None = None,
         task: Any = None,
-        attempt: int | None = None,
+        attempt: int | str | None = None,
         full_namespace: bool = False,
     ) -> list[dict[str, Any]]:
-        """Committed checkpoints, newest first.
+        """Checkpoints, newest first.
 
-        Without ``task``: those of this task, every attempt. With ``task`` (a pathspec or
-        a ``metaflow.Task``): those of that task, then those ``metaflow-checkpoint`` saved
-        in it (marked ``"source": "metaflow-checkpoint"``). ``full_namespace=True`` lists
-        every run of this step and foreach branch in this namespace.
+        Without ``task``: those of this task, every attempt, and first this process's own
+        saves still in flight (``reference.state`` is "pending" or "uploading"), so what
+        was just saved is listed at once; ``load()`` of one waits for its commit. With
+        ``task`` (a pathspec or a ``metaflow.Task``): the committed ones of that task's
+        latest attempt (``attempt=N``: of attempt N; ``attempt="all"``: of every one), then
+        those ``metaflow-checkpoint`` saved in it (marked ``"source":
+        "metaflow-checkpoint"``). ``full_namespace=True`` lists every run of this step and
+        foreach branch in this namespace.
         """
         if task is not None:
             return self._reader.list_task(task, name=name, attempt=attempt)
+        if attempt == "all":
+            attempt = None
+        if attempt is not None and (not isinstance(attempt, int) or isinstance(attempt, bool)):
+            raise CheckpointException(
+                f"list(attempt=...) takes an attempt number or 'all', got {attempt!r}.")
+        i = self._identity
+        # Taken before the store is read: one that commits in between is listed from the
+        # store, never twice and never missed.
+        in_flight = [] if attempt not in (None, i.attempt) else [
+            h for h in reversed(self._engine.handles)
+            if not h.done() and (name is None or h.name == name)]
+        committed = self._list_committed(name, attempt, full_namespace)
+        stored = {r.get("key") for r in committed}
+        # One committed after the store was read is listed too; a torn or failed one not.
+        return [h.reference for h in in_flight if h.reference.get("key") not in stored
+                and h.state not in (CheckpointState.TORN, CheckpointState.FAILED)] + committed
+
+    def _list_committed(self, name: str | None, attempt: int | None,
+                        full_namespace: bool) -> list[dict[str, Any]]:
         i = self._identity
         catalog = self._reader.home()
         if full_namespace:

@@ -56,10 +56,11 @@ class TaskCheckpoints:
     """Where one task's checkpoints are: its scope, run and task id, and its store."""
 
     def __init__(self, *, scope: str, run_id: str, task_id: str, datastore: str,
-                 datastore_root: str, pathspec: str = "") -> None:
+                 datastore_root: str, pathspec: str = "", attempt: int | None = None) -> None:
         self.scope, self.run_id, self.task_id = scope, run_id, task_id
         self.datastore, self.datastore_root = datastore, datastore_root
         self.pathspec = pathspec
+        self.attempt = attempt  # the task's latest attempt, as Metaflow knows it
 
     @classmethod
     def of(cls, task: Any) -> TaskCheckpoints | None:
@@ -82,8 +83,12 @@ class TaskCheckpoints:
         _flow, run_id, _step, task_id = t.pathspec.split("/")
         ds, root = default_location() if "ds-type" not in meta else (
             meta["ds-type"], meta["ds-root"])
+        try:
+            latest: int | None = int(t.current_attempt)
+        except (TypeError, ValueError):
+            latest = None
         return cls(scope=meta.get("checkpoint-scope") or "", run_id=run_id, task_id=task_id,
-                   datastore=ds, datastore_root=root, pathspec=t.pathspec)
+                   datastore=ds, datastore_root=root, pathspec=t.pathspec, attempt=latest)
 
 
 class Reader:
@@ -125,13 +130,22 @@ class Reader:
             datastore_root=backend.url)
 
     def list_task(self, task: Any, *, name: str | None = None,
-                  attempt: int | None = None) -> list[dict[str, Any]]:
+                  attempt: int | str | None = None) -> list[dict[str, Any]]:
         """The committed checkpoints of ``task`` (newest first); [] if it saved none.
 
-        Those ``metaflow-checkpoint`` saved in it follow ours, marked
+        Of its latest attempt by default, as ``metaflow-checkpoint`` lists them; of the
+        attempt ``attempt`` names; of every attempt with ``attempt="all"``. Those
+        ``metaflow-checkpoint`` saved in it follow ours, marked
         ``"source": "metaflow-checkpoint"``.
         """
         where = TaskCheckpoints.locate(task)
+        if attempt == "all":
+            attempt = None
+        elif attempt is None:
+            attempt = where.attempt
+        elif not isinstance(attempt, int) or isinstance(attempt, bool):
+            raise CheckpointReferenceError(
+                f"list(attempt=...) takes an attempt number or 'all', got {attempt!r}.")
         if where.datastore not in ("local", "s3"):
             return []
         catalog = self.catalog(where.datastore, where.datastore_root)

@@ -174,3 +174,25 @@ def test_eager_matches_foreach_branches_by_value_across_reordered_runs(run_flow:
         seen.setdefault(branch["value"], []).append(loaded["occurrence"])
     # The two "a" branches each found their own occurrence, not the same one twice.
     assert sorted(seen["a"]) == [0, 1]
+
+
+def test_what_pip_uninstall_leaves_of_metaflow_checkpoint_does_not_refuse(
+        tmp_path: Path) -> None:
+    import subprocess
+
+    # Empty directories and bytecode caches: what `pip uninstall` can leave behind.
+    left = tmp_path / "left" / "metaflow_extensions" / "obcheckpoint"
+    (left / "plugins" / "__pycache__").mkdir(parents=True)
+    (left / "plugins" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "left")}
+    out = subprocess.run(
+        [sys.executable, "-c", "import metaflow; from metaflow import Checkpoint"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_the_banner_names_the_extension_and_its_version(run_flow: RunFlow) -> None:
+    from importlib.metadata import version
+
+    out = run_flow("foreach_flow.py", command="show")
+    assert f"+asynccheckpoint({version('metaflow-async-checkpoint')})" in out.stderr, out.stderr

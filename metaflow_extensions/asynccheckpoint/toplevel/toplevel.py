@@ -4,3 +4,8 @@ from ..plugins.checkpoint_api import Checkpoint
 from ..plugins.model_api import load_model
 
 __all__ = ["Checkpoint", "load_model"]
+
+# What Metaflow's banner shows for this extension ("+asynccheckpoint(0.1.0)"); the
+# package's version is read from here when it is built.
+__mf_extensions__ = "asynccheckpoint"
+__version__ = "0.1.0"

@@ -16,12 +16,23 @@ from metaflow.metaflow_config_funcs import from_conf as _from_conf
 
 def _refuse_to_shadow() -> None:
     import importlib.util as _importlib_util
+    import os as _os
+
+    def has_modules(spec: object) -> bool:
+        if getattr(spec, "origin", None) not in (None, "namespace"):
+            return True
+        for top in getattr(spec, "submodule_search_locations", None) or ():
+            for _dir, dirs, files in _os.walk(top):
+                dirs[:] = [d for d in dirs if d != "__pycache__"]
+                if any(f.endswith(".py") for f in files):
+                    return True
+        return False
 
     try:
         other = _importlib_util.find_spec("metaflow_extensions.obcheckpoint")
     except (ImportError, ValueError):
         other = None
-    if other is not None and not _has_modules(other):
+    if other is not None and not has_modules(other):
         # `pip uninstall metaflow-checkpoint` can leave its directories behind, empty or
         # with caches only: nothing there can be imported, so nothing is shadowed.
         other = None
@@ -32,20 +43,6 @@ def _refuse_to_shadow() -> None:
             "`pip uninstall metaflow-checkpoint` (flows written for it run unchanged with "
             "metaflow-async-checkpoint) or `pip uninstall metaflow-async-checkpoint`."
         )
-
-
-
-def _has_modules(spec: object) -> bool:
-    import os as _os
-
-    if getattr(spec, "origin", None) not in (None, "namespace"):
-        return True
-    for top in getattr(spec, "submodule_search_locations", None) or ():
-        for _dir, dirs, files in _os.walk(top):
-            dirs[:] = [d for d in dirs if d != "__pycache__"]
-            if any(f.endswith(".py") for f in files):
-                return True
-    return False
 
 
 _refuse_to_shadow()
@@ -92,4 +89,4 @@ CHECKPOINT_BEST_MODE = _from_conf("CHECKPOINT_BEST_MODE")
 # multipart upload) counts as left behind by a crash, and is deleted by retention.
 CHECKPOINT_DEBRIS_GRACE = _from_conf("CHECKPOINT_DEBRIS_GRACE", "21600")
 
-del _from_conf, _refuse_to_shadow, _has_modules
+del _from_conf, _refuse_to_shadow

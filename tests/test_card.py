@@ -186,8 +186,19 @@ def test_a_failed_task_refreshes_its_card_once_more(fake_card: FakeCard) -> None
     card = CheckpointCard(handles=lambda: (), started_at=time.time(), pathspec="F/1/s/2",
                           attempt=0, load_policy="none", interval=60, tick=60)
     card.start()
-    card.finish(task_ok=False)
-    assert len(fake_card.refreshes) == 1 and "_Final" in fake_card.refreshes[0]
+    card.finish(task_ok=False, reason="ValueError: bad batch")
+    assert len(fake_card.refreshes) == 1
+    assert "**This attempt failed**" in fake_card.refreshes[0]
+    assert "ValueError: bad batch" in fake_card.refreshes[0]
+    assert "_Final" not in fake_card.refreshes[0]
+
+
+def test_the_timeline_has_one_tick_per_save() -> None:
+    rows = save_rows([handle(n, saved_at=100.0 + i) for i, n in enumerate("abc")],
+                     started_at=100.0)
+    spec = timeline_spec(rows, now_s=10.0)
+    y = spec["layer"][0]["encoding"]["y"]
+    assert y["axis"]["values"] == [1, 2, 3] and y["scale"]["domain"] == [0.5, 3.5]
 
 
 def test_a_broken_card_never_breaks_the_task(fake_card: FakeCard) -> None:
@@ -299,8 +310,16 @@ def test_card_of_a_retry_says_what_it_loaded(run_flow: RunFlow, card_env: dict[s
     retry = [c for c in cards if "attempt 1." in text_of(card_payload(c["html"]), "header")]
     assert len(retry) == 1
     header = text_of(card_payload(retry[0]["html"]), "header")
-    assert "**Loaded `before-crash`** at task start in " in header
+    # A name in inline code is shown as written: no escaping backslash.
+    assert "**Loaded `before_crash`** at task start in " in header
     assert "saved by attempt 0 of this task" in header and "1000 B" in header
+    assert "_Final, as the task ended successfully" in text_of(
+        card_payload(retry[0]["html"]), "summary")
+    failed = [c for c in cards if "attempt 0." in text_of(card_payload(c["html"]), "header")]
+    for c in failed:
+        summary = text_of(card_payload(c["html"]), "summary")
+        assert "**This attempt failed**" in summary, summary
+        assert "RuntimeError: simulated crash after saving" in summary
 
 
 @pytest.mark.flow

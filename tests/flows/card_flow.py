@@ -21,10 +21,10 @@ if os.environ.get("CARD_FLOW_TIME_FINISH") == "1":
 
     _finish = _card.CheckpointCard.finish
 
-    def _timed_finish(self, *, task_ok):
+    def _timed_finish(self, *, task_ok, reason=None):
         t0 = time.perf_counter()
         try:
-            _finish(self, task_ok=task_ok)
+            _finish(self, task_ok=task_ok, reason=reason)
         finally:
             print("RESULT card_finish_s=%.6f" % (time.perf_counter() - t0), flush=True)
 
@@ -48,7 +48,7 @@ class CardFlow(FlowSpec):
         if FAIL_FIRST and current.retry_count == 0:
             with open(os.path.join(d, "weights.bin"), "wb") as f:
                 f.write(b"w" * 1000)
-            current.checkpoint.save(name="before-crash", wait=True)
+            current.checkpoint.save(name="before_crash", wait=True)
             raise RuntimeError("simulated crash after saving")
         result("loaded", current.checkpoint.is_loaded)
         deadline = time.monotonic() + TRAIN_SECONDS

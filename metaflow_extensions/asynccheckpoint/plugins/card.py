@@ -142,6 +142,12 @@ def _md(text: str) -> str:
     return text
 
 
+def _code(text: str) -> str:
+    """``text`` as inline code: literal there already, so nothing is escaped (a backslash
+    would show); only what would end the span, or a table cell, is replaced."""
+    return "`" + text.replace("`", "'").replace("|", "\u2502") + "`"
+
+
 def header_markdown(*, pathspec: str, attempt: int, load_policy: str,
                     loaded: LoadInfo | None) -> str:
     lines = ["# Checkpoints", f"Task `{pathspec}`, attempt {attempt}.", ""]
@@ -156,13 +162,15 @@ def header_markdown(*, pathspec: str, attempt: int, load_policy: str,
         origin = (f"attempt {loaded.attempt} of this task" if run == this_run
                   else f"run {_md(run)}, attempt {loaded.attempt}")
         lines.append(
-            f"**Loaded `{_md(loaded.name)}`** at task start in {_duration(loaded.seconds)}: "
-            f"saved by {origin} (`{_md(loaded.pathspec)}`), {_size(loaded.size)}, "
+            f"**Loaded {_code(loaded.name)}** at task start in {_duration(loaded.seconds)}: "
+            f"saved by {origin} ({_code(loaded.pathspec)}), {_size(loaded.size)}, "
             f"created {_md(loaded.created_on)}.")
     return "\n".join(lines)
 
 
-def summary_markdown(rows: Sequence[SaveRow], *, final: bool, now: float) -> str:
+def summary_markdown(rows: Sequence[SaveRow], *, final: bool, now: float,
+                     failed: str | None = None) -> str:
+    """``failed``: why the attempt failed, once it has (its card is final then)."""
     if not rows:
         text = "No saves yet."
     else:
@@ -176,9 +184,14 @@ def summary_markdown(rows: Sequence[SaveRow], *, final: bool, now: float) -> str
                 f"uploaded again). save() blocked {_duration(sum(blocked))} "
                 f"in all, {_duration(max(blocked))} at most.")
     when = time.strftime("%H:%M:%S", time.localtime(now))
-    status = (f"_Final, as the task ended ({when})._" if final else
-              f"_Live: updated {when}, every few seconds while the task runs._")
-    problems = [f"- **#{r.number} `{_md(r.name)}` {r.state}**: {_md(r.error)}"
+    if failed is not None:
+        status = (f"**This attempt failed** ({when}): {_md(failed)}. What it committed is "
+                  "what a retry resumes from.")
+    elif final:
+        status = f"_Final, as the task ended successfully ({when})._"
+    else:
+        status = f"_Live: updated {when}, every few seconds while the task runs._"
+    problems = [f"- **#{r.number} {_code(r.name)} {r.state}**: {_md(r.error)}"
                 for r in rows if r.error and r.state in ("torn", "failed")]
     return "\n\n".join([text, *(["\n".join(problems)] if problems else []), status])
 
@@ -234,10 +247,12 @@ def timeline_spec(rows: Sequence[SaveRow], *, now_s: float) -> dict[str, Any]:
     x_title = "seconds since the task started"
     colour = {"field": "state", "type": "nominal", "title": "state",
               "scale": {"domain": list(STATES), "range": list(_COLOURS)}}
+    first, last = (1, max(1, len(rows))) if not shown else (shown[0].number, shown[-1].number)
+    # One tick per save: ticks Vega places by itself fall between saves, and read 1, 1, 2.
+    ticks = list(range(first, last + 1, max(1, (last - first) // 10 + 1)))
     y = {"field": "save", "type": "quantitative", "title": "save #",
-         "axis": {"tickMinStep": 1, "format": "d"},
-         "scale": {"domain": [0.5, max(1, len(rows)) + 0.5] if not shown else
-                   [shown[0].number - 0.5, shown[-1].number + 0.5]}}
+         "axis": {"values": ticks, "format": "d"},
+         "scale": {"domain": [first - 0.5, last + 0.5]}}
     return {
         "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
         "title": "Saves and commits",
@@ -327,12 +342,13 @@ class CheckpointCard:
         except Exception as e:
             self._report(e)
 
-    def finish(self, *, task_ok: bool) -> None:
+    def finish(self, *, task_ok: bool, reason: str | None = None) -> None:
         """Stop refreshing and leave the components in their final state.
 
         Called once the uploads are drained. On success Metaflow renders the card right
         after; on failure it does not, so the card is refreshed one last time (rate
-        limits allowing), without waiting for that render.
+        limits allowing), without waiting for that render, and says that the attempt
+        failed and ``reason``.
         """
         if self._finished or os.getpid() != self._pid:
             return
@@ -343,7 +359,8 @@ class CheckpointCard:
         if self._card is None:
             return
         try:
-            self._update(final=True)
+            self._update(final=True, failed=None if task_ok else (
+                reason or "the step did not finish"))
             if not task_ok:
                 self._card.refresh()
         except Exception as e:
@@ -358,11 +375,12 @@ class CheckpointCard:
     def _rows(self) -> list[SaveRow]:
         return save_rows(self._handles(), started_at=self._started_at)
 
-    def _update(self, *, final: bool) -> list[SaveRow]:
+    def _update(self, *, final: bool, failed: str | None = None) -> list[SaveRow]:
         rows = self._rows()
         now = time.time()
         with self._lock:
-            self._parts["summary"].update(summary_markdown(rows, final=final, now=now))
+            self._parts["summary"].update(summary_markdown(rows, final=final, now=now,
+                                                           failed=failed))
             self._parts["saves"].update(table_markdown(rows))
             self._parts["timeline"].update(timeline_spec(rows, now_s=now - self._started_at))
         if "gang" in self._parts and self._gang is not None:

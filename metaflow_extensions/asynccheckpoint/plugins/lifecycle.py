@@ -40,9 +40,9 @@ class DrainingDecorator(StepDecorator):
     def _released(self) -> None:
         """Once the task is over: undo what ``task_pre_step`` changed in the process."""
 
-    def _finish_card(self, *, task_ok: bool) -> None:
+    def _finish_card(self, *, task_ok: bool, reason: str | None = None) -> None:
         if self._card is not None:
-            self._card.finish(task_ok=task_ok)
+            self._card.finish(task_ok=task_ok, reason=reason)
 
     def task_decorate(self, step_func, flow, graph, retry_count, max_user_code_retries,
                       ubf_context):  # type: ignore[no-untyped-def]
@@ -58,13 +58,16 @@ class DrainingDecorator(StepDecorator):
             self._finished = True
             # Artifacts set by this step, so an error can name the one holding a reference.
             artifacts = {k: v for k, v in vars(flow).items() if not k.startswith("_")}
-            ok = False
+            reason = "the end of the step could not commit what it saved"
             try:
                 self._current._finish(success=True, artifacts=artifacts)
-                ok = True
+                reason = None
                 self._after_success()
+            except Exception as e:
+                reason = f"{type(e).__name__}: {e}"
+                raise
             finally:
-                self._finish_card(task_ok=ok)
+                self._finish_card(task_ok=reason is None, reason=reason)
 
     def task_exception(self, exception, step_name, flow, graph, retry_count,
                        max_user_code_retries):  # type: ignore[no-untyped-def]
@@ -76,7 +79,7 @@ class DrainingDecorator(StepDecorator):
                 self._current._finish(success=False)
             except Exception as e:
                 print(f"[{self._label}] ERROR while draining uploads: {e}")
-            self._finish_card(task_ok=False)
+            self._finish_card(task_ok=False, reason=f"{type(exception).__name__}: {exception}")
         return None
 
     def task_finished(self, step_name, flow, graph, is_task_ok, retry_count,
@@ -88,7 +91,9 @@ class DrainingDecorator(StepDecorator):
                 self._finished = True
                 self._current._finish(success=False)
         finally:
-            self._finish_card(task_ok=is_task_ok)
+            self._finish_card(task_ok=is_task_ok, reason=None if is_task_ok else
+                              "the task ended before the step finished (sys.exit(), an "
+                              "interrupt, or an error after the step)")
             if self._restore_sigterm is not None:
                 self._restore_sigterm()
                 self._restore_sigterm = None

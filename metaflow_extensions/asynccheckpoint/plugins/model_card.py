@@ -68,7 +68,7 @@ class ModelCard:
         except Exception as e:
             self._report(e)
 
-    def finish(self, *, task_ok: bool) -> None:
+    def finish(self, *, task_ok: bool, reason: str | None = None) -> None:
         if self._part is None:
             return
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,38 @@ def test_list_after_save_and_of_a_retried_task(run_flow: RunFlow) -> None:
     assert json.loads(r["latest"]) == [1] * 6
     assert json.loads(r["first"]) == [0] * 6
     assert r["every"] == "12"
+
+
+def _run_ids(text: str) -> list[str]:
+    return re.findall(r"run-id (\d+)", text)
+
+
+def test_resume_finds_the_checkpoints_of_cloned_and_resumed_tasks(run_flow: RunFlow) -> None:
+    # evaluate failed; resume clones train: listing the clone lists what train saved.
+    first = run_flow("origin_flow.py", env={"ORIGIN_FAIL": "evaluate"}, check=False)
+    assert first.returncode != 0
+    again = run_flow("origin_flow.py", env={"ORIGIN_FAIL": "evaluate"}, command="resume")
+    assert results(again.stdout + again.stderr)["listed"] == "1"
+    # train failed after saving: resume runs it again, and it starts from that save.
+    failed = run_flow("origin_flow.py", env={"ORIGIN_FAIL": "train"}, check=False)
+    origin = _run_ids(failed.stdout + failed.stderr)[0]
+    resumed = run_flow("origin_flow.py", env={"ORIGIN_FAIL": "train"}, command="resume")
+    new = _run_ids(resumed.stdout + resumed.stderr)[0]
+    assert results(resumed.stdout + resumed.stderr)[f"loaded_{new}"] == f"saved by {origin}"
+
+
+def test_a_checkpoint_tag_scopes_eager_to_its_experiment(run_flow: RunFlow) -> None:
+    a1 = run_flow("origin_flow.py", "--tag", "checkpoint:expA")
+    run_a1 = _run_ids(a1.stdout + a1.stderr)[0]
+    assert "scoped by its tag 'checkpoint:expA'" in a1.stdout + a1.stderr
+    b1 = run_flow("origin_flow.py", "--tag", "checkpoint:expB")
+    run_b1 = _run_ids(b1.stdout + b1.stderr)[0]
+    # expB never sees expA's checkpoint, and expA's next run resumes from its own.
+    assert results(b1.stdout + b1.stderr)[f"loaded_{run_b1}"] == "None"
+    a2 = run_flow("origin_flow.py", "--tag", "checkpoint:expA")
+    run_a2 = _run_ids(a2.stdout + a2.stderr)[0]
+    assert results(a2.stdout + a2.stderr)[f"loaded_{run_a2}"] == f"saved by {run_a1}"
+    # An untagged run is in the namespace's scope, apart from both.
+    plain = run_flow("origin_flow.py")
+    run_p = _run_ids(plain.stdout + plain.stderr)[0]
+    assert results(plain.stdout + plain.stderr)[f"loaded_{run_p}"] == "None"

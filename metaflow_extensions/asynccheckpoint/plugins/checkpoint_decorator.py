@@ -51,6 +51,26 @@ def _foreach_tokens(flow: Any) -> tuple[str, ...]:
     return tuple(tokens)
 
 
+# A run tagged `checkpoint:<name>` (`run --tag checkpoint:expA`) keeps its checkpoints in
+# a scope of that name instead of its namespace's, as metaflow-checkpoint does: runs of one
+# experiment resume from each other (`eager`), never from another experiment's.
+TAG_PREFIX = "checkpoint:"
+
+
+def _scope_namespace(namespace: str, log: Any) -> str:
+    from metaflow import current
+
+    tags = sorted(t for t in getattr(current, "tags", None) or () if t.startswith(TAG_PREFIX))
+    if not tags:
+        return namespace
+    if len(tags) > 1:
+        log(f"note: the run has {len(tags)} '{TAG_PREFIX}' tags ({', '.join(tags)}); its "
+            f"checkpoints are scoped by the first, {tags[0]!r}.")
+    log(f"Checkpoints of this run are scoped by its tag {tags[0]!r}, not by the namespace "
+        f"{namespace!r}: only runs with that tag share them.")
+    return tags[0]
+
+
 def _gang(flow: Any, ubf_context: Any, task_id: str) -> Any:
     """This task's place in its ``@parallel`` gang, or None outside one.
 
@@ -180,7 +200,8 @@ class CheckpointDecorator(DrainingDecorator):
         from .current_checkpoint import CurrentCheckpoint, TaskIdentity, _log
 
         namespace = current.namespace or f"user:{current.username}"
-        scope = Scope(flow.name, namespace, step_name, _foreach_tokens(flow))
+        scope = Scope(flow.name, _scope_namespace(namespace, _log), step_name,
+                      _foreach_tokens(flow))
         identity = TaskIdentity(flow=flow.name, run_id=str(run_id), step=step_name,
                                 task_id=str(task_id), attempt=int(retry_count),
                                 namespace=namespace,
@@ -190,7 +211,8 @@ class CheckpointDecorator(DrainingDecorator):
             datastore=self._flow_datastore.TYPE,
             datastore_root=self._flow_datastore.datastore_root,
             temp_dir_root=self.attributes["temp_dir_root"],
-            retention=(self._retention, self._debris_grace))
+            retention=(self._retention, self._debris_grace),
+            origin_run_id=getattr(current, "origin_run_id", None))
         current._update_env({"checkpoint": self._current})
         metadata.register_metadata(run_id, step_name, task_id, [MetaDatum(
             field="checkpoint-scope", value=scope.prefix, type="checkpoint-scope",

@@ -88,11 +88,14 @@ class CurrentCheckpoint:
                  datastore: str, datastore_root: str, temp_dir_root: str | None,
                  log: Callable[[str], None] = _log, noun: str = "checkpoint",
                  retention: tuple[RetentionPolicy, float] | None = None,
-                 sequence: str | None = None) -> None:
+                 sequence: str | None = None, origin_run_id: str | None = None) -> None:
         """``retention``: the policy and debris grace pruning applies after each commit.
         ``sequence``: the save counter file of the task that started this process (one
-        is made otherwise)."""
+        is made otherwise). ``origin_run_id``: the run ``resume`` resumes, whose
+        checkpoints of this step a ``fresh`` start considers after this task's own."""
         import tempfile
+
+        self._origin_run_id = origin_run_id
 
         self._identity = identity
         self._scope = scope
@@ -374,6 +377,11 @@ class CurrentCheckpoint:
         catalog = self._reader.home()
         candidates = catalog.select(self._scope.prefix, run_id=self._identity.run_id,
                                     task_id=self._identity.task_id, latest_only=True)
+        if self._origin_run_id is not None:
+            # `resume`: this step failed in the run resumed from; its task there is this
+            # task's earlier self.
+            candidates += catalog.select(self._scope.prefix, run_id=self._origin_run_id,
+                                         latest_only=True)
         if policy == "eager":
             own = {e.keys for e in candidates}
             candidates += [e for e in catalog.select(self._scope.prefix, latest_only=True)

@@ -78,6 +78,10 @@ class TaskCheckpoints:
         try:
             t = task if isinstance(task, Task) else Task(str(task), _namespace_check=False)
             meta = t.metadata_dict
+            # A task `resume` cloned ran nothing: its checkpoints are its origin's.
+            while t.origin_pathspec and t.origin_pathspec != t.pathspec:
+                t = Task(t.origin_pathspec, _namespace_check=False)
+                meta = t.metadata_dict
         except MetaflowNotFound as e:
             raise CheckpointReferenceError(f"no such task {task!r}: {e}") from e
         _flow, run_id, _step, task_id = t.pathspec.split("/")

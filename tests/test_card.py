@@ -316,6 +316,23 @@ def test_card_of_a_retry_says_what_it_loaded(run_flow: RunFlow, card_env: dict[s
     assert "_Final, as the task ended successfully" in text_of(
         card_payload(retry[0]["html"]), "summary")
     failed = [c for c in cards if "attempt 0." in text_of(card_payload(c["html"]), "header")]
+    print(f"cards of the failed attempt: {len(failed)}")
+    # The card of a chosen attempt, the latest by default.
+    cli = [sys.executable, str(FLOWS / "card_flow.py"), "checkpoint", "card"]
+    latest = subprocess.run([*cli, "train"], env={**card_env, "CARD_FLOW_FAIL_FIRST": "1"},
+                            cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert ", attempt 1: " in latest.stdout, latest.stdout
+    page = latest.stdout.strip().rsplit(": ", 1)[1]
+    assert "attempt 1." in text_of(card_payload((tmp_path / page).read_text()), "header")
+    chosen = subprocess.run([*cli, "train", "--attempt", "0", "--file", "a0.html"],
+                            env={**card_env, "CARD_FLOW_FAIL_FIRST": "1"}, cwd=tmp_path,
+                            capture_output=True, text=True)
+    if failed:
+        assert chosen.returncode == 0, chosen.stderr
+        assert "attempt 0." in text_of(card_payload((tmp_path / "a0.html").read_text()),
+                                       "header")
+    else:
+        assert chosen.returncode == 1 and "no checkpoint card of attempt 0" in chosen.stderr
     for c in failed:
         summary = text_of(card_payload(c["html"]), "summary")
         assert "**This attempt failed**" in summary, summary

@@ -82,6 +82,29 @@ _WHICH_HELP = (
     "(RUN, RUN/STEP or RUN/STEP/TASK): its newest checkpoint, of --name if given.")
 
 
+@checkpoint.command(name="card", help="Write the checkpoint card of one attempt of a task to "
+                    "FILE (default: checkpoint-card-<run>-<step>-<task>-<attempt>.html) and "
+                    "print its path: after retries, Metaflow's `card view` cannot choose "
+                    "among the attempts' cards. PATHSPEC is STEP (of the latest run), "
+                    "RUN/STEP or RUN/STEP/TASK.\n" + EXIT_CODES)
+@click.argument("pathspec")
+@click.option("--attempt", type=int, default=None,
+              help="The attempt whose card to write. Default: the latest one with a card.")
+@click.option("--file", "path", default=None, type=click.Path(dir_okay=False),
+              help="Where to write the card's HTML.")
+@click.pass_obj
+def card(obj: Any, pathspec: str, attempt: int | None, path: str | None) -> None:
+    from .card_view import card_html
+
+    html, attempt, task = card_html(obj.flow.name, pathspec, attempt)
+    if path is None:
+        path = "checkpoint-card-%s-attempt%d.html" % (task.split("/", 1)[1].replace("/", "-"),
+                                                       attempt)
+    with open(path, "w") as f:
+        f.write(html)
+    click.echo(f"The checkpoint card of {task}, attempt {attempt}: {path}")
+
+
 @checkpoint.command(help="Print a checkpoint's manifest. " + _WHICH_HELP + "\n" + EXIT_CODES)
 @click.argument("which", metavar="CHECKPOINT")
 @click.option("--name", default=None, help="With a PATHSPEC: the newest of this name.")

@@ -63,8 +63,9 @@ class FinetuneRetentionFlow(FlowSpec):
 
     @step
     def end(self):
-        # The end of the finetune task waited for its uploads and its last prune.
-        kept = Checkpoint().list(task=self.trained_in)
+        # The end of the finetune task waited for its uploads and its last prune. list(task=)
+        # lists the latest attempt by default, as metaflow-checkpoint does; this wants both.
+        kept = Checkpoint().list(task=self.trained_in, attempt="all")
         epochs = sorted(c["metadata"]["epoch"] for c in kept)
         print(f"Kept checkpoints of epochs {epochs}")
 

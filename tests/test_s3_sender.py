@@ -1,5 +1,6 @@
 """The blocking sender behaves like the botocore client it serves: a reply that stalls or is
-cut short is a retried error, never a partial success.
+cut short is a retried error, never a partial success; TLS is verified as botocore would
+verify it; and what the sender cannot do the botocore way goes through botocore.
 
 Against a real moto server on loopback, faults injected by tests/faultproxy.py, TLS
 terminated by the same proxy with a private CA.
@@ -325,3 +326,127 @@ def test_a_checkpoint_commits_through_stalls_and_cuts_and_loads_whole(
         engine.close()
     for rel, data in want.items():
         assert (tmp_path / "restored" / rel).read_bytes() == data
+
+
+# -- TLS as botocore does it -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_tls_with_a_private_ca_named_by_aws_ca_bundle(
+        s3: S3Server, tls_proxy: FaultProxy, ca_file: str, mode: UploaderMode,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AWS_CA_BUNDLE", ca_file)
+    small, big = tmp_path / "small", tmp_path / "big"
+    want_small, want_big = write_random(small, 100_000), write_random(big, 12 * MiB)
+    async with backend(tls_proxy.endpoint, mode=mode) as b:
+        assert await b.put_file("ck/small", str(small), 100_000) == want_small
+        assert await b.put_file("ck/big", str(big), 12 * MiB) == want_big
+        await b.put_bytes("ck/m.json", b"{}")
+        assert await b.get_bytes("ck/m.json") == b"{}"
+        assert await b.get_file("ck/big", str(tmp_path / "out"), 12 * MiB) == want_big
+        # The bodies and the reads went through the sender, not botocore's stack.
+        assert b._gets is not None and b._gets.sender.requests == 1 + 3
+        if mode is UploaderMode.THREAD:
+            assert b._plane.plane.sender.requests == 1 + 3  # type: ignore[union-attr]
+    assert hashlib.sha256(stored(s3, "ck/big")).hexdigest() == want_big
+    assert tls_proxy.count(method="PUT") == 1 + 3 + 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["untrusted", "system-store-only"])
+async def test_without_the_private_ca_the_upload_fails_at_once_saying_what_to_set(
+        s3: S3Server, tls_proxy: FaultProxy, ca_file: str, mode: UploaderMode,
+        elsewhere: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without a bundle botocore trusts certifi's, not the system store: a CA the system
+    store has (here through SSL_CERT_FILE) is no reason for the sender to trust a server."""
+    if elsewhere:
+        monkeypatch.setenv("SSL_CERT_FILE", ca_file)
+    src = tmp_path / "f"
+    write_random(src, 1000)
+    policy = CountingPolicy(max_attempts=5, deadline=30, initial_backoff=0.01)
+    async with backend(tls_proxy.endpoint, mode=mode, policy=policy) as b:
+        with pytest.raises(StorageAccessError, match="AWS_CA_BUNDLE") as info:
+            await b.put_file("ck/f", str(src), 1000)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(info.value) and "ck/f" in str(info.value)
+    assert policy.attempts == [1]  # not retried
+    assert tls_proxy.requests == []
+
+
+@pytest.mark.anyio
+async def test_an_unreadable_ca_bundle_is_named_before_any_request(
+        s3: S3Server, tls_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    async with backend(tls_proxy.endpoint) as b:
+        with pytest.raises(StorageAccessError, match=r"missing\.pem.*AWS_CA_BUNDLE"):
+            await b.put_bytes("ck/m.json", b"{}")
+    assert tls_proxy.requests == []
+
+
+@pytest.mark.anyio
+async def test_verify_false_is_followed(s3: S3Server, tls_proxy: FaultProxy,
+                                        tmp_path: Path) -> None:
+    src = tmp_path / "f"
+    want = write_random(src, 1000)
+    async with backend(tls_proxy.endpoint, verify=False) as b:
+        assert await b.put_file("ck/f", str(src), 1000) == want
+        assert b._plane.plane.sender.requests == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_a_client_certificate_from_the_config_is_presented(
+        s3: S3Server, ca: trustme.CA, ca_file: str, mode: UploaderMode,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    client_ca = trustme.CA()
+    issued = client_ca.issue_cert("checkpoint-client@example.com")
+    cert_file, key_file = tmp_path / "client.pem", tmp_path / "client.key"
+    issued.cert_chain_pems[0].write_to_path(str(cert_file))
+    issued.private_key_pem.write_to_path(str(key_file))
+    monkeypatch.setenv("AWS_CA_BUNDLE", ca_file)
+    small, big = tmp_path / "small", tmp_path / "big"
+    want_small, want_big = write_random(small, 1000), write_random(big, 12 * MiB)
+    with FaultProxy(s3.endpoint, tls=server_tls(ca, client_ca=client_ca)) as proxy:
+        with_cert = Config(read_timeout=READ_TIMEOUT,
+                           client_cert=(str(cert_file), str(key_file)))
+        async with backend(proxy.endpoint, mode=mode, config=with_cert) as b:
+            assert await b.put_file("ck/small", str(small), 1000) == want_small
+            assert await b.put_file("ck/big", str(big), 12 * MiB) == want_big
+            assert await b.get_bytes("ck/small") == small.read_bytes()
+            assert b._gets is not None and b._gets.sender.requests == 1
+        assert proxy.count(method="PUT") == 1 + 3
+        async with backend(proxy.endpoint, mode=mode) as b:  # the server insists on one
+            with pytest.raises(UploadError):
+                await b.put_file("ck/small", str(small), 1000)
+        assert proxy.count(method="PUT") == 1 + 3
+
+
+# -- what the sender leaves to botocore --------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["config", "environment"])
+async def test_with_a_proxy_every_request_goes_through_botocore(
+        s3: S3Server, proxy: FaultProxy, mode: UploaderMode, how: str,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The fault proxy as a forward HTTP proxy: what reaches it was sent by a client that
+    knows about proxies (absolute-form request targets); the sender would go straight to
+    the server, unseen."""
+    if how == "environment":
+        monkeypatch.setenv("HTTP_PROXY", proxy.endpoint)
+        config = FAST
+    else:
+        config = Config(read_timeout=READ_TIMEOUT, proxies={"http": proxy.endpoint})
+    small, big = tmp_path / "small", tmp_path / "big"
+    want_small, want_big = write_random(small, 1000), write_random(big, 12 * MiB)
+    async with backend(s3.endpoint, mode=mode, config=config) as b:
+        assert await b.put_file("ck/small", str(small), 1000) == want_small
+        assert await b.put_file("ck/big", str(big), 12 * MiB) == want_big
+        assert await b.get_bytes("ck/small") == small.read_bytes()
+        assert await b.get_file("ck/big", str(tmp_path / "out"), 12 * MiB) == want_big
+        assert b._gets is None
+        if mode is UploaderMode.THREAD:
+            assert b._plane.plane.sender.requests == 0  # type: ignore[union-attr]
+    puts = [r for r in proxy.requests if r.method == "PUT"]
+    assert len(puts) == 1 + 3
+    assert all(r.path.startswith(s3.endpoint + "/") for r in proxy.requests)
+    assert proxy.count(method="GET") == 1 + 3

@@ -18,7 +18,8 @@ and hand the GIL back and forth); ``SO_SNDTIMEO``/``SO_RCVTIMEO`` bound a stalle
 instead, and replies are read strictly (:mod:`.s3_reply`): a stall raises botocore's
 ``ReadTimeoutError`` and a reply cut short ``ConnectionClosedError`` or
 ``IncompleteReadError``, never a partial success. TLS sockets keep a Python-level timeout:
-OpenSSL retries a receive that ``SO_RCVTIMEO`` interrupted, forever.
+OpenSSL retries a receive that ``SO_RCVTIMEO`` interrupted, forever. TLS is set up the
+way the botocore client it serves would set it up (:mod:`.s3_transport`).
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ from botocore.exceptions import (
     EndpointConnectionError,
     IncompleteReadError,
     ReadTimeoutError,
+    SSLError,
 )
 
 from .s3_parts import PartBody
 from .s3_reply import open_reply
+from .s3_transport import ClientCert, tls_context
 
 __all__ = ["BlockingSender", "Cancelled", "sync_hook"]
 
@@ -71,9 +74,10 @@ class _Raw:
 class BlockingSender:
     """A pool of keep-alive blocking connections; :meth:`send` runs in a worker thread."""
 
-    def __init__(self, *, verify: bool | str = True, connect_timeout: float = 10,
-                 read_timeout: float = 120) -> None:
+    def __init__(self, *, verify: bool | str = True, client_cert: ClientCert = None,
+                 connect_timeout: float = 10, read_timeout: float = 120) -> None:
         self._verify = verify
+        self._client_cert = client_cert
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._idle: dict[tuple[str, str, int], list[socket.socket]] = {}
@@ -85,16 +89,10 @@ class BlockingSender:
         self.requests = 0  # sent through here, for tests and benchmarks
 
     def _context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            if self._verify is False:
-                ctx = ssl.create_default_context()
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            else:
-                ctx = ssl.create_default_context(
-                    cafile=self._verify if isinstance(self._verify, str) else None)
-            self._ssl = ctx
-        return self._ssl
+        with self._lock:
+            if self._ssl is None:
+                self._ssl = tls_context(self._verify, self._client_cert)
+            return self._ssl
 
     def _connect(self, scheme: str, host: str, port: int) -> socket.socket:
         endpoint = f"{scheme}://{host}:{port}"
@@ -109,6 +107,8 @@ class BlockingSender:
             if scheme == "https":
                 try:  # the handshake, under the connect timeout
                     sock = self._context().wrap_socket(sock, server_hostname=host)
+                except ssl.SSLError as e:  # a certificate that fails verification included
+                    raise SSLError(endpoint_url=endpoint, error=e) from e
                 except TimeoutError as e:
                     raise ConnectTimeoutError(endpoint_url=endpoint, error=e) from e
                 sock.settimeout(self._read_timeout)

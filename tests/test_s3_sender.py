@@ -28,8 +28,11 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 from faultproxy import FaultProxy, PartialReply, cut, stall
+from metaflow import metaflow_config
 from s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, running_s3_server
 
+from metaflow_extensions.asynccheckpoint.plugins.exceptions import CheckpointConfigException
+from metaflow_extensions.asynccheckpoint.plugins.s3_storage import s3_backend_factory
 from uploader.backends import S3Backend, TransferContext
 from uploader.backends.s3_sender import BlockingSender, SignedGets
 from uploader.config import MiB, Settings, UploaderMode
@@ -450,3 +453,33 @@ async def test_with_a_proxy_every_request_goes_through_botocore(
     assert len(puts) == 1 + 3
     assert all(r.path.startswith(s3.endpoint + "/") for r in proxy.requests)
     assert proxy.count(method="GET") == 1 + 3
+
+
+# -- client options where Metaflow users set them --------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_config_in_datatools_client_params_reaches_the_client_but_not_its_retries(
+        s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = {"endpoint_url": s3.endpoint, "config": {
+        "read_timeout": READ_TIMEOUT, "retries": {"max_attempts": 10, "mode": "adaptive"}}}
+    monkeypatch.setattr(metaflow_config, "DATATOOLS_CLIENT_PARAMS", params)
+    ctx = TransferContext(settings=Settings(), limiter=anyio.CapacityLimiter(4),
+                          retry=RetryPolicy(max_attempts=3, deadline=30))
+    b = s3_backend_factory(f"s3://{BUCKET}/{PREFIX}")(ctx)
+    try:
+        resolved = (await b._get_client()).meta.config
+        assert resolved.read_timeout == READ_TIMEOUT
+        assert resolved.retries == {"total_max_attempts": 1, "mode": "standard"}
+        await b.put_bytes("ck/m.json", b"{}")
+    finally:
+        await b.aclose()
+    assert stored(s3, "ck/m.json") == b"{}"
+
+
+def test_a_config_botocore_does_not_know_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metaflow_config, "DATATOOLS_CLIENT_PARAMS",
+                        {"config": {"read_timout": 1}})
+    with pytest.raises(CheckpointConfigException,
+                       match=r"METAFLOW_DATATOOLS_CLIENT_PARAMS.*read_timout"):
+        s3_backend_factory(f"s3://{BUCKET}/{PREFIX}")

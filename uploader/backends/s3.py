@@ -175,8 +175,9 @@ class S3Backend:
                 **({"addressing_style": "path"} if self._endpoint_url else {}),
             },
         )
-        if "config" in kwargs:
-            config = config.merge(kwargs.pop("config"))
+        if "config" in kwargs:  # the caller's timeouts, proxies, client certificate...
+            # ...but never botocore's retries under ours.
+            config = config.merge(kwargs.pop("config")).merge(Config(retries=config.retries))
         stack = contextlib.AsyncExitStack()
         client = await stack.enter_async_context(self._session.client(
             "s3", endpoint_url=self._endpoint_url, region_name=self._region, config=config,

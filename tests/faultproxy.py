@@ -10,10 +10,18 @@ in the ways a real network and a real S3 fail:
   the server never sees the request (503 SlowDown, 500 InternalError, 403 AccessDenied).
 * ``drop_response``: forward the request so the server performs it, then reset the client
   instead of relaying the response - "the server finished, the client never heard".
+* ``stall(at)`` / ``cut(at)``: forward the request, then relay only the start of the
+  response and either go silent with the connection open (a stalled peer) or close it
+  cleanly (a reply cut short). ``at`` is ``"status"`` (the status line only),
+  ``"headers"`` (the status line, one header line and part of the next) or ``"body"``
+  (the whole head and half the body; a reply without a body is then whole).
 
 Rules are deterministic (``times``, ``every``, seeded ``probability``), every request is
 recorded for assertions, and ``hold`` parks matching requests until the test releases them,
 which keeps an upload in flight without sleeps.
+
+With ``tls`` (a server-side ``ssl.SSLContext``) the proxy terminates TLS, so a client can
+reach the plain-HTTP server through ``https://127.0.0.1:port`` and a private CA.
 
 The proxy runs its own asyncio loop in a daemon thread so that it serves blocking (boto3)
 and asynchronous (aioboto3) clients alike. Each proxied request uses a fresh upstream
@@ -33,6 +41,7 @@ import http.client
 import random
 import re
 import socket
+import ssl
 import struct
 import threading
 import urllib.parse
@@ -62,7 +71,31 @@ def error(status: int, code: str, message: str = "Injected by FaultProxy") -> Er
     return ErrorAction(status, code, message)
 
 
-Action = str | ErrorAction
+_POINTS = ("status", "headers", "body")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialReply:
+    kind: str  # "stall": go silent, the connection open; "cut": close it cleanly
+    at: str  # where the relayed response stops: one of _POINTS
+
+
+def stall(at: str) -> PartialReply:
+    """Forward, relay the response up to ``at``, then send nothing more until the client
+    gives up and closes (or the proxy closes)."""
+    if at not in _POINTS:
+        raise ValueError(f"stall point must be one of {_POINTS}, got {at!r}")
+    return PartialReply("stall", at)
+
+
+def cut(at: str) -> PartialReply:
+    """Forward, relay the response up to ``at``, then close the connection (FIN, no RST)."""
+    if at not in _POINTS:
+        raise ValueError(f"cut point must be one of {_POINTS}, got {at!r}")
+    return PartialReply("cut", at)
+
+
+Action = str | ErrorAction | PartialReply
 
 
 @dataclasses.dataclass
@@ -71,7 +104,7 @@ class RequestRecord:
     method: str
     path: str
     query: str
-    action: str  # "forward", "reset", "error" or "drop_response"
+    action: str  # "forward", "reset", "error", "drop_response", "stall" or "cut"
     status: int | None = None  # what the client received; None if it received nothing
     upstream_status: int | None = None  # what the server answered, if it was asked
     body_bytes: int = 0  # request body bytes the proxy received from the client
@@ -159,11 +192,12 @@ class Hold:
 
 
 class FaultProxy:
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, tls: ssl.SSLContext | None = None) -> None:
         url = urllib.parse.urlsplit(upstream)
         if url.scheme != "http" or url.hostname is None:
             raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
         self._upstream = (url.hostname, url.port or 80)
+        self._tls = tls
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
         self._holds: list[Hold] = []
@@ -177,7 +211,7 @@ class FaultProxy:
         self._thread.start()
         if not self._ready.wait(10) or self._startup_error is not None:
             raise RuntimeError("FaultProxy failed to start") from self._startup_error
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
     def __enter__(self) -> FaultProxy:
         return self
@@ -197,7 +231,8 @@ class FaultProxy:
                  times: int | None = None, every: int | None = None,
                  probability: float | None = None, seed: int = 0) -> Rule:
         """Append a rule; rules are tried in order and the first one that fires wins."""
-        if not isinstance(action, ErrorAction) and action not in (FORWARD, RESET, DROP_RESPONSE):
+        if not isinstance(action, ErrorAction | PartialReply) and action not in (
+                FORWARD, RESET, DROP_RESPONSE):
             raise ValueError(f"unknown action {action!r}")
         rule = Rule(action, _Match(method, path_regex, query_contains), times, every,
                     probability, seed)
@@ -255,7 +290,12 @@ class FaultProxy:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._client, "127.0.0.1", 0, limit=1 << 20)
+        # A client that rejects the certificate is what some tests want: not worth a log line.
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, ctx: None if isinstance(ctx.get("exception"), ssl.SSLError | OSError)
+            else loop.default_exception_handler(ctx))
+        server = await asyncio.start_server(self._client, "127.0.0.1", 0, limit=1 << 20,
+                                            ssl=self._tls)
         self.port = int(server.sockets[0].getsockname()[1])
         self._ready.set()
         await self._stop.wait()
@@ -291,7 +331,8 @@ class FaultProxy:
             action: Action = next((r.action for r in self._rules
                                    if r.match.matches(method, path, query) and r.fires()),
                                   FORWARD)
-            name = "error" if isinstance(action, ErrorAction) else action
+            name = ("error" if isinstance(action, ErrorAction)
+                    else action.kind if isinstance(action, PartialReply) else action)
             record = RequestRecord(conn, method, path, query, name)
             self._records.append(record)
             hold = next((h for h in self._holds if h.match.matches(method, path, query)
@@ -344,6 +385,11 @@ class FaultProxy:
                 status = int(status_text)
             record.upstream_status = status
             resp_framing = _framing(resp_headers, request=False, method=method, status=status)
+            if isinstance(action, PartialReply):
+                whole = b"".join([c async for c in _body(up_reader, resp_framing)])
+                await _partial_reply(reader, writer, action, _head_bytes(
+                    f"HTTP/1.1 {status} {reason}", resp_headers, close=False), whole)
+                return False
             if action == DROP_RESPONSE:
                 async for _ in _body(up_reader, resp_framing):
                     pass
@@ -361,6 +407,28 @@ class FaultProxy:
             return keep_alive
         finally:
             up_writer.close()
+
+
+async def _partial_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         action: PartialReply, head: bytes, body: bytes) -> None:
+    status_end = head.index(b"\r\n") + 2
+    if action.at == "status":
+        sent = head[:status_end]
+    elif action.at == "headers":
+        sent = head[:head.index(b"\r\n", status_end) + 2 + 3]  # one line and 3 bytes more
+    else:
+        sent = head + body[:len(body) // 2]
+    writer.write(sent)
+    await writer.drain()
+    if action.kind == "cut":
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+    with contextlib.suppress(OSError, ValueError):
+        while await reader.read(_READ_SIZE):  # until the client gives up
+            pass
+    writer.transport.abort()
 
 
 def _abort_with_rst(writer: asyncio.StreamWriter) -> None:

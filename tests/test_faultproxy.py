@@ -9,15 +9,19 @@ import hashlib
 import http.client
 import http.server
 import random
+import socket
+import ssl
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
+import trustme
 from botocore.config import Config
-from botocore.exceptions import ClientError, ConnectionClosedError
-from faultproxy import DROP_RESPONSE, RESET, FaultProxy, error
+from botocore.exceptions import ClientError, ConnectionClosedError, SSLError
+from faultproxy import DROP_RESPONSE, RESET, FaultProxy, cut, error, stall
 from s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, running_s3_server
 
 pytestmark = pytest.mark.s3
@@ -283,3 +287,99 @@ def test_chunked_bodies_both_ways_on_a_kept_alive_connection() -> None:
     finally:
         stub.shutdown()
         stub.server_close()
+
+
+def _raw_get(url: str) -> socket.socket:
+    """Send a GET for ``url`` (presigned for the proxy) on a new socket; return the socket."""
+    u = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    sock.sendall(f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n".encode())
+    return sock
+
+
+def _expected_start(at: str, whole: bytes) -> bytes:
+    head, _, body = whole.partition(b"\r\n\r\n")
+    status_end = head.index(b"\r\n") + 2
+    if at == "status":
+        return head[:status_end]
+    if at == "headers":
+        return head[:head.index(b"\r\n", status_end) + 5]
+    return head + b"\r\n\r\n" + body[:len(body) // 2]
+
+
+def _whole_reply(url: str) -> bytes:
+    with _raw_get(url) as sock:
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < 1000:
+            data += sock.recv(65536)
+    return data
+
+
+@pytest.mark.parametrize("at", ["status", "headers", "body"])
+def test_cut_relays_the_start_of_the_reply_then_closes(proxy: FaultProxy, client: Any,
+                                                       upstream: Any, at: str) -> None:
+    upstream.put_object(Bucket=BUCKET, Key="k", Body=b"v" * 1000)
+    url = client.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": "k"})
+    proxy.add_rule(cut(at), method="GET", times=1)
+    with _raw_get(url) as sock:
+        received = b""
+        while chunk := sock.recv(65536):  # until the proxy closes: a clean FIN
+            received += chunk
+    whole = _whole_reply(url)  # times=1: the next one is whole
+    assert whole.startswith(b"HTTP/1.1 200 ") and whole.endswith(b"v" * 1000)
+    # Headers such as Date and the request id differ between replies; compare shapes.
+    expected = _expected_start(at, whole)
+    assert len(received) == len(expected) and received[:17] == expected[:17]
+    if at == "body":
+        assert received.endswith(b"\r\n\r\n" + b"v" * 500)
+    else:
+        assert b"\r\n\r\n" not in received
+    assert [(r.action, r.status, r.upstream_status) for r in proxy.requests] == [
+        ("cut", None, 200), ("forward", 200, 200)]
+
+
+@pytest.mark.parametrize("at", ["status", "headers", "body"])
+def test_stall_relays_the_start_of_the_reply_then_goes_silent(proxy: FaultProxy, client: Any,
+                                                              upstream: Any, at: str) -> None:
+    upstream.put_object(Bucket=BUCKET, Key="k", Body=b"v" * 1000)
+    url = client.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": "k"})
+    expected = _expected_start(at, _whole_reply(url))
+    proxy.add_rule(stall(at), method="GET", times=1)
+    with _raw_get(url) as sock:
+        received = b""
+        while len(received) < len(expected):
+            received += sock.recv(65536)
+        assert len(received) == len(expected) and received[:17] == expected[:17]
+        sock.settimeout(0.2)  # the proxy keeps the connection open and sends nothing more
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)
+    assert [(r.action, r.status) for r in proxy.requests] == [("forward", 200), ("stall", None)]
+
+
+def test_partial_reply_points_are_checked() -> None:
+    with pytest.raises(ValueError, match="status"):
+        stall("middle")
+    with pytest.raises(ValueError, match="status"):
+        cut("")
+
+
+def test_tls_termination_with_a_private_ca(server: S3Server, upstream: Any,
+                                           tmp_path: Any) -> None:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(tls)
+    with FaultProxy(server.endpoint, tls=tls) as proxy:
+        assert proxy.endpoint.startswith("https://127.0.0.1:")
+        trusting = boto3.client("s3", endpoint_url=proxy.endpoint, verify=str(ca_file),
+                                aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                                region_name=REGION, config=CONFIG)
+        trusting.put_object(Bucket=BUCKET, Key="k", Body=b"over tls")
+        assert trusting.get_object(Bucket=BUCKET, Key="k")["Body"].read() == b"over tls"
+        default = boto3.client("s3", endpoint_url=proxy.endpoint,
+                               aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                               region_name=REGION, config=CONFIG)
+        with pytest.raises(SSLError, match="CERTIFICATE_VERIFY_FAILED"):
+            default.list_objects_v2(Bucket=BUCKET)
+        assert [r.method for r in proxy.requests] == ["PUT", "GET"]

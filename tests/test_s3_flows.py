@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from conftest import S3_BUCKET, RunFlow
-from faultproxy import RESET, FaultProxy, error
+from faultproxy import RESET, FaultProxy, cut, error, stall
 from storekit import results
 
 pytestmark = [pytest.mark.flow, pytest.mark.s3]
@@ -164,3 +166,32 @@ def test_checksum_mismatch_on_s3_load_is_caught(s3_env: dict[str, str], s3_serve
     finally:
         engine.close()
 
+
+
+def test_checkpoints_commit_over_tls_through_stalled_and_cut_replies(
+        run_flow: RunFlow, s3_env: dict[str, str], s3_server: Any, tmp_path: Path) -> None:
+    """The store behind TLS with a private CA named by AWS_CA_BUNDLE, and a short read
+    timeout set where users set client options: checkpoint replies that stall or end early
+    are retried, and every checkpoint commits whole."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    weights = CKPT + r".*/data/.*weights\.bin$"
+    with FaultProxy(s3_server.endpoint, tls=tls) as proxy:
+        proxy.add_rule(stall("status"), method="PUT", path_regex=weights,
+                       query_contains="partNumber=1", times=1)
+        proxy.add_rule(stall("headers"), method="PUT", path_regex=weights,
+                       query_contains="partNumber=2", times=1)
+        proxy.add_rule(cut("status"), method="PUT", path_regex=weights,
+                       query_contains="partNumber=3", times=1)
+        proxy.add_rule(cut("headers"), method="PUT", path_regex=CKPT + r".*/step\.txt$",
+                       times=1)
+        env = {**s3_env, **SMALL_PARTS, "METAFLOW_S3_ENDPOINT_URL": proxy.endpoint,
+               "AWS_CA_BUNDLE": str(ca_file),
+               "METAFLOW_DATATOOLS_CLIENT_PARAMS": json.dumps({"config": {"read_timeout": 1}})}
+        out = run_flow("s3_flow.py", env=env)
+        faults = (proxy.count(action="stall"), proxy.count(action="cut"))
+    assert faults == (2, 2), out.stderr
+    check_s3_flow_checkpoints(s3_server.client())

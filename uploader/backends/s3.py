@@ -17,6 +17,10 @@ signed: ``UNSIGNED-PAYLOAD``), and writes the body with one system call
 Small reads (manifests) and ranged downloads are signed here and received by worker
 threads (:class:`.s3_sender.SignedGets`), a range straight into the file's pages, hashed
 in range order; anything but a success goes through botocore, which retries and explains.
+
+The sender connects as the client would (its CA bundle, client certificate, timeouts), read
+from the client once it exists (:mod:`.s3_transport`); where it cannot (a proxy), every
+request goes through botocore's own HTTP stack.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from botocore.exceptions import (
 )
 
 from ..config import MIN_PART_SIZE, MiB, UploaderMode
-from ..errors import CheckpointError, UploadError, first_error
+from ..errors import CheckpointError, StorageAccessError, UploadError, first_error
 from .base import StoredObject, TransferContext, Upload
 from .s3_dataplane import ClientSpec, Creds, Outcome, PartJob
 from .s3_errors import (
@@ -53,6 +57,7 @@ from .s3_errors import (
 )
 from .s3_parts import InOrderDigest, checksum_of
 from .s3_sender import BlockingSender, SignedGets
+from .s3_transport import tls_context, transport_of
 from .s3_worker import Plane, ProcessPlane, ThreadPlane
 
 __all__ = ["S3Backend", "is_transient", "part_size_for"]
@@ -86,6 +91,20 @@ def _pwrite_all(fd: int, chunks: list[bytes], offset: int) -> None:
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+def _check_tls(spec: ClientSpec, endpoint: str) -> None:
+    """Fail at once, and say why, where the CA bundle or client certificate the client
+    resolved cannot be loaded (botocore would fail every request, less readably)."""
+    try:
+        tls_context(spec.verify, spec.client_cert)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise StorageAccessError(
+            f"the TLS settings for {endpoint} cannot be used: {type(e).__name__}: {e}. The CA "
+            f"bundle is {spec.verify!r} (from verify=, METAFLOW_S3_VERIFY_CERTIFICATE, "
+            "AWS_CA_BUNDLE, ca_bundle in the AWS config or REQUESTS_CA_BUNDLE; True is "
+            f"botocore's own bundle) and the client certificate {spec.client_cert!r} (from "
+            "client_cert in the client's config); point them at readable PEM files.") from e
 
 
 class S3Backend:
@@ -156,23 +175,25 @@ class S3Backend:
                 **({"addressing_style": "path"} if self._endpoint_url else {}),
             },
         )
-        if "config" in kwargs:
-            config = config.merge(kwargs.pop("config"))
+        if "config" in kwargs:  # the caller's timeouts, proxies, client certificate...
+            # ...but never botocore's retries under ours.
+            config = config.merge(kwargs.pop("config")).merge(Config(retries=config.retries))
         stack = contextlib.AsyncExitStack()
         client = await stack.enter_async_context(self._session.client(
             "s3", endpoint_url=self._endpoint_url, region_name=self._region, config=config,
             **kwargs))
         self._stack = stack
-        http_session = getattr(client._endpoint, "http_session", None)
-        proxies = getattr(http_session, "_proxy_config", None)
+        resolved, transport = client.meta.config, transport_of(client)
         spec = ClientSpec(
             endpoint_url=self._endpoint_url, region=client.meta.region_name,
-            verify=getattr(http_session, "_verify", True),
-            path_style=bool(self._endpoint_url),
-            connect_timeout=float(config.connect_timeout or 10),
-            read_timeout=float(config.read_timeout or 120),
-            proxies=client.meta.config.proxies,
-            direct=not (proxies is not None and proxies.proxy_url_for(client.meta.endpoint_url)))
+            verify=transport.verify, client_cert=transport.client_cert,
+            s3_options=dict(resolved.s3 or {}),
+            connect_timeout=float(resolved.connect_timeout or 10),
+            read_timeout=float(resolved.read_timeout or 120),
+            proxies=resolved.proxies, proxies_config=resolved.proxies_config,
+            direct=transport.direct)
+        if spec.direct and str(client.meta.endpoint_url).lower().startswith("https:"):
+            _check_tls(spec, str(client.meta.endpoint_url))
         self._small_reads = anyio.CapacityLimiter(_SMALL_READS)
         self._small_threads = anyio.CapacityLimiter(_SMALL_READS)  # one per read, never short
         self._range_threads = anyio.CapacityLimiter(self._ctx.settings.upload_concurrency)
@@ -185,7 +206,8 @@ class S3Backend:
             base = sample.split("?", 1)[0]
             if base.endswith("/k"):  # the key is appended as is: no surprises in the URL
                 self._gets = SignedGets(
-                    BlockingSender(verify=spec.verify, connect_timeout=spec.connect_timeout,
+                    BlockingSender(verify=spec.verify, client_cert=spec.client_cert,
+                                   connect_timeout=spec.connect_timeout,
                                    read_timeout=spec.read_timeout),
                     base_url=base[:-1], region=str(client.meta.region_name))
         threads = self._ctx.settings.upload_concurrency

@@ -27,22 +27,26 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .s3_parts import BufferPool, PartBody, read_part
 from .s3_sender import BlockingSender, Cancelled, sync_hook
+from .s3_transport import ClientCert
 
 __all__ = ["ClientSpec", "Creds", "DataPlane", "Outcome", "PartJob"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ClientSpec:
-    """How to reach the store; the same for every request of a backend."""
+    """How to reach the store; the same for every request of a backend. ``verify`` and
+    ``client_cert`` are what the backend's client resolved (:mod:`.s3_transport`)."""
 
     endpoint_url: str | None
     region: str | None
     verify: bool | str
-    path_style: bool
+    s3_options: dict[str, Any]  # the client's ``Config(s3=...)``: addressing style and such
     connect_timeout: float = 10
     read_timeout: float = 120
     proxies: dict[str, str] | None = None
-    direct: bool = True  # no proxy in the way: bodies go through the blocking sender
+    proxies_config: dict[str, Any] | None = None
+    client_cert: ClientCert = None
+    direct: bool = True  # bodies go through the blocking sender, else botocore's own stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +98,8 @@ class DataPlane:
 
     def __init__(self, spec: ClientSpec) -> None:
         self.spec = spec
-        self.sender = BlockingSender(verify=spec.verify, connect_timeout=spec.connect_timeout,
+        self.sender = BlockingSender(verify=spec.verify, client_cert=spec.client_cert,
+                                     connect_timeout=spec.connect_timeout,
                                      read_timeout=spec.read_timeout)
         self._lock = threading.Lock()
         self._order = threading.Condition(self._lock)
@@ -117,9 +122,9 @@ class DataPlane:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout,
-            proxies=spec.proxies,
-            s3={"payload_signing_enabled": False,
-                **({"addressing_style": "path"} if spec.path_style else {})},
+            proxies=spec.proxies, proxies_config=spec.proxies_config,
+            client_cert=spec.client_cert,
+            s3={**spec.s3_options, "payload_signing_enabled": False},
         )
         client = botocore.session.get_session().create_client(
             "s3", endpoint_url=spec.endpoint_url, region_name=spec.region, config=config,

@@ -40,6 +40,11 @@ def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
+def _bad_certificate(exc: BaseException) -> bool:
+    # botocore's SSLError carries the ssl module's (or aiohttp's) message.
+    return isinstance(exc, SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors a retry of the same request may cure: throttling, 5xx, dropped
     connections, timeouts. False for refusals (4xx) and for programming errors."""
@@ -47,7 +52,7 @@ def is_transient(exc: BaseException) -> bool:
         return error_code(exc) in TRANSIENT_CODES or _status(exc) in _TRANSIENT_STATUS
     if isinstance(exc, SSLError):
         # A certificate that fails verification stays failed; a TLS handshake cut short does not.
-        return "CERTIFICATE_VERIFY_FAILED" not in str(exc)
+        return not _bad_certificate(exc)
     if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
         return True
     if isinstance(exc, aiohttp.ClientError):
@@ -89,6 +94,12 @@ def explain(exc: BaseException, *, bucket: str, key: str, where: str, doing: str
     }.get(code)
     if advice:
         return StorageAccessError(f"{doing} {where} was refused ({code}): {advice}.", key=key)
+    if _bad_certificate(exc):
+        return StorageAccessError(
+            f"{doing} {where} failed: the server's TLS certificate could not be verified "
+            f"({exc}). If the store uses a private certificate authority, point AWS_CA_BUNDLE "
+            "(or ca_bundle in the AWS config, or METAFLOW_S3_VERIFY_CERTIFICATE) at its CA "
+            "bundle in PEM form.", key=key)
     last = f"{type(exc).__name__}: {exc}"
     msg = (f"{doing} {where} failed after retrying: {last}" if is_transient(exc)
            else f"{doing} {where} failed: {last}")

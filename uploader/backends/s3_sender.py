@@ -13,8 +13,13 @@ requests are still built, signed and parsed by botocore (its errors, its respons
 parsing); only the bytes travel differently. Requests whose body is not a
 :class:`~uploader.backends.s3_parts.PartBody` go through botocore's own HTTP stack.
 
-Sockets are blocking (no Python-level timeout, which would poll before every send and
-hand the GIL back and forth); ``SO_SNDTIMEO``/``SO_RCVTIMEO`` bound a stalled peer instead.
+Plain sockets are blocking (no Python-level timeout, which would poll before every send
+and hand the GIL back and forth); ``SO_SNDTIMEO``/``SO_RCVTIMEO`` bound a stalled peer
+instead, and replies are read strictly (:mod:`.s3_reply`): a stall raises botocore's
+``ReadTimeoutError`` and a reply cut short ``ConnectionClosedError`` or
+``IncompleteReadError``, never a partial success. TLS sockets keep a Python-level timeout:
+OpenSSL retries a receive that ``SO_RCVTIMEO`` interrupted, forever. TLS is set up the
+way the botocore client it serves would set it up (:mod:`.s3_transport`).
 """
 
 from __future__ import annotations
@@ -32,9 +37,18 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from botocore.awsrequest import HeadersDict
-from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import (
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    SSLError,
+)
 
 from .s3_parts import PartBody
+from .s3_reply import open_reply
+from .s3_transport import ClientCert, tls_context
 
 __all__ = ["BlockingSender", "Cancelled", "sync_hook"]
 
@@ -60,9 +74,10 @@ class _Raw:
 class BlockingSender:
     """A pool of keep-alive blocking connections; :meth:`send` runs in a worker thread."""
 
-    def __init__(self, *, verify: bool | str = True, connect_timeout: float = 10,
-                 read_timeout: float = 120) -> None:
+    def __init__(self, *, verify: bool | str = True, client_cert: ClientCert = None,
+                 connect_timeout: float = 10, read_timeout: float = 120) -> None:
         self._verify = verify
+        self._client_cert = client_cert
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._idle: dict[tuple[str, str, int], list[socket.socket]] = {}
@@ -74,32 +89,35 @@ class BlockingSender:
         self.requests = 0  # sent through here, for tests and benchmarks
 
     def _context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            if self._verify is False:
-                ctx = ssl.create_default_context()
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            else:
-                ctx = ssl.create_default_context(
-                    cafile=self._verify if isinstance(self._verify, str) else None)
-            self._ssl = ctx
-        return self._ssl
+        with self._lock:
+            if self._ssl is None:
+                self._ssl = tls_context(self._verify, self._client_cert)
+            return self._ssl
 
     def _connect(self, scheme: str, host: str, port: int) -> socket.socket:
+        endpoint = f"{scheme}://{host}:{port}"
         try:
             sock = socket.create_connection((host, port), timeout=self._connect_timeout)
+        except TimeoutError as e:
+            raise ConnectTimeoutError(endpoint_url=endpoint, error=e) from e
         except OSError as e:
-            raise EndpointConnectionError(endpoint_url=f"{scheme}://{host}:{port}",
-                                          error=e) from e
+            raise EndpointConnectionError(endpoint_url=endpoint, error=e) from e
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
-                sock = self._context().wrap_socket(sock, server_hostname=host)
-            sock.settimeout(None)  # blocking: one sendall is one system call
-            whole = int(self._read_timeout)
-            tv = struct.pack("ll", whole, int((self._read_timeout - whole) * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+                try:  # the handshake, under the connect timeout
+                    sock = self._context().wrap_socket(sock, server_hostname=host)
+                except ssl.SSLError as e:  # a certificate that fails verification included
+                    raise SSLError(endpoint_url=endpoint, error=e) from e
+                except TimeoutError as e:
+                    raise ConnectTimeoutError(endpoint_url=endpoint, error=e) from e
+                sock.settimeout(self._read_timeout)
+            else:
+                sock.settimeout(None)  # blocking: one sendall is one system call
+                whole = int(self._read_timeout)
+                tv = struct.pack("ll", whole, int((self._read_timeout - whole) * 1e6))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         except BaseException:
             sock.close()
             raise
@@ -201,9 +219,14 @@ class BlockingSender:
                     continue
                 raise ConnectionClosedError(endpoint_url=url, error=e) from e
             except (TimeoutError, BlockingIOError) as e:
-                # SO_SNDTIMEO/SO_RCVTIMEO expired: EAGAIN on a blocking socket.
+                # A stalled peer: a TLS socket's timeout, or SO_SNDTIMEO/SO_RCVTIMEO (EAGAIN
+                # on a blocking socket: a send; a receive raises TimeoutError, s3_reply).
                 raise ReadTimeoutError(endpoint_url=url, error=e) from e
-            except (OSError, http.client.HTTPException) as e:
+            except http.client.IncompleteRead as e:  # a body shorter than announced
+                got = len(e.partial)
+                raise IncompleteReadError(actual_bytes=got,
+                                          expected_bytes=got + (e.expected or 0)) from e
+            except (OSError, http.client.HTTPException) as e:  # a head cut short included
                 raise ConnectionClosedError(endpoint_url=url, error=e) from e
         raise AssertionError("unreachable")
 
@@ -223,9 +246,8 @@ class BlockingSender:
                     sock.sendall(body)
                 elif sent < len(head) + len(body):
                     sock.sendall(body[sent - len(head):])
-            resp = http.client.HTTPResponse(sock, method=method)
+            resp = open_reply(sock, method)
             try:
-                resp.begin()
                 if into is not None and 200 <= resp.status < 300:
                     into(resp)
                     data = b""
@@ -249,7 +271,7 @@ def _receive(resp: http.client.HTTPResponse, view: memoryview) -> None:
     while got < len(view):
         n = resp.readinto(view[got:])
         if not n:
-            raise http.client.IncompleteRead(bytes(view[:got]), len(view) - got)
+            raise IncompleteReadError(actual_bytes=got, expected_bytes=len(view))
         got += n
 
 

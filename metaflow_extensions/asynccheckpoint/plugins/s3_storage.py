@@ -3,7 +3,9 @@
 Endpoint, certificate checking and session settings come from the same Metaflow
 settings its datastore uses (``METAFLOW_S3_ENDPOINT_URL``, ``METAFLOW_S3_VERIFY_CERTIFICATE``,
 ``METAFLOW_DATATOOLS_CLIENT_PARAMS``, ``METAFLOW_DATATOOLS_SESSION_VARS``); credentials come
-from boto's default chain (environment, profile, instance role).
+from boto's default chain (environment, profile, instance role). A ``config`` in the client
+params (timeouts, proxies, a client certificate) applies as it does to Metaflow's own
+clients, except its ``retries``: the engine retries each request itself.
 """
 
 from __future__ import annotations
@@ -33,7 +35,18 @@ def s3_backend_factory(root: str) -> BackendFactory:
     params: dict[str, Any] = dict(getattr(c, "DATATOOLS_CLIENT_PARAMS", None) or {})
     endpoint = params.pop("endpoint_url", None) or getattr(c, "S3_ENDPOINT_URL", None)
     region = params.pop("region_name", None)
-    params.pop("config", None)  # the backend sets its own: no retries below ours
+    config = params.pop("config", None)
+    if isinstance(config, dict):  # as Metaflow's own clients take it
+        from botocore.config import Config
+
+        try:
+            config = Config(**config)
+        except TypeError as e:
+            raise CheckpointConfigException(
+                f"the 'config' in METAFLOW_DATATOOLS_CLIENT_PARAMS is not a botocore client "
+                f"config: {e}") from e
+    if config is not None:
+        params["config"] = config  # merged into the backend's own, which keeps its retries
     session_vars: dict[str, Any] = dict(getattr(c, "DATATOOLS_SESSION_VARS", None) or {})
 
     def factory(ctx: TransferContext) -> Any:

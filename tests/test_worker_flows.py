@@ -78,9 +78,9 @@ def test_worker_stopped_is_killed_after_its_deadline_and_the_checkpoint_commits(
         s3_env: dict[str, str], s3_server: Any, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     os.mkfifo(gate)
-    # A deadline of about a second for a 5 MiB part: the settings, not a sleep.
+    # A deadline of about three seconds for a 5 MiB part: the settings, not a sleep.
     flow = _start(tmp_path, s3_env, "gate", WORKER_FLOW_GATE=str(gate),
-                  METAFLOW_CHECKPOINT_WORKER_TIMEOUT="1",
+                  METAFLOW_CHECKPOINT_WORKER_TIMEOUT="3",
                   METAFLOW_CHECKPOINT_WORKER_MIN_RATE="1GiB")
     worker = -1
     try:

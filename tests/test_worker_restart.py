@@ -61,8 +61,9 @@ def anyio_backend() -> str:
 
 SMALL = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB, "upload_concurrency": 4,
          "uploader": UploaderMode.PROCESS}
-# A deadline of about a second for a 5 MiB part: set through the settings, never waited for.
-TIGHT = {"worker_timeout": 1.0, "worker_min_rate": GiB}
+# A deadline of about two seconds for a 5 MiB part (a busy machine's requests take well
+# under that): set through the settings, never waited for otherwise.
+TIGHT = {"worker_timeout": 2.0, "worker_min_rate": GiB}
 
 
 def _backend(endpoint: str, log: list[str], **settings: Any) -> S3Backend:
@@ -147,7 +148,8 @@ async def test_a_stopped_worker_is_killed_at_its_deadline_and_gives_its_slots_ba
                     await anyio.sleep(0.01)
                 # Needs a slot the stopped worker's requests hold until it is killed.
                 tg.start_soon(_list_into, b, keys)
-        assert _worker_pid(b) != stopped
+        now = _plane(b).worker
+        assert now is None or now.pid != stopped
     finally:
         await b.aclose()
     assert gone_within(stopped, 10)  # killed (a stopped process dies of SIGKILL) and reaped

@@ -181,6 +181,7 @@ class ProcessPlane:
                 return self._fallback
             w = self._worker
             if w is not None and w.alive:
+                await self._started(w)
                 return w
             async with self._lock:
                 if self._closed:
@@ -196,6 +197,17 @@ class ProcessPlane:
             self._died(f"the upload worker process could not be started ({e})", 0)
             raise WorkerGone(f"the upload worker process could not be started: {e}") from e
         self._workers.append(self._worker)
+
+    async def _started(self, worker: WorkerProcess) -> None:
+        """Wait until ``worker`` has set itself up (a fresh interpreter's imports are no
+        request's time), killing it if that takes longer than a request may."""
+        if not worker.ready.done():
+            limit = max(self._timeout, 30.0)
+            with anyio.move_on_after(limit):
+                await asyncio.shield(worker.ready)
+            if not worker.ready.done():
+                worker.kill(f"did not start within {limit:.3g} s")
+        worker.ready.result()  # raises WorkerGone if it died first
 
     def _on_exit(self, worker: WorkerProcess, how: str, held: int) -> None:
         if not self._closed:

@@ -157,6 +157,7 @@ class WorkerProcess:
         self._transports: list[asyncio.BaseTransport] = []
         self._burial: asyncio.Task[None] | None = None
         self._stderr: _Lines | None = None
+        self.ready: asyncio.Future[Any]  # settles once the worker has set itself up
 
     @classmethod
     async def start(cls, spec: ClientSpec, threads: int, *, log: Callable[[str], None],
@@ -202,7 +203,7 @@ class WorkerProcess:
             proc.kill()
             threading.Thread(target=proc.wait, daemon=True).start()
             raise
-        self._write(("init", 0, (spec, threads)))
+        self.ready = self.submit("init", (spec, threads))
         return self
 
     @property
@@ -249,8 +250,13 @@ class WorkerProcess:
                 fut.set_exception(value)
 
     def _close_pipes(self) -> None:
-        for t in self._transports[:2]:  # requests and replies; stderr runs to its end
-            t.abort() if isinstance(t, asyncio.WriteTransport) else t.close()
+        # Requests (dropping what is buffered) and replies; stderr runs to its own end.
+        # A write pipe closed by its reader is closing already, and abort() would then end
+        # its connection a second time.
+        if self._requests is not None and not self._requests.is_closing():
+            self._requests.abort()
+        for t in self._transports[1:2]:
+            t.close()
 
     def _lost(self) -> None:
         # A pipe closed: the worker is exiting. Reap it before telling anyone, so what is
@@ -371,6 +377,7 @@ def serve(in_fd: int, out_fd: int) -> None:
                 spec, threads = arg
                 plane = DataPlane(spec)
                 pool = concurrent.futures.ThreadPoolExecutor(threads + 2, "s3-part")
+                reply(req_id, True, None)
                 continue
             assert plane is not None and pool is not None, "init comes first"
             if op == "run":

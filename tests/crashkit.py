@@ -4,6 +4,11 @@ Run as ``python crashkit.py '<json config>'``. It prints ``READY`` once its engi
 ``COMMITTED <i>`` once save ``i`` is durable (``wait()`` returned), and at the end
 ``OPS <n>`` (the operations it counted) and ``DONE``. With ``kill_op`` set it SIGKILLs
 itself at that operation: before or after a backend request, a rename or an fsync.
+
+On S3 it can SIGKILL its upload worker process instead, and go on: at the operations in
+``kill_worker_ops``, and ``kill_worker_after`` seconds after ``READY``. Each such kill prints
+``WORKER_KILLED <pid> <requests it held>`` (or ``WORKER_KILLED none`` when no worker was
+running then), and the end ``PLANE threads`` if the uploads had fallen back to threads.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import os
 import random
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +53,8 @@ def engine_for(cfg: dict[str, Any], tmp: Path) -> Any:
     from treekit import local_engine, s3_engine
 
     settings = {"part_size": 5 * MiB, "multipart_threshold": 5 * MiB,
-                "upload_concurrency": 4, "max_pending": 2, "max_attempts": 3,
-                "retry_deadline": 30.0}
+                "upload_concurrency": 4, "max_pending": 2,
+                "max_attempts": cfg.get("max_attempts", 3), "retry_deadline": 30.0}
     if cfg["kind"] == "local":
         return local_engine(tmp, **settings)
     from s3server import S3Server
@@ -57,16 +64,46 @@ def engine_for(cfg: dict[str, Any], tmp: Path) -> Any:
 
 
 class Killer:
-    """Counts operations; SIGKILLs this process at operation ``at`` (never if None)."""
+    """Counts operations; SIGKILLs this process at operation ``at`` (never if None), and
+    its upload worker at the operations in ``worker_at``."""
 
-    def __init__(self, at: int | None) -> None:
+    def __init__(self, at: int | None, worker_at: set[int] | None = None,
+                 backend: Any = None) -> None:
         self.at = at
+        self.worker_at = worker_at or set()
+        self.backend = backend
         self.count = 0
+        self._lock = threading.Lock()
 
     def tick(self) -> None:
         self.count += 1
         if self.count == self.at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.count in self.worker_at:
+            self.kill_worker()
+
+    def kill_worker(self) -> None:
+        with self._lock:  # from the timer thread and the loop's thread alike
+            plane = getattr(self.backend, "_plane", None)
+            worker = None if plane is None else plane.worker
+            if worker is None:
+                print("WORKER_KILLED none", flush=True)
+                return
+            held = worker.held
+            os.kill(worker.pid, signal.SIGKILL)
+            print(f"WORKER_KILLED {worker.pid} {held}", flush=True)
+
+    def kill_worker_after(self, delays: list[float]) -> None:
+        """Kill the worker at each of ``delays`` (seconds from now), in a thread."""
+        start = time.monotonic()
+
+        def run() -> None:
+            for delay in sorted(delays):
+                # The seeded kill moments themselves, not a wait for anything.
+                time.sleep(max(0.0, start + delay - time.monotonic()))
+                self.kill_worker()
+
+        threading.Thread(target=run, daemon=True).start()
 
     def wrap_sync(self, owner: Any, name: str) -> None:
         real = getattr(owner, name)
@@ -99,8 +136,8 @@ def main() -> None:
     from uploader import Scope
 
     engine = engine_for(cfg, tmp)
-    killer = Killer(cfg.get("kill_op"))
     backend = engine.backend
+    killer = Killer(cfg.get("kill_op"), set(cfg.get("kill_worker_ops", ())), backend)
     for name in ("put_file", "put_bytes"):
         killer.wrap_async(backend, name)
     for name in ("replace", "fsync"):
@@ -108,6 +145,8 @@ def main() -> None:
     staging = tmp / "staging"
     scope = Scope(*SCOPE_ARGS)
     print("READY", flush=True)
+    if cfg.get("kill_worker_after"):
+        killer.kill_worker_after(cfg["kill_worker_after"])
     handles = []
     for i in range(cfg["saves"]):
         for name, data in expected(i).items():
@@ -126,6 +165,9 @@ def main() -> None:
     for i_done, h in handles:
         h.wait(120)
         print(f"COMMITTED {i_done}", flush=True)
+    plane = getattr(backend, "_plane", None)
+    if getattr(plane, "in_threads", False):
+        print("PLANE threads", flush=True)
     engine.close()
     print(f"OPS {killer.count}", flush=True)
     print("DONE", flush=True)

@@ -10,6 +10,11 @@ After each kill a new process, as a new attempt would, checks the store:
 - the newest committed one is what "latest" picks, and it loads, verified.
 
 A few trials per backend run by default; ``pytest -m slow`` runs 30 per backend.
+
+On S3 a second harness kills the child's upload worker process instead, one to four times
+at seeded points (operations or moments), and lets the child go on: every save must still
+commit (on a new worker, or in threads after repeated deaths), and everything committed
+must load byte for byte.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ HERE = Path(__file__).parent
 SAVES = 3
 SLOW_TRIALS = 30
 QUICK_TRIALS = 3
+QUICK_WORKER_TRIALS = 2
 
 
 @dataclass
@@ -92,26 +98,37 @@ def check_store(engine: Engine, tmp: Path, claimed: set[int]) -> int:
     return len(entries)
 
 
-def harness(kind: str, trials: int, tmp: Path, s3_server: Any = None) -> Tally:
-    def setup(name: str) -> tuple[dict[str, Any], Path]:
-        where = tmp / name
-        where.mkdir()
-        cfg: dict[str, Any] = {"kind": kind, "tmp": str(where), "saves": SAVES,
-                               "run_id": name}
-        if kind == "s3":
-            cfg.update(endpoint=s3_server.endpoint, bucket=fresh_bucket(s3_server))
-        return cfg, where
+def _setup(kind: str, tmp: Path, name: str, s3_server: Any) -> tuple[dict[str, Any], Path]:
+    where = tmp / name
+    where.mkdir()
+    cfg: dict[str, Any] = {"kind": kind, "tmp": str(where), "saves": SAVES, "run_id": name}
+    if kind == "s3":
+        cfg.update(endpoint=s3_server.endpoint, bucket=fresh_bucket(s3_server))
+    return cfg, where
 
-    def reader(cfg: dict[str, Any], where: Path) -> Engine:
-        if kind == "local":
-            return local_engine(where)  # the same store the child wrote
-        return s3_engine(s3_server, where / "reader", cfg["bucket"])
 
-    # One run without a kill: how many operations and how long a whole run takes.
-    cfg, where = setup("calibrate")
+def _reader(kind: str, cfg: dict[str, Any], where: Path, s3_server: Any) -> Engine:
+    if kind == "local":
+        return local_engine(where)  # the same store the child wrote
+    return s3_engine(s3_server, where / "reader", cfg["bucket"])
+
+
+def _calibrate(kind: str, tmp: Path, s3_server: Any) -> tuple[int, float]:
+    """One run without a kill: how many operations and how long a whole run takes."""
+    cfg, _ = _setup(kind, tmp, "calibrate", s3_server)
     code, lines, whole_s = run_child(cfg)
     assert code == 0 and "DONE" in lines, lines
-    ops = int(next(line.split()[1] for line in lines if line.startswith("OPS")))
+    return int(next(line.split()[1] for line in lines if line.startswith("OPS"))), whole_s
+
+
+def harness(kind: str, trials: int, tmp: Path, s3_server: Any = None) -> Tally:
+    def setup(name: str) -> tuple[dict[str, Any], Path]:
+        return _setup(kind, tmp, name, s3_server)
+
+    def reader(cfg: dict[str, Any], where: Path) -> Engine:
+        return _reader(kind, cfg, where, s3_server)
+
+    ops, whole_s = _calibrate(kind, tmp, s3_server)
     tally = Tally()
     for trial in range(trials):
         rng = random.Random(f"{kind}-{trial}")
@@ -145,6 +162,59 @@ def assert_meaningful(tally: Tally, trials: int) -> None:
         assert any(n < SAVES for n in tally.committed_seen)
 
 
+@dataclass
+class WorkerTally:
+    trials: int = 0
+    by_op: int = 0
+    by_time: int = 0
+    kills: int = 0  # worker processes killed
+    mid_request: int = 0  # of those, killed while holding requests
+    fell_back: int = 0  # trials whose uploads ended in threads
+
+
+def worker_harness(trials: int, tmp: Path, s3_server: Any) -> WorkerTally:
+    ops, whole_s = _calibrate("s3", tmp, s3_server)
+    tally = WorkerTally()
+    for trial in range(trials):
+        rng = random.Random(f"worker-{trial}")
+        cfg, where = _setup("s3", tmp, f"w{trial}", s3_server)
+        cfg["max_attempts"] = 8  # the default policy: three deaths never spend it
+        kills = rng.randint(1, 4)
+        if rng.random() < 0.5:
+            cfg["kill_worker_ops"] = sorted(rng.sample(range(1, ops + 1), min(kills, ops)))
+            tally.by_op += 1
+        else:
+            cfg["kill_worker_after"] = sorted(rng.uniform(0.0, whole_s) for _ in range(kills))
+            tally.by_time += 1
+        code, lines, _ = run_child(cfg)
+        # Killing the worker never kills the task, and every save still commits.
+        assert code == 0 and "DONE" in lines, (cfg, lines)
+        claimed = {int(line.split()[1]) for line in lines if line.startswith("COMMITTED")}
+        assert claimed == set(range(SAVES)), (cfg, lines)
+        killed = [line.split() for line in lines
+                  if line.startswith("WORKER_KILLED") and line != "WORKER_KILLED none"]
+        tally.trials += 1
+        tally.kills += len(killed)
+        tally.mid_request += sum(int(k[2]) > 0 for k in killed)
+        tally.fell_back += "PLANE threads" in lines
+        engine = _reader("s3", cfg, where, s3_server)
+        try:
+            assert check_store(engine, where, claimed) == SAVES
+        finally:
+            engine.close()
+    print(f"\nworker kills: {tally}")
+    return tally
+
+
+def assert_worker_kills_meaningful(tally: WorkerTally, trials: int) -> None:
+    assert tally.trials == trials
+    assert tally.kills >= 1 and tally.mid_request >= 1
+    if trials >= 10:
+        assert tally.kills >= trials
+        assert tally.mid_request >= trials // 3
+        assert tally.fell_back >= 1
+
+
 def test_crashes_never_expose_incomplete_checkpoints_locally(tmp_path: Path) -> None:
     assert_meaningful(harness("local", QUICK_TRIALS, tmp_path), QUICK_TRIALS)
 
@@ -164,3 +234,16 @@ def test_thirty_crashes_locally(tmp_path: Path) -> None:
 @pytest.mark.s3
 def test_thirty_crashes_on_s3(s3_server: Any, tmp_path: Path) -> None:
     assert_meaningful(harness("s3", SLOW_TRIALS, tmp_path, s3_server), SLOW_TRIALS)
+
+
+@pytest.mark.s3
+def test_worker_kills_never_lose_a_save(s3_server: Any, tmp_path: Path) -> None:
+    assert_worker_kills_meaningful(worker_harness(QUICK_WORKER_TRIALS, tmp_path, s3_server),
+                                   QUICK_WORKER_TRIALS)
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_thirty_worker_kills_on_s3(s3_server: Any, tmp_path: Path) -> None:
+    assert_worker_kills_meaningful(worker_harness(SLOW_TRIALS, tmp_path, s3_server),
+                                   SLOW_TRIALS)

@@ -64,6 +64,11 @@ class Settings:
     # GIL, the worker process kept the upload at full speed and the loop at the speed it
     # has with the same upload done by an unrelated process; threads lost both.
     uploader: UploaderMode = UploaderMode.PROCESS
+    # The upload worker process is killed and replaced when a request goes unanswered for
+    # worker_timeout seconds (0: the S3 client's connect plus read timeout) plus the time
+    # the request's bytes need with the whole upload running at worker_min_rate bytes/s.
+    worker_timeout: float = 0.0
+    worker_min_rate: int = 2 * MiB
     # Seconds a rank of a gang waits, as it starts, for rank 0 to choose the gang
     # checkpoint every rank resumes from (see uploader.gang).
     gang_timeout: float = 900.0
@@ -134,6 +139,10 @@ _FIELDS: dict[str, _Field] = {
                                 "seconds, 0.01..3600"),
     "UPLOADER": _Field("uploader", lambda s: UploaderMode(s.strip().lower()), lambda v: True,
                        "one of thread, process"),
+    "WORKER_TIMEOUT": _Field("worker_timeout", float, _float_in(0, 86400),
+                             "seconds, 0..86400 (0: the S3 client's connect and read timeouts)"),
+    "WORKER_MIN_RATE": _Field("worker_min_rate", parse_size, _int_in(1 * KiB, 100 * GiB),
+                              "a size per second from 1KiB to 100GiB, e.g. 2MiB"),
     "GANG_TIMEOUT": _Field("gang_timeout", float, _float_in(1, 86400), "seconds, 1..86400"),
 }
 

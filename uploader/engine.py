@@ -380,6 +380,7 @@ class Engine:
             settings=s,
             limiter=anyio.CapacityLimiter(s.upload_concurrency),
             retry=RetryPolicy(max_attempts=s.max_attempts, deadline=s.retry_deadline),
+            log=self._log,
         )
         self._ctx = ctx
         return self._backend_factory(ctx)

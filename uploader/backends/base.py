@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import anyio
@@ -37,6 +37,9 @@ class TransferContext:
     settings: Settings
     limiter: anyio.CapacityLimiter  # one slot per request in flight, across all files
     retry: RetryPolicy
+    # Where a backend says what the user should know of (a replaced upload worker, say):
+    # the engine's log, so the task's log.
+    log: Callable[[str], None] = print
 
 
 class Backend(Protocol):

@@ -8,7 +8,7 @@ own, so a failed part re-sends that part only and the two layers never multiply.
 Memory and file descriptors are bounded by the shared limiter: a part's buffer exists,
 and its file is open, only while its request holds a limiter slot, and the slot is taken
 *before* the part is read. Each request goes to a data plane (:mod:`.s3_dataplane`, in
-worker threads or a worker process, :mod:`.s3_worker`, as ``Settings.uploader`` says),
+worker threads or a worker process, :mod:`.s3_planes`, as ``Settings.uploader`` says),
 which reads the part once, feeds the file's running SHA-256 in part order, computes the
 part's CRC32 and sends it as ``ChecksumCRC32`` (S3 verifies it, so the body itself is not
 signed: ``UNSIGNED-PAYLOAD``), and writes the body with one system call
@@ -56,9 +56,9 @@ from .s3_errors import (
     is_transient,
 )
 from .s3_parts import InOrderDigest, checksum_of
+from .s3_planes import Plane, ProcessPlane, ThreadPlane
 from .s3_sender import BlockingSender, SignedGets
 from .s3_transport import tls_context, transport_of
-from .s3_worker import Plane, ProcessPlane, ThreadPlane
 
 __all__ = ["S3Backend", "is_transient", "part_size_for"]
 
@@ -210,9 +210,11 @@ class S3Backend:
                                    connect_timeout=spec.connect_timeout,
                                    read_timeout=spec.read_timeout),
                     base_url=base[:-1], region=str(client.meta.region_name))
-        threads = self._ctx.settings.upload_concurrency
-        self._plane = (ProcessPlane(spec, threads)
-                       if self._ctx.settings.uploader is UploaderMode.PROCESS
+        settings = self._ctx.settings
+        threads = settings.upload_concurrency
+        self._plane = (ProcessPlane(spec, threads, timeout=settings.worker_timeout,
+                                    min_rate=settings.worker_min_rate, log=self._ctx.log)
+                       if settings.uploader is UploaderMode.PROCESS
                        else ThreadPlane(spec, threads))
         return client
 
@@ -331,6 +333,7 @@ class S3Backend:
         file_id = next(self._ids)
         try:
             done: dict[int, dict[str, Any]] = {}
+            spans: dict[int, tuple[int, int]] = {}  # part number -> (offset, length)
             limiter = self._ctx.limiter
 
             async def send(number: int, offset: int, length: int, token: object) -> None:
@@ -346,15 +349,18 @@ class S3Backend:
             try:
                 async with anyio.create_task_group() as tg:
                     for number, offset in enumerate(range(0, size, part_size), start=1):
+                        spans[number] = (offset, min(part_size, size - offset))
                         token = object()
                         # Taken in part order, before the part is read: bounds memory and
                         # open files, and the data plane hashes parts in this order.
                         await limiter.acquire_on_behalf_of(token)
-                        tg.start_soon(send, number, offset, min(part_size, size - offset), token)
+                        tg.start_soon(send, number, *spans[number], token)
             except BaseExceptionGroup as eg:
                 raise first_error(eg) from None
-            digest = await plane.file_digest(file_id)
-            await self._complete(okey, upload_id, [done[n] for n in sorted(done)], size)
+            parts = [done[n] for n in sorted(done)]
+            digest = await plane.file_digest(file_id, path=path, parts=[
+                (*spans[p["PartNumber"]], p["ChecksumCRC32"]) for p in parts])
+            await self._complete(okey, upload_id, parts, size)
         except BaseException:
             with anyio.move_on_after(60, shield=True):
                 await plane.drop_file(file_id)

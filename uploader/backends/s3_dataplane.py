@@ -69,7 +69,10 @@ class PartJob:
     length: int
     upload_id: str | None = None
     part_number: int = 1
-    file_id: int = 0  # parts of one file share a running whole-file SHA-256
+    # Parts of one file share a running whole-file SHA-256 in the plane that runs them; 0 for
+    # none (a part of a file whose digest was lost with a worker process: the coordinator
+    # hashes that file again, from the part checksums, once its parts are sent).
+    file_id: int = 0
     expect: str | None = None  # the checksum an earlier attempt read: a retry must match it
 
 
@@ -182,7 +185,7 @@ class DataPlane:
                            "rewritten while being uploaded?")
 
     def _read_in_order(self, job: PartJob) -> PartBody:
-        if job.expect is not None:  # a retry: the digest has these bytes already
+        if job.expect is not None or not job.file_id:  # a retry, or no running digest
             body = read_part(job.path, job.offset, job.length, _NoDigest, self._pool)
             try:
                 self._same_bytes(job, body.checksum)

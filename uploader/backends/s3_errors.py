@@ -18,8 +18,8 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..errors import CheckpointError, StorageAccessError, UploadError
 
-__all__ = ["NOT_FOUND", "TRANSIENT_CODES", "error_code", "explain", "is_storage_error",
-           "is_transient"]
+__all__ = ["NOT_FOUND", "TRANSIENT_CODES", "WorkerGone", "error_code", "explain",
+           "is_storage_error", "is_transient"]
 
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 TRANSIENT_CODES = frozenset({
@@ -30,6 +30,12 @@ NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
 _CREDENTIALS_ADVICE = ("check the AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                        "or AWS_PROFILE) and, for an S3-compatible server, "
                        "METAFLOW_S3_ENDPOINT_URL")
+
+
+class WorkerGone(RuntimeError):
+    """Raised by the upload worker process's planes (:mod:`.s3_worker`) for a request the
+    worker process was holding when it exited, was killed, or stopped answering. Transient:
+    the request is retried on a new worker process (or, after repeated deaths, in threads)."""
 
 
 def error_code(exc: ClientError) -> str:
@@ -53,7 +59,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, SSLError):
         # A certificate that fails verification stays failed; a TLS handshake cut short does not.
         return not _bad_certificate(exc)
-    if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError, WorkerGone)):
         return True
     if isinstance(exc, aiohttp.ClientError):
         return not isinstance(exc, (aiohttp.InvalidURL, ssl.SSLCertVerificationError,
@@ -66,7 +72,7 @@ def is_storage_error(exc: BaseException) -> bool:
     # Errors from talking to the store; anything else (a local file shrinking, a bug)
     # propagates as it is, so the engine can tell a torn file from a failed upload.
     return isinstance(exc, (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError,
-                            asyncio.TimeoutError, ConnectionError))
+                            asyncio.TimeoutError, ConnectionError, WorkerGone))
 
 
 

@@ -17,9 +17,11 @@ import hashlib
 import os
 import threading
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["BufferPool", "InOrderDigest", "PartBody", "checksum_of", "read_part"]
+__all__ = ["BufferPool", "InOrderDigest", "PartBody", "checksum_of", "digest_of_parts",
+           "read_part"]
 
 _CHUNK = 4 * 1024 * 1024  # reading back ranges to hash them
 
@@ -126,6 +128,37 @@ def read_part(path: str, offset: int, length: int, file_digest: Any,
         body.release()
         raise
     return body
+
+
+def digest_of_parts(path: str, parts: Sequence[tuple[int, int, str]]) -> str:
+    """The SHA-256 of ``path``'s bytes read back part by part, ``parts`` being the
+    ``(offset, length, crc32)`` of each part as it was uploaded, in order.
+
+    For a file whose running digest was lost with an upload worker process. Each part's
+    bytes must still have the CRC32 they were sent with, so the digest is the digest of
+    what was stored; raises EOFError (the file was rewritten: torn) where one does not.
+    Runs in a worker thread; reads through one small buffer.
+    """
+    digest = hashlib.sha256()
+    buf = memoryview(bytearray(_CHUNK))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, length, expected in parts:
+            crc, pos, end = 0, offset, offset + length
+            while pos < end:
+                n = os.preadv(fd, [buf[:min(_CHUNK, end - pos)]], pos)
+                if n == 0:
+                    raise EOFError(f"{path}: file ended at byte {pos}, expected {end} bytes: "
+                                   "was it truncated while being uploaded?")
+                digest.update(buf[:n])
+                crc = zlib.crc32(buf[:n], crc)
+                pos += n
+            if base64.b64encode(crc.to_bytes(4, "big")).decode("ascii") != expected:
+                raise EOFError(f"{path}: bytes {offset}..{end} changed after they were "
+                               "uploaded: was the file rewritten while being uploaded?")
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 class InOrderDigest:

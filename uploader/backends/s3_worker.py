@@ -1,21 +1,26 @@
-"""Where the data plane runs: worker threads of this process, or a spawned worker process.
+"""The upload worker process: the code it runs, and the task's handle on one.
 
-The coordinator (the S3 backend, on the engine's event loop) hands each request to a
-*plane* and awaits its :class:`~.s3_dataplane.Outcome`:
+A worker is a fresh interpreter started with ``subprocess`` (never a fork of the task: no
+copy of the training state, of CUDA, or of locks held by other threads). It runs
+:class:`~.s3_dataplane.DataPlane` in a thread pool, reads requests from one pipe and
+answers on another, in pickled frames. :class:`WorkerProcess` is the task's side of one
+such process, on the engine's event loop; :class:`~.s3_planes.ProcessPlane` replaces it
+when it dies or stops answering.
 
-- :class:`ThreadPlane` runs :class:`~.s3_dataplane.DataPlane` in worker threads of the
-  task's process. Each part costs the GIL a handful of times (a thread hop, the read, two
-  hashes, the send, the reply).
-- :class:`ProcessPlane` runs it in a child process started with ``subprocess`` (a fresh
-  interpreter, never a fork of the task: no copy of the training state, of CUDA, or of
-  locks held by other threads), fed over a pipe. The task's process then spends one pipe
-  write and one read per request, and the bytes never cross its GIL.
+It dies with the task, however the task ends:
 
-Either way retries, aborts and the commit stay with the coordinator. A worker process
-reads requests until its input pipe closes, so it ends with the task's process however that
-ends; it ignores SIGINT and SIGTERM, which the task handles (a drain needs the worker).
+- It holds none of the task's descriptors but its pipes: stdin and stdout are
+  ``/dev/null``, and what it writes to stderr (a traceback) reaches the task's log through
+  the coordinator. A task that dies therefore closes its stdout and stderr at once, which
+  is how Metaflow notices that a task died and starts its retry.
+- On Linux it asks for SIGKILL when the thread that started it (the engine's loop thread)
+  ends (``PR_SET_PDEATHSIG``), so a SIGKILLed task takes it along at once.
+- It exits when its input pipe closes, without finishing the requests it holds: whoever
+  would read their replies is gone or has given up on them.
 
-    python -m uploader.backends.s3_worker IN_FD OUT_FD   # started by ProcessPlane only
+It ignores SIGINT and SIGTERM, which the task handles (a drain needs the worker).
+
+    python -m uploader.backends.s3_worker IN_FD OUT_FD PARENT_PID   # by WorkerProcess only
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import itertools
 import os
 import pickle
@@ -31,90 +37,20 @@ import struct
 import subprocess
 import sys
 import threading
-import weakref
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 import anyio.to_thread
 
-from .s3_dataplane import ClientSpec, DataPlane, Outcome, PartJob
-from .s3_sender import Cancelled
+from .s3_dataplane import ClientSpec, DataPlane, PartJob
+from .s3_errors import WorkerGone
 
-__all__ = ["Plane", "ProcessPlane", "ThreadPlane", "WorkerGone"]
+__all__ = ["WorkerGone", "WorkerProcess", "describe_exit"]
 
 _HEADER = struct.Struct(">I")
-_planes: weakref.WeakSet[ProcessPlane] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # A forked child (a DataLoader worker) must not hold the parent's pipes open: the
-    # worker ends when its input closes, which would then wait for every such child.
-    for plane in list(_planes):
-        plane._forget_parent()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class WorkerGone(RuntimeError):
-    """Raised by :class:`ProcessPlane` for requests in flight when its worker process exits."""
-
-
-class Plane(Protocol):
-    async def run(self, job: PartJob) -> Outcome: ...
-
-    async def file_digest(self, file_id: int) -> str: ...
-
-    async def drop_file(self, file_id: int) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-class ThreadPlane:
-    """The data plane in worker threads of this process (at most ``threads`` at once)."""
-
-    def __init__(self, spec: ClientSpec, threads: int) -> None:
-        self.plane = DataPlane(spec)
-        self._threads = anyio.CapacityLimiter(threads)
-
-    async def run(self, job: PartJob) -> Outcome:
-        lock, finished = threading.Lock(), threading.Event()
-        phase = "queued"
-
-        def work() -> Outcome:
-            nonlocal phase
-            with lock:
-                if phase == "cancelled":
-                    return Outcome(error=Cancelled(f"request {job.job_id} was cancelled"))
-                phase = "running"
-            try:
-                return self.plane.run(job)
-            finally:
-                finished.set()
-
-        try:
-            return await anyio.to_thread.run_sync(work, abandon_on_cancel=True,
-                                                  limiter=self._threads)
-        except anyio.get_cancelled_exc_class():
-            with lock:
-                running = phase == "running"
-                phase = "running" if running else "cancelled"
-            if running:
-                # Cut its connection so the thread returns now, and wait for it: its buffer
-                # must be gone before the limiter slot it was read under is given back.
-                self.plane.cancel(job.job_id)
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(finished.wait)
-            raise
-
-    async def file_digest(self, file_id: int) -> str:
-        return self.plane.file_digest(file_id)
-
-    async def drop_file(self, file_id: int) -> None:
-        self.plane.drop_file(file_id)
-
-    async def aclose(self) -> None:
-        self.plane.close()
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_MAX_LINE = 64 * 1024  # a stderr line longer than this is logged in pieces
 
 
 def _frame(obj: object) -> bytes:
@@ -122,11 +58,27 @@ def _frame(obj: object) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
+def describe_exit(code: int | None) -> str:
+    """How a worker process ended, from its return code, as a sentence's predicate."""
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (as the out-of-memory killer does)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {code}"
+
+
+# -- the task's side -------------------------------------------------------------------------
+
 class _Replies(asyncio.Protocol):
     """Reads the worker's reply frames on the event loop and settles their futures."""
 
-    def __init__(self, plane: ProcessPlane) -> None:
-        self._plane = plane
+    def __init__(self, worker: WorkerProcess) -> None:
+        self._worker = worker
         self._buf = bytearray()
 
     def data_received(self, data: bytes) -> None:
@@ -137,43 +89,80 @@ class _Replies(asyncio.Protocol):
                 return
             req_id, ok, value = pickle.loads(self._buf[_HEADER.size:_HEADER.size + n])
             del self._buf[:_HEADER.size + n]
-            self._plane._settle(req_id, ok, value)
+            self._worker._settle(req_id, ok, value)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._plane._gone()
+        self._worker._lost()
 
 
-class ProcessPlane:
-    """The data plane in a spawned worker process, started at the first request."""
+class _Requests(asyncio.Protocol):
+    """The request pipe's write side: it closes when the worker's end does."""
 
-    def __init__(self, spec: ClientSpec, threads: int) -> None:
-        self._spec = spec
-        self._threads = threads
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._out = -1  # our end of the request pipe
-        self._transport: asyncio.BaseTransport | None = None
+    def __init__(self, worker: WorkerProcess) -> None:
+        self._worker = worker
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._worker._lost()
+
+
+class _Lines(asyncio.Protocol):
+    """The worker's stderr, line by line, into the task's log."""
+
+    def __init__(self, log: Callable[[str], None], pid: int) -> None:
+        self._log, self._pid = log, pid
+        self._buf = bytearray()
+        self.ended = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        while (end := self._buf.find(b"\n")) >= 0 or len(self._buf) > _MAX_LINE:
+            cut = end if end >= 0 else _MAX_LINE
+            self._say(bytes(self._buf[:cut]))
+            del self._buf[:cut + (end >= 0)]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._buf:
+            self._say(bytes(self._buf))
+            self._buf.clear()
+        self.ended.set()
+
+    def _say(self, line: bytes) -> None:
+        with contextlib.suppress(Exception):  # a log that fails must not stop the loop
+            self._log(f"upload worker (pid {self._pid}): "
+                      f"{line.decode('utf-8', 'replace').rstrip()}")
+
+
+ExitHook = Callable[["WorkerProcess", str, int], None]
+
+
+class WorkerProcess:
+    """The task's handle on one worker process, used on the engine's event loop only.
+
+    Requests go in with :meth:`submit`, whose future settles with the worker's reply. When
+    the worker exits (or is killed with :meth:`kill`) every request it held fails with
+    :class:`WorkerGone`, the process is reaped, and ``on_exit(worker, how, held)`` is
+    called once, ``how`` saying what became of it and ``held`` how many requests it held.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], req_fd: int, *,
+                 on_exit: ExitHook) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+        self._req_fd = req_fd  # our end of the request pipe, owned by self._requests
+        self._on_exit = on_exit
+        self._state = "alive"  # then "exiting" (reaping), "dead", or "closed" (by aclose)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
-        self._lock = anyio.Lock()
-        _planes.add(self)
+        self._requests: asyncio.WriteTransport | None = None
+        self._transports: list[asyncio.BaseTransport] = []
+        self._burial: asyncio.Task[None] | None = None
+        self._stderr: _Lines | None = None
+        self.ready: asyncio.Future[Any]  # settles once the worker has set itself up
 
-    def _forget_parent(self) -> None:
-        # Only the request pipe's write end: the reply pipe still belongs to the parent's
-        # event loop (a copy of it, never run here), which may close it one day.
-        if self._out >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._out)
-        self._out = -1
-        self._proc, self._pending = None, {}
-
-    async def _ensure(self) -> None:
-        if self._proc is not None:
-            return
-        async with self._lock:
-            if self._proc is None:
-                await self._start()
-
-    async def _start(self) -> None:
+    @classmethod
+    async def start(cls, spec: ClientSpec, threads: int, *, log: Callable[[str], None],
+                    on_exit: ExitHook) -> WorkerProcess:
+        """Start a worker process for ``spec`` with ``threads`` request threads."""
         req_r, req_w = os.pipe()
         rep_r, rep_w = os.pipe()
         # The worker imports this package the way this process did, wherever it came from.
@@ -182,27 +171,75 @@ class ProcessPlane:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "uploader.backends.s3_worker", str(req_r), str(rep_w)],
-                pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, env=env,
-                close_fds=True)
+                [sys.executable, "-m", "uploader.backends.s3_worker", str(req_r), str(rep_w),
+                 str(os.getpid())],
+                pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, env=env, close_fds=True)
         except BaseException:
             for fd in (req_r, req_w, rep_r, rep_w):
                 os.close(fd)
             raise
         os.close(req_r)
         os.close(rep_w)
-        os.set_blocking(req_w, True)
+        self = cls(proc, req_w, on_exit=on_exit)
         loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.connect_read_pipe(
-            lambda: _Replies(self), os.fdopen(rep_r, "rb", buffering=0))
-        self._proc, self._out = proc, req_w
-        self._write(("init", 0, (self._spec, self._threads)))
+        files = [os.fdopen(req_w, "wb", buffering=0), os.fdopen(rep_r, "rb", buffering=0)]
+        try:
+            requests, _ = await loop.connect_write_pipe(lambda: _Requests(self), files[0])
+            self._requests = requests
+            self._transports.append(requests)
+            replies, _ = await loop.connect_read_pipe(lambda: _Replies(self), files[1])
+            self._transports.append(replies)
+            assert proc.stderr is not None
+            errors, self._stderr = await loop.connect_read_pipe(
+                lambda: _Lines(log, proc.pid), proc.stderr)
+            self._transports.append(errors)
+        except BaseException:
+            for t in self._transports:
+                t.close()
+            for f in files:
+                with contextlib.suppress(OSError):
+                    f.close()
+            proc.kill()
+            threading.Thread(target=proc.wait, daemon=True).start()
+            raise
+        self.ready = self.submit("init", (spec, threads))
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._state == "alive"
+
+    @property
+    def held(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._pending)
+
+    def submit(self, op: str, arg: object) -> asyncio.Future[Any]:
+        """Send one request; its future settles with the reply, or fails with WorkerGone."""
+        if not self.alive:
+            raise WorkerGone(f"the upload worker process (pid {self.pid}) is gone")
+        req_id = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # Whoever gave up waiting on a reply (cancelled) must not leave an error unread.
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._pending[req_id] = fut
+        self._write((op, req_id, arg))
+        return fut
+
+    def cancel(self, job_id: int) -> None:
+        """Ask the worker to give up on ``job_id`` (its reply still comes)."""
+        if self.alive:
+            self._write(("cancel", 0, job_id))
 
     def _write(self, msg: tuple[str, int, object]) -> None:
-        # Small frames into a pipe the worker drains at once: a blocking write is brief.
-        data = memoryview(_frame(msg))
-        while data:
-            data = data[os.write(self._out, data):]
+        # Buffered by the transport, never blocking the loop: a stopped worker must not
+        # stop the coordinator that is to find out and kill it.
+        assert self._requests is not None
+        if self._requests.is_closing():
+            self._lost()
+            raise WorkerGone(f"the upload worker process (pid {self.pid}) is gone")
+        self._requests.write(_frame(msg))
 
     def _settle(self, req_id: int, ok: bool, value: Any) -> None:
         fut = self._pending.pop(req_id, None)
@@ -212,79 +249,89 @@ class ProcessPlane:
             else:
                 fut.set_exception(value)
 
-    def _gone(self) -> None:
-        proc, self._proc = self._proc, None
-        code = proc.poll() if proc is not None else None
+    def _close_pipes(self) -> None:
+        # Requests (dropping what is buffered) and replies; stderr runs to its own end.
+        # A write pipe closed by its reader is closing already, and abort() would then end
+        # its connection a second time.
+        if self._requests is not None and not self._requests.is_closing():
+            self._requests.abort()
+        for t in self._transports[1:2]:
+            t.close()
+
+    def _lost(self) -> None:
+        # A pipe closed: the worker is exiting. Reap it before telling anyone, so what is
+        # said is how it ended.
+        if self._state != "alive":
+            return
+        self._state = "exiting"
+        self._close_pipes()
+        self._burial = asyncio.get_running_loop().create_task(self._bury())
+
+    async def _bury(self) -> None:
+        with anyio.CancelScope(shield=True):
+            code = await anyio.to_thread.run_sync(_reap, self._proc, 10.0)
+            if self._stderr is not None:  # its last words (a traceback) come first
+                with anyio.move_on_after(1):
+                    await self._stderr.ended.wait()
+        self._dead(describe_exit(code))
+
+    def kill(self, why: str) -> None:
+        """Kill the worker now (it stopped answering): ``why`` completes "the upload
+        worker process (pid N) ..."."""
+        if self._state not in ("alive", "exiting"):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+        self._close_pipes()
+        # Reaped in the background: a process stuck in the kernel dies only when it returns.
+        threading.Thread(target=self._proc.wait, name="upload-worker-reaper",
+                         daemon=True).start()
+        self._dead(f"{why}, and was killed")
+
+    def _dead(self, how: str) -> None:
+        if self._state in ("dead", "closed"):
+            return
+        self._state = "dead"
         pending, self._pending = self._pending, {}
+        gone = f"the upload worker process (pid {self.pid}) {how}"
         for fut in pending.values():
             if not fut.done():
-                fut.set_exception(WorkerGone(
-                    f"the upload worker process exited (code {code}) with requests in flight"))
-        if self._out >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._out)
-            self._out = -1
-
-    async def _submit(self, op: str, arg: object) -> asyncio.Future[Any]:
-        await self._ensure()
-        if self._proc is None:
-            raise WorkerGone("the upload worker process is not running")
-        req_id = next(self._ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[req_id] = fut
-        try:
-            self._write((op, req_id, arg))
-        except OSError as e:
-            self._pending.pop(req_id, None)
-            raise WorkerGone(f"the upload worker process is gone: {e}") from e
-        return fut
-
-    async def _call(self, op: str, arg: object) -> Any:
-        return await (await self._submit(op, arg))
-
-    async def run(self, job: PartJob) -> Outcome:
-        fut = await self._submit("run", job)
-        try:
-            outcome: Outcome = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            # As in ThreadPlane: cut the request's connection, then wait for its reply, so
-            # the worker's buffer is gone before the request's limiter slot is given back.
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                self._write(("cancel", 0, job.job_id))
-                with anyio.fail_after(60):
-                    await fut
-            raise
-        return outcome
-
-    async def file_digest(self, file_id: int) -> str:
-        digest: str = await self._call("digest", file_id)
-        return digest
-
-    async def drop_file(self, file_id: int) -> None:
-        if self._proc is not None:
-            with contextlib.suppress(WorkerGone):
-                await self._call("drop", file_id)
+                fut.set_exception(WorkerGone(f"{gone} while holding this request"))
+        self._on_exit(self, how, len(pending))
 
     async def aclose(self) -> None:
-        proc = self._proc
-        if self._out >= 0:
-            os.close(self._out)  # end of input: the worker finishes what it has and exits
-            self._out = -1
-        if proc is not None:
+        """Close its input (it exits at once, dropping what it holds) and reap it."""
+        if self._state == "alive":
+            self._state = "closed"
+            self._close_pipes()
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_reap, proc)
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
-        self._proc = None
+                await anyio.to_thread.run_sync(_reap, self._proc, 5.0)
+            pending, self._pending = self._pending, {}
+            for fut in pending.values():
+                if not fut.done():
+                    fut.set_exception(WorkerGone("the upload worker process was closed"))
+        elif self._burial is not None:
+            with anyio.CancelScope(shield=True):
+                await self._burial
+        for t in self._transports:
+            t.close()
+
+    def forget_parent(self) -> None:
+        """In a forked child: close our copy of the request pipe, so the worker still
+        sees it close when the task's process closes it (the rest belongs to the parent's
+        event loop, never run here). Only a live one's: a dead one's number may name
+        another file by now."""
+        if self.alive:
+            with contextlib.suppress(OSError):
+                os.close(self._req_fd)
 
 
-def _reap(proc: subprocess.Popen[bytes]) -> None:
+def _reap(proc: subprocess.Popen[bytes], timeout: float) -> int:
     try:
-        proc.wait(30)
+        return proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
+        return proc.wait()
 
 
 # -- the worker process ----------------------------------------------------------------------
@@ -304,7 +351,8 @@ def _run_and_reply(plane: DataPlane, reply: Any, req_id: int, job: PartJob) -> N
 
 
 def serve(in_fd: int, out_fd: int) -> None:
-    """Answer requests from ``in_fd`` until it closes."""
+    """Answer requests from ``in_fd`` until it closes; then return at once, leaving the
+    requests still running to be dropped with the process."""
     write_lock = threading.Lock()
 
     def reply(req_id: int, ok: bool, value: object) -> None:
@@ -329,6 +377,7 @@ def serve(in_fd: int, out_fd: int) -> None:
                 spec, threads = arg
                 plane = DataPlane(spec)
                 pool = concurrent.futures.ThreadPoolExecutor(threads + 2, "s3-part")
+                reply(req_id, True, None)
                 continue
             assert plane is not None and pool is not None, "init comes first"
             if op == "run":
@@ -346,16 +395,31 @@ def serve(in_fd: int, out_fd: int) -> None:
                     reply(req_id, False, e)
     finally:
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=False, cancel_futures=True)
         if plane is not None:
             plane.close()
 
 
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when the thread that started it ends (Linux), and exit now if
+    the task's process is already gone (it died before this took effect)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL),
+                                                    0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
 def main() -> None:
-    # The task's process decides when to stop; this one ends when its input closes.
+    # The task's process decides when to stop; this one ends with it or its input.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    serve(int(sys.argv[1]), int(sys.argv[2]))
+    in_fd, out_fd, parent = (int(a) for a in sys.argv[1:4])
+    _die_with(parent)
+    serve(in_fd, out_fd)
+    # Not a normal exit: that would wait for the request threads still running.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,12 @@ CHECKPOINT_PROGRESS_INTERVAL = _from_conf("CHECKPOINT_PROGRESS_INTERVAL", "5")
 # Where S3 upload bytes are read, hashed and sent: "process" (a spawned worker process, so
 # the training loop's GIL is not shared with the upload) or "thread" (threads of the task).
 CHECKPOINT_UPLOADER = _from_conf("CHECKPOINT_UPLOADER", "process")
+# Seconds the upload worker process may leave a request unanswered, beyond the time its
+# bytes need at CHECKPOINT_WORKER_MIN_RATE, before it is killed and replaced (0: the S3
+# client's connect and read timeouts, 130 s).
+CHECKPOINT_WORKER_TIMEOUT = _from_conf("CHECKPOINT_WORKER_TIMEOUT", "0")
+# The slowest total upload speed (per second) at which the worker still counts as working.
+CHECKPOINT_WORKER_MIN_RATE = _from_conf("CHECKPOINT_WORKER_MIN_RATE", "2MiB")
 # Seconds each rank of a @parallel gang waits, as it starts, for rank 0 to choose the gang
 # checkpoint every rank resumes from.
 CHECKPOINT_GANG_TIMEOUT = _from_conf("CHECKPOINT_GANG_TIMEOUT", "900")

@@ -59,7 +59,7 @@ def test_worker_deadline_settings() -> None:
 def test_deadline_grows_with_the_request_and_defaults_to_the_client_timeouts() -> None:
     from uploader.backends.s3_dataplane import ClientSpec
 
-    spec = ClientSpec(endpoint_url=None, region=None, verify=True, path_style=False,
+    spec = ClientSpec(endpoint_url=None, region=None, verify=True, s3_options={},
                       connect_timeout=10, read_timeout=120)
     plane = ProcessPlane(spec, 16)  # never started: nothing runs until a request
     assert plane.deadline(0) == 130

@@ -11,7 +11,7 @@ the ``latest.json`` hint.
 
 Incremental: a file whose bytes the scope's newest committed checkpoint already stored (the
 same SHA-256, see :mod:`uploader.incremental`) is not uploaded; its entry points at that
-object, which is confirmed to exist before the manifest is written.
+object, which is confirmed by the store's checksum of it before the manifest is written.
 """
 
 from __future__ import annotations
@@ -666,18 +666,19 @@ class Engine:
             stats.bytes_skipped += f.size
 
         async def confirm(f: SnapshotFile) -> None:
-            # The object may have been removed since the base was committed (a pruner, a
-            # lifecycle rule, a person): then this file is uploaded after all.
+            # The object may have been removed or changed since the base was committed (a
+            # pruner, a lifecycle rule, a person, another tool): then this file is
+            # uploaded after all. By the store's checksum, never by size alone, so a
+            # same-size corruption never spreads to later checkpoints.
             entry = entries[f.relpath]
             key = keys.stored(f.relpath, entry.key)
             try:
-                size = await backend.stat(key)
+                why = await backend.confirm(key, f.size, entry.sha256,
+                                            f.path if f.data is None else f.data)
             except CheckpointError as e:
                 why = f"it could not be looked at ({e})"
-            else:
-                if size == f.size:
-                    return
-                why = "it is gone" if size is None else f"it holds {size} bytes, not {f.size}"
+            if why is None:
+                return
             self._log(f"note: checkpoint {req.name!r} ({keys.checkpoint_id}): {f.relpath!r} "
                       f"is unchanged, but the stored copy at {backend.url_of(key)} that it "
                       f"would point at is not usable ({why}); uploading it again.")

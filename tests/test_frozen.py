@@ -10,6 +10,7 @@ case happens every time, with no sleeping and no luck.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import RunFlow
 from enginekit import make_engine, request
+from storekit import manifests, results, stored_bytes
 
 from uploader import (
     CheckpointKeys,
@@ -182,6 +185,19 @@ def test_a_snapshot_marks_what_it_could_not_freeze_whole(
 # -- a writer racing save() -----------------------------------------------------------------
 
 
+def held_between(states: list[tuple[int, int]], data: bytes, start: int, end: int) -> bool:
+    """Whether a file whose writes left ``states`` (``(version, length)``, in order) held
+    ``data`` at some moment from entry ``start`` (its state when a save began) through
+    the write after entry ``end`` (which may have been under way, and partly visible,
+    when the save returned)."""
+    window = [tuple(s) for s in states[start:end + 2]]
+    if not data:
+        return any(n == 0 for _, n in window)
+    if len(set(data)) > 1:
+        return False  # two versions in one file: never a state it held
+    return window[0] <= (data[0], len(data)) <= window[-1]
+
+
 class Writer(threading.Thread):
     """Rewrites files in place, version after version: truncate, then chunk by chunk.
 
@@ -240,16 +256,8 @@ class Writer(threading.Thread):
                 self.cond.notify_all()
 
     def held_between(self, path: Path, data: bytes, start: int, end: int) -> bool:
-        """Whether ``path`` held ``data`` at some moment from log entry ``start`` (its state
-        when a save began) through the write after entry ``end`` (which may have been
-        under way, and partly visible, when the save returned)."""
         with self.lock:
-            states = self.states[path][start:end + 2]
-        if not data:
-            return any(n == 0 for _, n in states)
-        if len(set(data)) > 1:
-            return False  # two versions in one file: never a state it held
-        return states[0] <= (data[0], len(data)) <= states[-1]
+            return held_between(self.states[path], data, start, end)
 
 
 def _race(tmp: Path, *, size: int, chunk: int, versions: int, pause_every: int,
@@ -315,6 +323,43 @@ def test_saves_racing_an_in_place_writer_commit_only_what_files_held(tmp_path: P
 def test_saves_racing_an_in_place_writer_in_copy_mode(tmp_path: Path) -> None:
     _race(tmp_path, size=1 << 20, chunk=16 * KiB, versions=24, pause_every=4,
           snapshot=SnapshotMode.COPY)
+
+
+@pytest.mark.flow
+@pytest.mark.parametrize("mode", ["memory", "copy"])
+def test_a_flow_saving_while_a_thread_rewrites_files_commits_only_what_they_held(
+        run_flow: RunFlow, datastore_root: Path, tmp_path: Path, mode: str) -> None:
+    """The issue's loop, as users run it: saves while a thread truncates and rewrites two
+    files in place, and saves in the writer's pauses. No committed checkpoint holds a
+    short file, a mix of versions, or bytes written after its save() returned; every
+    save in a pause commits; the task succeeds."""
+    log = tmp_path / "writer.json"
+    env = {"TEST_WRITER_LOG": str(log)}
+    if mode == "copy":
+        env["METAFLOW_CHECKPOINT_SNAPSHOT"] = "copy"
+    out = run_flow("racing_writer_flow.py", env=env)
+    written = json.loads(log.read_text())
+    size, states, saves = written["size"], written["states"], written["saves"]
+    committed, paused = 0, []
+    for keys, m in manifests(datastore_root):
+        entries = {f.path: f.key for f in m.files}
+        files = {n: stored_bytes(datastore_root, keys, n, entries[n]) for n in states}
+        if "paused" in m.metadata:
+            v = m.metadata["paused"]
+            paused.append(v)
+            assert files == {n: bytes([v]) * size for n in states}, v
+            continue
+        committed += 1
+        save = saves[m.metadata["i"]]
+        for name, data in files.items():
+            assert held_between(states[name], data, save["before"][name],
+                                save["after"][name]), (
+                f"{name}: committed {len(data)} bytes of versions {sorted(set(data))}, "
+                "which the file never held while save() ran")
+    assert sorted(paused) == [4, 8, 12, 16], out.stdout
+    assert int(results(out.stdout + out.stderr)["racing"]) == len(saves) > 0
+    print(f"{mode}: racing saves {len(saves)}, committed {committed}, "
+          f"torn {len(saves) - committed}")
 
 
 # -- coarse timestamps and clones -----------------------------------------------------------

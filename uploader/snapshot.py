@@ -31,9 +31,10 @@ with 128-byte inodes keeps whole seconds; kernels before 6.13 one clock tick; so
 and FUSE filesystems), a rewrite in the same granule as the fingerprint leaves it
 unchanged (:mod:`uploader.timestamps`). There a snapshot waits, before it returns, until
 the filesystem's clock has moved past the granule of every file it links, clones or
-copies that changed in it, so any change during or after the freeze is seen; a small
-file read into memory is read twice instead, and kept only if both reads agree. A file
-that cannot be waited out within the bound is torn.
+copies that changed in it, so any change during or after the freeze is seen; where that
+wait would cost more than reading the bytes back, it copies the file and compares the
+copy with it instead, and a small file read into memory is read twice and kept only if
+both reads agree. A file that cannot be proven whole within the bound is torn.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ __all__ = [
 
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int), from linux/fs.h
 _COPY_CHUNK = 1 << 20
+# What reading a file back is assumed to move per second, when choosing between waiting
+# out a coarse timestamp and proving a copy by comparing it with the file (a cold page
+# cache on a slow disk is slower; the choice sets the cost of save(), never its safety).
+_READ_BYTES_PER_S = 1 << 30
 _COPY_FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
                                    errno.EBADF, errno.EPERM})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -259,64 +264,100 @@ def _try_reflink(src: str, dst: str, key: tuple[int, int]
     return size, after
 
 
-def _whole(st: os.stat_result, size: int, after: os.stat_result) -> bool:
-    """Whether a file the walk saw as ``st``, of which ``size`` bytes were frozen and that
-    stats as ``after`` once they were, was frozen whole: the rule every freeze ends with.
+def _whole(ref: Fingerprint, size: int, after: os.stat_result) -> bool:
+    """Whether a file that had the fingerprint ``ref`` (the walk's), of which ``size``
+    bytes were frozen and that stats as ``after`` once they were, was frozen whole: the
+    rule every freeze ends with.
 
     The same comparison a linked file gets before its upload commits
     (:meth:`Fingerprint.same_content`): any write meanwhile moves the file's mtime (or its
     size), on a filesystem whose timestamps are fine or whose clock has passed the file's
     last change (:class:`~uploader.timestamps.Clock`).
     """
-    return size == st.st_size and fingerprint_of(st).same_content(fingerprint_of(after))
+    return size == ref.size and ref.same_content(fingerprint_of(after))
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        while True:
+            chunk = fa.read(_COPY_CHUNK)
+            if chunk != fb.read(_COPY_CHUNK):
+                return False
+            if not chunk:
+                return True
 
 
 def _read_checked(src: str, st: os.stat_result, clock: Clock) -> tuple[bytes, bool]:
     """A small file's bytes, and whether they are the file whole as the walk saw it."""
+    fp = fingerprint_of(st)
     data, after = _read_small(src, st.st_size)
-    whole = _whole(st, len(data), after)
+    whole = _whole(fp, len(data), after)
     if whole and clock.unsettled(st.st_dev, st.st_mtime_ns):
         # On coarse timestamps a rewrite within the file's last granule shows in no stat.
         # Two reads that agree byte for byte are what the file held at one instant, the
         # one between them: nothing changed under either read.
         again, after = _read_small(src, st.st_size)
-        whole = again == data and _whole(st, len(again), after)
+        whole = again == data and _whole(fp, len(again), after)
     return data, whole
 
 
 class _Private:
-    """Freezes files privately (a reflink clone, else a kernel copy), each checked."""
+    """Freezes files privately (a reflink clone, else a kernel copy), each checked.
+
+    Where the file changed in the granule of a coarse clock that is still running, a
+    fingerprint cannot prove a freeze whole: before cloning or copying, the snapshot waits
+    for the clock to pass the file's mtime, or, where waiting would cost more than
+    reading the bytes back, it copies at once and compares the copy with the file.
+    """
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
 
-    def settled(self, st: os.stat_result) -> bool:
-        # Before the copy: once the filesystem's clock has passed the file's mtime, any
-        # write during the copy moves it. False: it could not be proven in time.
-        return (not self.clock.unsettled(st.st_dev, st.st_mtime_ns)
-                or self.clock.settle(st.st_mtime_ns))
+    def _unsettled(self, dev: int, ref: Fingerprint) -> bool:
+        return self.clock.unsettled(dev, ref.mtime_ns)
 
-    def clone_or_copy(self, src: str, dst: str, st: os.stat_result, key: tuple[int, int]
-                      ) -> tuple[Freeze, int, bool]:
-        settled = self.settled(st)
-        cloned = _try_reflink(src, dst, key)
-        how, (size, after) = ((Freeze.CLONE, cloned) if cloned is not None
-                              else (Freeze.COPY, _kernel_copy(src, dst)))
-        return how, size, settled and _whole(st, size, after)
+    def _settled(self, dev: int, ref: Fingerprint) -> bool:
+        # Once the filesystem's clock has passed the file's mtime, any write during the
+        # freeze moves it. False: it could not be proven in time.
+        return not self._unsettled(dev, ref) or self.clock.settle(ref.mtime_ns)
+
+    def cheaper_to_wait(self, mtime_ns: int, size: int) -> bool:
+        return self.clock.wait_s(mtime_ns) <= 2 * size / _READ_BYTES_PER_S
+
+    def copy(self, src: str, dst: str, dev: int, ref: Fingerprint, *,
+             read_back: bool | None = None) -> tuple[int, bool]:
+        """``read_back``: prove the copy by comparing it with the file (True), or by
+        waiting first where that is needed (False); None chooses the cheaper."""
+        if read_back is None:
+            read_back = (self._unsettled(dev, ref)
+                         and not self.cheaper_to_wait(ref.mtime_ns, ref.size))
+        settled = read_back or self._settled(dev, ref)
+        size, after = _kernel_copy(src, dst)
+        whole = settled and _whole(ref, size, after)
+        if whole and read_back:
+            # A second read that agrees with the copy: the copy is what the file held at
+            # one instant, the one between them (as for a small file read twice).
+            whole = _same_bytes(src, dst)
+        return size, whole
 
     def clone(self, src: str, dst: str, st: os.stat_result, key: tuple[int, int]
               ) -> tuple[int, bool] | None:
-        settled = self.settled(st)
+        if _reflink_ok.get(key) is False:
+            return None  # no wait where no clone will be made
+        ref = fingerprint_of(st)
+        settled = self._settled(st.st_dev, ref)
         cloned = _try_reflink(src, dst, key)
         if cloned is None:
             return None
         size, after = cloned
-        return size, settled and _whole(st, size, after)
+        return size, settled and _whole(ref, size, after)
 
-    def copy(self, src: str, dst: str, st: os.stat_result) -> tuple[int, bool]:
-        settled = self.settled(st)
-        size, after = _kernel_copy(src, dst)
-        return size, settled and _whole(st, size, after)
+    def clone_or_copy(self, src: str, dst: str, st: os.stat_result, key: tuple[int, int]
+                      ) -> tuple[Freeze, int, bool]:
+        cloned = self.clone(src, dst, st, key)
+        if cloned is not None:
+            return Freeze.CLONE, *cloned
+        return Freeze.COPY, *self.copy(src, dst, st.st_dev, fingerprint_of(st))
 
 
 class _Walk:
@@ -424,26 +465,36 @@ def _walk(source: str) -> _Found:
     return found
 
 
-def _settle_links(files: list[SnapshotFile], clock: Clock) -> None:
+def _settle_links(files: list[SnapshotFile], freeze: _Private) -> None:
     """Make every linked file's fingerprint sound on this filesystem's timestamps.
 
     The link set the inode's ctime to the filesystem's "now". A file whose mtime is still
     in that granule could be rewritten within it, leaving mtime as it is: wait for the
-    filesystem's clock to pass it, then take the fingerprint again. A file that changed
-    meanwhile, or that could not be waited out within the bound, was not frozen whole:
-    its entry is marked so (replaced in ``files``), and its checkpoint will be torn.
+    filesystem's clock to pass it and take the fingerprint again, or, where waiting would
+    cost more than copying and reading back the linked bytes, copy them instead. A file
+    that changed meanwhile, or that could not be waited out within the bound, was not
+    frozen whole: its entry (replaced in ``files``) says so, and its checkpoint is torn.
     """
+    clock = freeze.clock
     unsettled = [i for i, f in enumerate(files) if f.how is Freeze.LINK and clock.unsettled(
         clock.dev, f.fingerprint.mtime_ns, since=f.fingerprint.ctime_ns)]
     if not unsettled:
         return
-    settled = clock.settle(max(files[i].fingerprint.mtime_ns for i in unsettled))
+    newest = max(files[i].fingerprint.mtime_ns for i in unsettled)
+    if freeze.cheaper_to_wait(newest, sum(files[i].size for i in unsettled)):
+        settled = clock.settle(newest)
+        for i in unsettled:
+            f = files[i]
+            now = fingerprint_of(os.stat(f.path))
+            whole = settled and f.fingerprint.same_content(now)
+            files[i] = dataclasses.replace(f, fingerprint=now if whole else f.fingerprint,
+                                           whole=whole)
+        return
     for i in unsettled:
         f = files[i]
-        now = fingerprint_of(os.stat(f.path))
-        whole = settled and f.fingerprint.same_content(now)
-        files[i] = dataclasses.replace(f, fingerprint=now if whole else f.fingerprint,
-                                       whole=whole)
+        os.unlink(f.path)
+        size, whole = freeze.copy(f.source, f.path, clock.dev, f.fingerprint, read_back=True)
+        files[i] = dataclasses.replace(f, how=Freeze.COPY, size=size, whole=whole)
 
 
 def take_snapshot(
@@ -508,7 +559,7 @@ def take_snapshot(
             dst = os.path.join(root, rel)
             how = Freeze.COPY
             if budget is None:
-                size, whole = freeze.copy(src, dst, st)
+                size, whole = freeze.copy(src, dst, st.st_dev, fp)
             elif private is not None and private(src, st):
                 t1 = time.perf_counter()
                 how, size, whole = freeze.clone_or_copy(src, dst, st, key)
@@ -547,9 +598,9 @@ def take_snapshot(
                 except OSError as e:
                     if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                         raise
-                    size, whole = freeze.copy(src, dst, st)
+                    size, whole = freeze.copy(src, dst, st.st_dev, fingerprint_of(st))
             files.append(SnapshotFile(rel, dst, size, fp, how, src, whole=whole))
-        _settle_links(files, clock)
+        _settle_links(files, freeze)
     except SnapshotError:
         shutil.rmtree(root, ignore_errors=True)
         raise

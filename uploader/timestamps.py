@@ -129,6 +129,12 @@ class Clock:
         horizon = self.start + (time.monotonic_ns() - self._started) + 2 * self.granularity
         return ref <= mtime_ns <= max(horizon, self._passed)
 
+    def wait_s(self, mtime_ns: int) -> float:
+        """About how long :meth:`settle` would wait for ``mtime_ns``, by the wall clock."""
+        if self._passed > mtime_ns:
+            return 0.0
+        return max(0.0, (mtime_ns + self.granularity - time.time_ns()) / 1e9)
+
     def settle(self, mtime_ns: int) -> bool:
         """Wait until a write on this filesystem gets a timestamp after ``mtime_ns``.
 

@@ -450,3 +450,60 @@ def test_incremental_false_stores_every_checkpoint_whole(tmp_path: Path) -> None
         assert h.stats.bytes_skipped == 0
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("how", ["file", "memory"])
+def test_a_same_size_corrupted_base_object_is_never_pointed_at(tmp_path: Path, how: str
+                                                               ) -> None:
+    """The size alone would let a corruption that keeps it spread to every later
+    checkpoint: the stored file's digest decides."""
+    src = tmp_path / "src"
+    original = os.urandom(100_000)
+    write(src / "base.bin", original)
+    logs: list[str] = []
+    budget = 1 << 20 if how == "memory" else 0
+    engine = make_engine(tmp_path, copy_budget=budget, logs=logs)
+    try:
+        first = request(src)
+        engine.save(first).wait(30)
+        stored_path = tmp_path / "store" / first.keys.data("base.bin")
+        with open(stored_path, "r+b") as f:  # same size, other bytes: bit rot, a stray tool
+            f.seek(50_000)
+            f.write(b"\0" * 16)
+        second = request(src)
+        h = engine.save(second)
+        h.wait(30)
+        assert stored(tmp_path, second.keys) == {"base.bin": original}  # sent again
+        assert all(f.key is None for f in manifest_of(engine, second.keys).files)
+        assert h.stats.bytes_skipped == 0 and h.stats.bytes_uploaded == 100_000
+        assert any("not usable (its bytes have SHA-256" in m and "uploading it again" in m
+                   for m in logs), logs
+        # The object stored again is pointed at by the next save, and loads back whole.
+        third = request(src)
+        h3 = engine.save(third)
+        h3.wait(30)
+        assert h3.stats.bytes_skipped == 100_000
+        out = tmp_path / "out"
+        engine.load(manifest_of(engine, third.keys), str(out), keys=third.keys)
+        assert (out / "base.bin").read_bytes() == original
+    finally:
+        engine.close()
+
+
+def test_the_local_digest_of_a_stored_file_is_read_once_while_it_is_unchanged(
+        tmp_path: Path) -> None:
+    from uploader.backends.digests import DigestCache
+
+    path = tmp_path / "obj"
+    path.write_bytes(b"x" * 1000)
+    cache = DigestCache(limit=2)
+    cache.remember(str(path), "remembered")
+    assert cache.of(str(path)) == "remembered"  # not read: its stat is as it was written
+    with open(path, "r+b") as f:
+        f.write(b"y")  # moves mtime and ctime
+    want = hashlib.sha256(b"y" + b"x" * 999).hexdigest()
+    assert cache.of(str(path)) == want
+    for i in range(3):  # only the newest `limit` are kept
+        (tmp_path / str(i)).write_bytes(b"")
+        cache.remember(str(tmp_path / str(i)), "e")
+    assert cache.of(str(path)) == want  # forgotten, so read again

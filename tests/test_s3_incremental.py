@@ -156,3 +156,98 @@ def test_incremental_checkpoints_load_and_a_removed_object_is_sent_again(
             assert (out / "step.txt").read_bytes() == step
     finally:
         engine.close()
+
+
+def _overwrite(s3: Any, key: str, data: bytes, algorithm: str | None) -> None:
+    """Put ``data`` under ``key`` as another tool would: with a checksum S3 keeps
+    (``algorithm``), or with none (a client that sends none)."""
+    import boto3
+    from botocore.config import Config
+    from s3server import ACCESS_KEY, REGION, SECRET_KEY
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=ACCESS_KEY,
+                          aws_secret_access_key=SECRET_KEY, region_name=REGION,
+                          config=Config(request_checksum_calculation="when_required"))
+    extra = {} if algorithm is None else {"ChecksumAlgorithm": algorithm}
+    client.put_object(Bucket=BUCKET, Key=key, Body=data, **extra)
+
+
+@pytest.mark.parametrize(("algorithm", "same_bytes", "why"), [
+    ("CRC32", False, "its stored CRC32 checksum is"),
+    (None, True, "the store keeps no checksum of it"),
+    ("SHA256", False, "its stored SHA-256 checksum differs"),
+    ("SHA256", True, None),
+], ids=["crc32-other-bytes", "no-checksum", "sha256-other-bytes", "sha256-same-bytes"])
+def test_a_base_object_is_confirmed_by_the_checksum_s3_keeps(
+        s3: Any, tmp_path: Path, algorithm: str | None, same_bytes: bool, why: str | None
+        ) -> None:
+    """Not by its size: an object holding other bytes of the same size, or one whose
+    checksum cannot be compared, is never pointed at; one whose stored SHA-256 is the
+    manifest's is. Both a multipart object (COMPOSITE checksum) and a single one."""
+    src = tmp_path / "src"
+    src.mkdir()
+    base, small = os.urandom(6 * MiB), os.urandom(100_000)
+    replace(src / "base.bin", base)  # multipart with 5 MiB parts
+    replace(src / "small.bin", small)  # one PutObject
+    replace(src / "step.txt", b"0")
+    logs: list[str] = []
+    engine = engine_on(s3.endpoint, tmp_path, logs, uploader=UploaderMode.THREAD,
+                       part_size=5 * MiB, multipart_threshold=5 * MiB)
+    try:
+        first, _ = save(engine, src)
+        for name, data in (("base.bin", base), ("small.bin", small)):
+            _overwrite(s3, f"{PREFIX}/{first.data(name)}",
+                       data if same_bytes else os.urandom(len(data)), algorithm)
+        replace(src / "step.txt", b"1")
+        second, h = save(engine, src)
+        if why is None:
+            assert h.stats.bytes_skipped == 6 * MiB + 100_000, logs
+            assert objects_under(s3, f"{PREFIX}/{second.data_prefix}") == {"step.txt": 1}
+            return
+        assert h.stats.bytes_skipped == 0
+        assert objects_under(s3, f"{PREFIX}/{second.data_prefix}") == {
+            "base.bin": 6 * MiB, "small.bin": 100_000, "step.txt": 1}
+        assert sum(why in m and "uploading it again" in m for m in logs) == 2, logs
+        # What was sent again is pointed at from then on, and every checkpoint loads.
+        replace(src / "step.txt", b"2")
+        third, h3 = save(engine, src)
+        assert h3.stats.bytes_skipped == 6 * MiB + 100_000
+        m3 = engine.read_manifest(third)
+        assert m3 is not None
+        out = tmp_path / "out"
+        engine.load(m3, str(out), keys=third)
+        assert (out / "base.bin").read_bytes() == base
+        assert (out / "small.bin").read_bytes() == small
+    finally:
+        engine.close()
+
+
+def test_a_base_loaded_at_start_is_confirmed_from_the_local_bytes(s3: Any, tmp_path: Path
+                                                                  ) -> None:
+    """A new engine (a retry) has not sent the base's objects itself: it computes their
+    checksums from its own copy of the bytes, part by part for a multipart object, and
+    points at them when they agree."""
+    src = tmp_path / "src"
+    src.mkdir()
+    replace(src / "base.bin", os.urandom(11 * MiB))  # three parts: 5, 5 and 1 MiB
+    replace(src / "small.bin", os.urandom(100_000))
+    replace(src / "step.txt", b"0")
+    settings: dict[str, Any] = {"uploader": UploaderMode.THREAD, "part_size": 5 * MiB,
+                                "multipart_threshold": 5 * MiB}
+    earlier = engine_on(s3.endpoint, tmp_path, [], **settings)
+    try:
+        first, _ = save(earlier, src)
+    finally:
+        earlier.close()
+    logs: list[str] = []
+    engine = engine_on(s3.endpoint, tmp_path, logs, **settings)
+    try:
+        m1 = engine.read_manifest(first)
+        assert m1 is not None
+        engine.set_base(first, m1)
+        replace(src / "step.txt", b"1")
+        second, h = save(engine, src)
+        assert h.stats.bytes_skipped == 11 * MiB + 100_000, logs
+        assert objects_under(s3, f"{PREFIX}/{second.data_prefix}") == {"step.txt": 1}
+    finally:
+        engine.close()

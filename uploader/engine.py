@@ -11,7 +11,7 @@ the ``latest.json`` hint.
 
 Incremental: a file whose bytes the scope's newest committed checkpoint already stored (the
 same SHA-256, see :mod:`uploader.incremental`) is not uploaded; its entry points at that
-object, which is confirmed to exist before the manifest is written.
+object, which is confirmed by the store's checksum of it before the manifest is written.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from .handle import CheckpointHandle, CheckpointState
 from .incremental import Bases, References, sha256_file
 from .layout import CheckpointKeys
 from .manifest import FileEntry, Manifest, freeze_metadata
+from .mappings import shared_writable_files
 from .retry import RetryPolicy
 from .rewrites import RewriteTracker
 from .snapshot import Snapshot, SnapshotFile, take_snapshot
@@ -70,6 +71,11 @@ TORN_ADVICE = (
     "From now on save() freezes that file privately (a clone, else a copy), so later "
     "checkpoints commit. To keep save() O(files), write each file under a new name and "
     "os.replace() it over the old one, or call save(wait=True) before rewriting it."
+)
+TORN_WHILE_FROZEN_ADVICE = (
+    "It was being written while save() read it: call save() once the file is written "
+    "(not while another thread or process writes it), or write it under a new name and "
+    "os.replace() it over the old one."
 )
 REWRITE_ADVICE = (
     "torch.save(), safetensors' save_file() and open(path, 'wb') rewrite the same inode, "
@@ -503,7 +509,8 @@ class Engine:
             snap = take_snapshot(request.source, self._snapshot_dir,
                                  mode=self.settings.snapshot,
                                  copy_budget=self.settings.copy_budget,
-                                 private=self._rewrites.must_freeze)
+                                 private=self._rewrites.must_freeze,
+                                 mapped=shared_writable_files)
         except BaseException:
             self._slots.release()
             raise
@@ -529,6 +536,8 @@ class Engine:
         events = self._rewrites.saved(snap, handle)
         if snap.private:
             self._note_private(snap)
+        if snap.mapped:
+            self._note_mapped(request, snap)
         # Only the previous newest of this name can be torn and not yet noted: one torn
         # while a newer save of its name existed was noted when it tore.
         if previous is not None and previous.state is CheckpointState.TORN:
@@ -593,8 +602,21 @@ class Engine:
                   f"of {it} is pending, so @checkpoint {cost}. {REWRITE_ADVICE} "
                   "This note is shown once per task.")
 
+    def _note_mapped(self, request: SaveRequest, snap: Snapshot) -> None:
+        new = [r for r in snap.mapped if f"mapped:{r}" not in self._warned]
+        if not new:
+            return
+        self._warned.update(f"mapped:{r}" for r in new)
+        names = ", ".join(repr(r) for r in new[:3]) + (", ..." if len(new) > 3 else "")
+        self._log(f"note: checkpoint {request.name!r}: {names} under {request.source} "
+                  f"{'is' if len(new) == 1 else 'are'} mapped shared and writable by this "
+                  "task (mmap, numpy.memmap), so save() copies it rather than linking it: a "
+                  "write through the mapping changes no timestamp a check could see. To "
+                  "keep save() O(files), flush and close the mapping, or save a copy. "
+                  "This note is shown once per file.")
+
     async def _upload(self, handle: CheckpointHandle, req: SaveRequest, snap: Snapshot,
-                      events: dict[str, int]) -> None:
+                      events: dict[str, object]) -> None:
         backend, ctx = self._backend, self._ctx
         assert backend is not None and ctx is not None
         keys = req.keys
@@ -606,7 +628,8 @@ class Engine:
         base = self._bases.get(keys.scope_prefix) if self.settings.incremental else None
 
         def check(f: SnapshotFile) -> None:
-            if f.shared and not self._rewrites.unchanged(f, events):
+            # One rule for every freeze (see snapshot.py): a link now, the rest as made.
+            if not self._rewrites.unchanged(f, events):
                 raise _Torn(f)
 
         async def unchanged(f: SnapshotFile) -> FileEntry | None:
@@ -634,6 +657,7 @@ class Engine:
             return FileEntry(f.relpath, f.size, digest, origin)
 
         async def one(f: SnapshotFile) -> None:
+            check(f)  # a file torn as it was frozen fails the checkpoint before any upload
             entry = await unchanged(f)
             if entry is None:
                 await upload(f)
@@ -643,18 +667,19 @@ class Engine:
             stats.bytes_skipped += f.size
 
         async def confirm(f: SnapshotFile) -> None:
-            # The object may have been removed since the base was committed (a pruner, a
-            # lifecycle rule, a person): then this file is uploaded after all.
+            # The object may have been removed or changed since the base was committed (a
+            # pruner, a lifecycle rule, a person, another tool): then this file is
+            # uploaded after all. By the store's checksum, never by size alone, so a
+            # same-size corruption never spreads to later checkpoints.
             entry = entries[f.relpath]
             key = keys.stored(f.relpath, entry.key)
             try:
-                size = await backend.stat(key)
+                why = await backend.confirm(key, f.size, entry.sha256,
+                                            f.path if f.data is None else f.data)
             except CheckpointError as e:
                 why = f"it could not be looked at ({e})"
-            else:
-                if size == f.size:
-                    return
-                why = "it is gone" if size is None else f"it holds {size} bytes, not {f.size}"
+            if why is None:
+                return
             self._log(f"note: checkpoint {req.name!r} ({keys.checkpoint_id}): {f.relpath!r} "
                       f"is unchanged, but the stored copy at {backend.url_of(key)} that it "
                       f"would point at is not usable ({why}); uploading it again.")
@@ -723,10 +748,12 @@ class Engine:
             # Freeze this path privately from now on: at most this checkpoint is lost.
             self._rewrites.torn(t.file)
             newer = self._has_newer(handle)
+            when, advice = (("while its upload was pending", TORN_ADVICE) if t.file.shared
+                            else ("while save() froze it", TORN_WHILE_FROZEN_ADVICE))
             msg = (f"checkpoint {req.name!r} ({keys.checkpoint_id}) was not committed: "
-                   f"{t.file.relpath!r} was rewritten in place while its upload was pending. ")
+                   f"{t.file.relpath!r} was rewritten in place {when}. ")
             handle._transition(CheckpointState.TORN, TornCheckpointError(
-                msg + TORN_ADVICE, checkpoint_id=keys.checkpoint_id, path=t.file.relpath))
+                msg + advice, checkpoint_id=keys.checkpoint_id, path=t.file.relpath))
             if newer:
                 self._note_superseded(handle)
             # Else a save may still come and supersede it; drain() reports it if none does.

@@ -6,7 +6,7 @@
     ├── ConfigError (also ValueError)    a setting is out of range; raised while parsing settings
     ├── SnapshotError                    save() could not snapshot the source path
     ├── UploadError                      a checkpoint could not be stored; raised by wait()/drain
-    │   ├── TornCheckpointError          a file changed in place while its upload was pending
+    │   ├── TornCheckpointError          a file changed in place while it was being saved
     │   ├── StorageAccessError           not retryable: denied, no such bucket, bad credentials
     │   └── SourceReadError              a file being saved could not be read (the user's side)
     ├── LoadError                        a committed checkpoint could not be loaded; raised on load
@@ -62,7 +62,8 @@ class UploadError(CheckpointError):
 
 
 class TornCheckpointError(UploadError):
-    """A file was rewritten in place while its upload was pending, so the checkpoint was dropped.
+    """A file was rewritten in place while it was being saved (as ``save()`` froze it, or
+    while its upload was pending), so the checkpoint was dropped.
 
     Raised by ``wait()`` on that checkpoint. ``path`` is the file, relative to the saved directory.
     """

@@ -55,7 +55,7 @@ class SaveStats:
     blocked_s: float = 0.0  # how long save() held the caller (backpressure and snapshot)
     files: int = 0
     bytes: int = 0  # the checkpoint's size: every file, uploaded or not
-    private_bytes: int = 0  # copied in save() because the file is rewritten in place
+    private_bytes: int = 0  # copied in save(): the file is rewritten in place, or mapped shared
     # Files whose content an earlier checkpoint of the scope already stored, so the
     # manifest points at that object instead of uploading them again.
     files_skipped: int = 0

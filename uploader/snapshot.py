@@ -3,13 +3,19 @@
 Each regular file is frozen one of four ways (:class:`Freeze`):
 
 - **memory**: small files within a per-save byte budget are read into memory: one open
-  and one read, cheaper than a link, and immune to in-place rewrites (a counter, a config,
-  a JSON of metrics rewritten every step);
+  and one read, cheaper than a link, and immune to in-place rewrites after ``save()``
+  (a counter, a config, a JSON of metrics rewritten every step);
 - **clone**: a reflink, where the filesystem has them; private, and as cheap as a link;
 - **link**: a hardlink into a private directory on the same filesystem; it shares the
   user's inode, so it gets a :class:`Fingerprint` the uploader checks after reading;
 - **copy**: files on another device, files the caller asks to keep private (``private=``:
-  the engine names files it has seen rewritten in place), and every file in copy mode.
+  the engine names files it has seen rewritten in place), files mapped shared and
+  writable (``mapped=``), and every file in copy mode.
+
+Every freeze ends with the same check, the one a linked file gets before its upload
+commits: a file whose fingerprint moved from what the walk saw while its bytes were read,
+copied or cloned was not frozen whole (:attr:`SnapshotFile.whole` is False), and its
+checkpoint is torn rather than committed.
 
 Small files go to memory rather than to a private copy on disk because creating an inode
 is what costs: on ext4 a copy cost 2-25x a link per file (it allocates an inode and
@@ -23,9 +29,12 @@ name must be UTF-8 without control characters, so it can be a storage key on any
 A fingerprint is only as good as the filesystem's timestamps. Where they are coarse (ext4
 with 128-byte inodes keeps whole seconds; kernels before 6.13 one clock tick; some network
 and FUSE filesystems), a rewrite in the same granule as the fingerprint leaves it
-unchanged. There a snapshot waits, before it returns, until the filesystem's clock has
-moved past the granule of every link it made, so any later change is seen; where that
-wait would cost more than copying the linked bytes, it copies them instead.
+unchanged (:mod:`uploader.timestamps`). There a snapshot waits, before it returns, until
+the filesystem's clock has moved past the granule of every file it links, clones or
+copies that changed in it, so any change during or after the freeze is seen; where that
+wait would cost more than reading the bytes back, it copies the file and compares the
+copy with it instead, and a small file read into memory is read twice and kept only if
+both reads agree. A file that cannot be proven whole within the bound is torn.
 """
 
 from __future__ import annotations
@@ -41,13 +50,16 @@ import stat
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 from .config import SnapshotMode
 from .errors import SnapshotError
+from .timestamps import Clock, timestamp_granularity
 
 __all__ = [
     "Fingerprint",
     "Freeze",
+    "MappedFiles",
     "PrivatePredicate",
     "Snapshot",
     "SnapshotFile",
@@ -58,20 +70,20 @@ __all__ = [
 
 _FICLONE = 0x40049409  # _IOW(0x94, 9, int), from linux/fs.h
 _COPY_CHUNK = 1 << 20
-# What a kernel copy is assumed to move per second when choosing between waiting out a
-# coarse timestamp and copying instead (a cold page cache on a slow disk is slower; the
-# choice only sets the cost of save(), never its safety).
-_COPY_BYTES_PER_S = 1 << 30
-_MAX_WAIT_S = 2.0
-_SECOND_NS = 1_000_000_000
+# What reading a file back is assumed to move per second, when choosing between waiting
+# out a coarse timestamp and proving a copy by comparing it with the file (a cold page
+# cache on a slow disk is slower; the choice sets the cost of save(), never its safety).
+_READ_BYTES_PER_S = 1 << 30
 _COPY_FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
                                    errno.EBADF, errno.EPERM})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _reflink_ok: dict[tuple[int, int], bool] = {}
-_granularity: dict[tuple[int, int], int] = {}
 
 PrivatePredicate = Callable[[str, os.stat_result], bool]
 """``(absolute path, its stat) -> True`` where the file must not share its inode."""
+
+MappedFiles = Callable[[], AbstractSet[int]]
+"""``() -> {st_ino}`` of files mapped shared and writable (see :mod:`.mappings`)."""
 
 
 class Freeze(enum.Enum):
@@ -125,6 +137,9 @@ class SnapshotFile:
     how: Freeze = Freeze.LINK
     source: str = ""  # absolute path of the user's file
     data: bytes | None = None  # the content, for a file frozen in memory
+    # False where the file changed while it was frozen (or could not be proven not to):
+    # the checkpoint holding it is torn. A link is checked again before its upload commits.
+    whole: bool = True
 
     @property
     def shared(self) -> bool:
@@ -141,8 +156,9 @@ class Snapshot:
     private_bytes: int = 0
     private_seconds: float = 0.0
     waited_s: float = 0.0  # spent waiting out a coarse timestamp granule
-    granularity_ns: int = 0  # of the snapshot filesystem's timestamps, where links were made
+    granularity_ns: int = 0  # of the snapshot filesystem's timestamps
     skipped: tuple[str, ...] = ()  # relpaths of FIFOs, sockets and devices: left out
+    mapped: tuple[str, ...] = ()  # relpaths frozen privately because ``mapped=`` named them
 
     def _count(self, how: Freeze) -> int:
         return sum(1 for f in self.files if f.how is how)
@@ -171,8 +187,9 @@ class Snapshot:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _read_small(src: str, size: int) -> bytes:
-    """The content of the small file ``src`` (``size`` as the walk saw it).
+def _read_small(src: str, size: int) -> tuple[bytes, os.stat_result]:
+    """The content of the small file ``src`` (``size`` as the walk saw it), and the file's
+    stat once it was read.
 
     Lean on purpose: it runs once per small file in save(). The read is sized to the file
     plus one byte (``os.read`` allocates its whole request up front), so a file that did
@@ -183,17 +200,18 @@ def _read_small(src: str, size: int) -> bytes:
         want = size + 1
         buf = os.read(fd, want)
         if len(buf) < want:
-            return buf
+            return buf, os.fstat(fd)
         chunks = [buf]
         while buf := os.read(fd, _COPY_CHUNK):  # it grew since the walk: read the rest
             chunks.append(buf)
-        return b"".join(chunks)
+        return b"".join(chunks), os.fstat(fd)
     finally:
         os.close(fd)
 
 
-def _kernel_copy(src: str, dst: str) -> int:
-    """Copy ``src`` to a new file ``dst`` inside the kernel; return the copy's size.
+def _kernel_copy(src: str, dst: str) -> tuple[int, os.stat_result]:
+    """Copy ``src`` to a new file ``dst`` inside the kernel; return the copy's size and
+    the stat of ``src`` (of the very file read) once it was copied.
 
     ``copy_file_range`` moves the bytes without bringing them into Python (and lets
     filesystems that can share extents do so); ``sendfile`` is the fallback.
@@ -213,15 +231,17 @@ def _kernel_copy(src: str, dst: str) -> int:
                 os.lseek(fout, 0, os.SEEK_SET)
                 while os.sendfile(fout, fin, None, 1 << 30):
                     pass
-            return os.fstat(fout).st_size
+            return os.fstat(fout).st_size, os.fstat(fin)
         finally:
             os.close(fout)
     finally:
         os.close(fin)
 
 
-def _try_reflink(src: str, dst: str, key: tuple[int, int]) -> int | None:
-    """Clone ``src`` to ``dst``; return the clone's size, or None where cloning fails."""
+def _try_reflink(src: str, dst: str, key: tuple[int, int]
+                 ) -> tuple[int, os.stat_result] | None:
+    """Clone ``src`` to ``dst``; return the clone's size and the stat of ``src`` once it
+    was cloned, or None where cloning fails."""
     if _reflink_ok.get(key) is False:
         return None
     fin = os.open(src, os.O_RDONLY)
@@ -237,90 +257,107 @@ def _try_reflink(src: str, dst: str, key: tuple[int, int]) -> int | None:
         # The clone's own size: the file may have changed since the walk saw it.
         size = os.fstat(fout).st_size
         os.close(fout)
+        after = os.fstat(fin)
     finally:
         os.close(fin)
     _reflink_ok[key] = True
-    return size
+    return size, after
 
 
-def _freeze_private(src: str, dst: str, key: tuple[int, int]) -> tuple[Freeze, int]:
-    size = _try_reflink(src, dst, key)
-    if size is not None:
-        return Freeze.CLONE, size
-    return Freeze.COPY, _kernel_copy(src, dst)
+def _whole(ref: Fingerprint, size: int, after: os.stat_result) -> bool:
+    """Whether a file that had the fingerprint ``ref`` (the walk's), of which ``size``
+    bytes were frozen and that stats as ``after`` once they were, was frozen whole: the
+    rule every freeze ends with.
 
-
-def _probe_ctime(fd: int) -> int:
-    os.pwrite(fd, b"t", 0)
-    return os.fstat(fd).st_ctime_ns
-
-
-def timestamp_granularity(directory: str) -> int:
-    """The step, in ns, of the timestamps a write gets on ``directory``'s filesystem.
-
-    0 means fine: a write right after a ``stat`` always gets a new timestamp (as with
-    the multigrain timestamps of Linux 6.13+). Measured once per filesystem with a probe
-    file: four write+fstat pairs that all change ctime mean fine; whole-second values
-    mean one second; otherwise the step between two observed changes (a clock tick).
+    The same comparison a linked file gets before its upload commits
+    (:meth:`Fingerprint.same_content`): any write meanwhile moves the file's mtime (or its
+    size), on a filesystem whose timestamps are fine or whose clock has passed the file's
+    last change (:class:`~uploader.timestamps.Clock`).
     """
-    # The filesystem id as well as the device: a loop device's number is reused by the
-    # next image mounted on it, which may keep coarser timestamps.
-    dev = (os.stat(directory).st_dev, os.statvfs(directory).f_fsid)
-    known = _granularity.get(dev)
-    if known is not None:
-        return known
-    path = os.path.join(directory, f".granularity-probe-{uuid.uuid4().hex}")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        prev = _probe_ctime(fd)
-        changes = 0
-        for _ in range(4):
-            now = _probe_ctime(fd)
-            changes += now != prev
-            prev = now
-        if changes == 4:
-            gran = 0
-        elif prev % _SECOND_NS == 0:
-            gran = _SECOND_NS
-        else:
-            gran = _SECOND_NS
-            first: int | None = None
-            deadline = time.monotonic() + 1.5
-            while time.monotonic() < deadline:
-                now = _probe_ctime(fd)
-                if now != prev:
-                    if first is not None:
-                        gran = now - first
-                        break
-                    first = now
-                prev = now
-                time.sleep(0.0002)
-    finally:
-        os.close(fd)
-        os.unlink(path)
-    _granularity[dev] = gran
-    return gran
+    return size == ref.size and ref.same_content(fingerprint_of(after))
 
 
-def _wait_past(directory: str, ctime_ns: int, gran: int, deadline: float) -> bool:
-    """Wait until a write on ``directory``'s filesystem gets a ctime after ``ctime_ns``.
-
-    The filesystem's own clock decides, read through a probe file; the wall clock only
-    paces the polling. False if ``deadline`` (monotonic) passes first.
-    """
-    path = os.path.join(directory, f".clock-probe-{uuid.uuid4().hex}")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
+def _same_bytes(a: str, b: str) -> bool:
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
         while True:
-            if _probe_ctime(fd) > ctime_ns:
-                return True
-            left_ns = ctime_ns + gran - time.time_ns()
-            if time.monotonic() >= deadline:
+            chunk = fa.read(_COPY_CHUNK)
+            if chunk != fb.read(_COPY_CHUNK):
                 return False
-            time.sleep(min(max(left_ns / 1e9, 0.0005), 0.05))
-    finally:
-        os.close(fd)
-        os.unlink(path)
+            if not chunk:
+                return True
+
+
+def _read_checked(src: str, st: os.stat_result, clock: Clock) -> tuple[bytes, bool]:
+    """A small file's bytes, and whether they are the file whole as the walk saw it."""
+    fp = fingerprint_of(st)
+    data, after = _read_small(src, st.st_size)
+    whole = _whole(fp, len(data), after)
+    if whole and clock.unsettled(st.st_dev, st.st_mtime_ns):
+        # On coarse timestamps a rewrite within the file's last granule shows in no stat.
+        # Two reads that agree byte for byte are what the file held at one instant, the
+        # one between them: nothing changed under either read.
+        again, after = _read_small(src, st.st_size)
+        whole = again == data and _whole(fp, len(again), after)
+    return data, whole
+
+
+class _Private:
+    """Freezes files privately (a reflink clone, else a kernel copy), each checked.
+
+    Where the file changed in the granule of a coarse clock that is still running, a
+    fingerprint cannot prove a freeze whole: before cloning or copying, the snapshot waits
+    for the clock to pass the file's mtime, or, where waiting would cost more than
+    reading the bytes back, it copies at once and compares the copy with the file.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def _unsettled(self, dev: int, ref: Fingerprint) -> bool:
+        return self.clock.unsettled(dev, ref.mtime_ns)
+
+    def _settled(self, dev: int, ref: Fingerprint) -> bool:
+        # Once the filesystem's clock has passed the file's mtime, any write during the
+        # freeze moves it. False: it could not be proven in time.
+        return not self._unsettled(dev, ref) or self.clock.settle(ref.mtime_ns)
+
+    def cheaper_to_wait(self, mtime_ns: int, size: int) -> bool:
+        return self.clock.wait_s(mtime_ns) <= 2 * size / _READ_BYTES_PER_S
+
+    def copy(self, src: str, dst: str, dev: int, ref: Fingerprint, *,
+             read_back: bool | None = None) -> tuple[int, bool]:
+        """``read_back``: prove the copy by comparing it with the file (True), or by
+        waiting first where that is needed (False); None chooses the cheaper."""
+        if read_back is None:
+            read_back = (self._unsettled(dev, ref)
+                         and not self.cheaper_to_wait(ref.mtime_ns, ref.size))
+        settled = read_back or self._settled(dev, ref)
+        size, after = _kernel_copy(src, dst)
+        whole = settled and _whole(ref, size, after)
+        if whole and read_back:
+            # A second read that agrees with the copy: the copy is what the file held at
+            # one instant, the one between them (as for a small file read twice).
+            whole = _same_bytes(src, dst)
+        return size, whole
+
+    def clone(self, src: str, dst: str, st: os.stat_result, key: tuple[int, int]
+              ) -> tuple[int, bool] | None:
+        if _reflink_ok.get(key) is False:
+            return None  # no wait where no clone will be made
+        ref = fingerprint_of(st)
+        settled = self._settled(st.st_dev, ref)
+        cloned = _try_reflink(src, dst, key)
+        if cloned is None:
+            return None
+        size, after = cloned
+        return size, settled and _whole(ref, size, after)
+
+    def clone_or_copy(self, src: str, dst: str, st: os.stat_result, key: tuple[int, int]
+                      ) -> tuple[Freeze, int, bool]:
+        cloned = self.clone(src, dst, st, key)
+        if cloned is not None:
+            return Freeze.CLONE, *cloned
+        return Freeze.COPY, *self.copy(src, dst, st.st_dev, fingerprint_of(st))
 
 
 class _Walk:
@@ -428,45 +465,36 @@ def _walk(source: str) -> _Found:
     return found
 
 
-def _settle_links(root: str, files: list[SnapshotFile], dev_key: Callable[[str], tuple[int, int]]
-                  ) -> tuple[float, int]:
+def _settle_links(files: list[SnapshotFile], freeze: _Private) -> None:
     """Make every linked file's fingerprint sound on this filesystem's timestamps.
 
-    Returns (seconds waited, granularity). Replaces entries of ``files`` in place with
-    private copies where waiting is not worth it, or where the file changed meanwhile.
+    The link set the inode's ctime to the filesystem's "now". A file whose mtime is still
+    in that granule could be rewritten within it, leaving mtime as it is: wait for the
+    filesystem's clock to pass it and take the fingerprint again, or, where waiting would
+    cost more than copying and reading back the linked bytes, copy them instead. A file
+    that changed meanwhile, or that could not be waited out within the bound, was not
+    frozen whole: its entry (replaced in ``files``) says so, and its checkpoint is torn.
     """
-    linked = [i for i, f in enumerate(files) if f.how is Freeze.LINK]
-    if not linked:
-        return 0.0, 0
-    gran = timestamp_granularity(root)
-    if gran == 0:
-        return 0.0, 0
-    # The link set the inode's ctime to the filesystem's "now". A file whose mtime is
-    # still in that granule could be rewritten within it, leaving mtime as it is: wait
-    # for the filesystem's clock to pass it, or copy, whichever is cheaper.
-    risky = [i for i in linked if files[i].fingerprint.mtime_ns >= files[i].fingerprint.ctime_ns]
-    if not risky:
-        return 0.0, gran
-    newest = max(files[i].fingerprint.mtime_ns for i in risky)
-    expected_wait = max(0.0, (newest + gran - time.time_ns()) / 1e9)
-    risky_bytes = sum(files[i].size for i in risky)
-    t0 = time.monotonic()
-    settled = False
-    if expected_wait <= min(_MAX_WAIT_S, risky_bytes / _COPY_BYTES_PER_S):
-        settled = _wait_past(root, newest, gran, t0 + expected_wait + 0.5)
-    waited = time.monotonic() - t0
-    for i in risky:
+    clock = freeze.clock
+    unsettled = [i for i, f in enumerate(files) if f.how is Freeze.LINK and clock.unsettled(
+        clock.dev, f.fingerprint.mtime_ns, since=f.fingerprint.ctime_ns)]
+    if not unsettled:
+        return
+    newest = max(files[i].fingerprint.mtime_ns for i in unsettled)
+    if freeze.cheaper_to_wait(newest, sum(files[i].size for i in unsettled)):
+        settled = clock.settle(newest)
+        for i in unsettled:
+            f = files[i]
+            now = fingerprint_of(os.stat(f.path))
+            whole = settled and f.fingerprint.same_content(now)
+            files[i] = dataclasses.replace(f, fingerprint=now if whole else f.fingerprint,
+                                           whole=whole)
+        return
+    for i in unsettled:
         f = files[i]
-        now = fingerprint_of(os.stat(f.path))
-        if settled and f.fingerprint.same_content(now):
-            files[i] = dataclasses.replace(f, fingerprint=now)
-            continue
-        # Changed while we waited, or not worth waiting for: freeze a private copy.
         os.unlink(f.path)
-        how, size = _freeze_private(f.source, f.path, dev_key(f.source))
-        files[i] = dataclasses.replace(f, how=how, size=size,
-                                       fingerprint=fingerprint_of(os.stat(f.path)))
-    return waited, gran
+        size, whole = freeze.copy(f.source, f.path, clock.dev, f.fingerprint, read_back=True)
+        files[i] = dataclasses.replace(f, how=Freeze.COPY, size=size, whole=whole)
 
 
 def take_snapshot(
@@ -476,12 +504,15 @@ def take_snapshot(
     mode: SnapshotMode = SnapshotMode.AUTO,
     copy_budget: int = 0,
     private: PrivatePredicate | None = None,
+    mapped: MappedFiles | None = None,
 ) -> Snapshot:
     """Freeze ``source`` (a directory or a file) into a new directory under ``dest_root``.
 
     ``dest_root`` should be on the same filesystem as ``source`` so links work; where they
     cannot (another device), files are copied. ``private(path, stat)`` returning True
     keeps that file from sharing its inode: it is cloned, else copied by the kernel.
+    ``mapped()``, called at most once and only if a file is about to be linked, gives
+    the inode numbers of files mapped shared and writable: those are never linked.
     Raises :class:`SnapshotError` when the source does not exist or cannot be read.
     """
     t0 = time.perf_counter()
@@ -491,10 +522,14 @@ def take_snapshot(
             "file or directory, or write into current.checkpoint.directory."
         )
     try:
+        os.makedirs(dest_root, exist_ok=True)
+        clock = Clock(dest_root)  # before the walk: see Clock
+    except OSError as e:
+        raise SnapshotError(f"cannot snapshot {source!r} into {dest_root!r}: {e}") from e
+    try:
         entries = _walk(source)
     except OSError as e:
         raise SnapshotError(f"cannot read {source!r} to snapshot it: {e}") from e
-    os.makedirs(dest_root, exist_ok=True)
     root = os.path.join(dest_root, f"snap-{uuid.uuid4().hex}")
     os.mkdir(root, 0o700)
     root_dev = os.stat(root).st_dev
@@ -502,25 +537,21 @@ def take_snapshot(
     budget = copy_budget if mode is not SnapshotMode.COPY else None
     files: list[SnapshotFile] = []
     privates: list[str] = []
+    mapped_rels: list[str] = []
+    shared: AbstractSet[int] | None = None
     private_bytes = 0
     private_s = 0.0
-    devs: dict[str, tuple[int, int]] = {}
-
-    def dev_key(path: str) -> tuple[int, int]:
-        return devs[path]
-
-    waited = 0.0
-    gran = 0
+    freeze = _Private(clock)
     try:
         for rel, src, st in entries:
-            size = st.st_size
             fp = fingerprint_of(st)
-            if budget is not None and size <= budget:
-                data = _read_small(src, size)
+            if budget is not None and st.st_size <= budget:
+                data, whole = _read_checked(src, st, clock)
                 budget -= len(data)
-                files.append(SnapshotFile(rel, "", len(data), fp, Freeze.MEMORY, src, data))
+                files.append(SnapshotFile(rel, "", len(data), fp, Freeze.MEMORY, src, data,
+                                          whole=whole))
                 continue
-            devs[src] = (st.st_dev, root_dev)
+            key = (st.st_dev, root_dev)
             parent = rel.rpartition("/")[0]
             if parent not in made_dirs:
                 os.makedirs(os.path.join(root, parent), exist_ok=True)
@@ -528,41 +559,48 @@ def take_snapshot(
             dst = os.path.join(root, rel)
             how = Freeze.COPY
             if budget is None:
-                size = _kernel_copy(src, dst)
+                size, whole = freeze.copy(src, dst, st.st_dev, fp)
             elif private is not None and private(src, st):
                 t1 = time.perf_counter()
-                how, size = _freeze_private(src, dst, devs[src])
+                how, size, whole = freeze.clone_or_copy(src, dst, st, key)
                 private_s += time.perf_counter() - t1
                 private_bytes += size if how is Freeze.COPY else 0
                 privates.append(rel)
             elif mode in (SnapshotMode.AUTO, SnapshotMode.REFLINK) and (
-                cloned := _try_reflink(src, dst, devs[src])
+                cloned := freeze.clone(src, dst, st, key)
             ) is not None:
-                how, size = Freeze.CLONE, cloned
+                how, (size, whole) = Freeze.CLONE, cloned
             elif mode is SnapshotMode.REFLINK:
                 raise SnapshotError(
                     f"METAFLOW_CHECKPOINT_SNAPSHOT=reflink but the filesystem under {source!r} "
                     "cannot clone files; use auto, link or copy."
                 )
+            elif mapped is not None and st.st_ino in (
+                    shared := mapped() if shared is None else shared):
+                # Written through a shared mapping: writes to pages already dirty move
+                # neither mtime nor ctime, so no fingerprint can tell a link was changed.
+                how, size, whole = freeze.clone_or_copy(src, dst, st, key)
+                private_bytes += size if how is Freeze.COPY else 0
+                mapped_rels.append(rel)
             else:
                 if not os.access(src, os.R_OK):
                     # A link needs no read permission, but the upload will.
                     raise PermissionError(errno.EACCES, "Permission denied", src)
                 try:
                     os.link(src, dst)
-                    how = Freeze.LINK
+                    how, whole = Freeze.LINK, True
                     # After the link: linking changes the inode's ctime, and the uploader
                     # must find exactly this. A rewrite between the walk and the link is
-                    # in the linked inode, and so in this fingerprint: the snapshot holds
-                    # the newer content, whole.
+                    # in the linked inode, and so in this fingerprint; the upload's check
+                    # sees any later one.
                     lst = os.stat(dst)
                     fp, size = fingerprint_of(lst), lst.st_size
                 except OSError as e:
                     if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                         raise
-                    size = _kernel_copy(src, dst)
-            files.append(SnapshotFile(rel, dst, size, fp, how, src))
-        waited, gran = _settle_links(root, files, dev_key)
+                    size, whole = freeze.copy(src, dst, st.st_dev, fingerprint_of(st))
+            files.append(SnapshotFile(rel, dst, size, fp, how, src, whole=whole))
+        _settle_links(files, freeze)
     except SnapshotError:
         shutil.rmtree(root, ignore_errors=True)
         raise
@@ -576,5 +614,5 @@ def take_snapshot(
             ) from e
         raise SnapshotError(f"cannot snapshot {source!r}: {e}") from e
     return Snapshot(root, tuple(files), time.perf_counter() - t0, tuple(privates),
-                    private_bytes, private_s, waited, gran,
-                    getattr(entries, "skipped", ()))
+                    private_bytes, private_s, clock.waited_s, clock.granularity,
+                    getattr(entries, "skipped", ()), tuple(mapped_rels))

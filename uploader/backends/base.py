@@ -74,6 +74,18 @@ class Backend(Protocol):
         """The size of the object under ``key``, or None where there is none."""
         ...
 
+    async def confirm(self, key: str, size: int, sha256: str, local: str | bytes
+                      ) -> str | None:
+        """Whether the object under ``key`` holds the ``size`` bytes whose SHA-256 is
+        ``sha256``, by the checksum or digest the store keeps of it, never by size alone.
+
+        None where it does; otherwise why it cannot be relied on, said for a log line
+        ("it is gone", "its stored checksum differs"). ``local`` (a file's path, or the
+        bytes themselves) holds those bytes, for a store whose checksum is of another
+        kind and must be computed from them.
+        """
+        ...
+
     async def list_keys(self, prefix: str) -> list[str]:
         """Every key that starts with ``prefix``, in no particular order."""
         ...

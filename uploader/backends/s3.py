@@ -25,6 +25,7 @@ request goes through botocore's own HTTP stack.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -46,6 +47,7 @@ from botocore.exceptions import (
 from ..config import MIN_PART_SIZE, MiB, UploaderMode
 from ..errors import CheckpointError, StorageAccessError, UploadError, first_error
 from .base import StoredObject, TransferContext, Upload
+from .s3_checksums import check_stored, composite_checksum
 from .s3_dataplane import ClientSpec, Creds, Outcome, PartJob
 from .s3_errors import (
     NOT_FOUND,
@@ -71,6 +73,7 @@ _IO_CHUNK = 4 * MiB  # batch size for writing downloaded bytes, and for hashing 
 # limiter: a listing of 1,000 checkpoints is then 16 round trips, not 63 (or 1,000).
 _SMALL_READS = 64
 _DELETE_BATCH = 1000  # S3's limit of keys per DeleteObjects request
+_SENT_REMEMBERED = 16384  # objects whose stored checksum is remembered (see confirm())
 
 def part_size_for(size: int, configured: int) -> int:
     """The part size for a file of ``size`` bytes: at least ``configured`` and 5 MiB, and
@@ -138,6 +141,8 @@ class S3Backend:
         self._small_reads: anyio.CapacityLimiter | None = None
         self._gets: SignedGets | None = None
         self._ids = itertools.count(1)  # request and file ids for the data plane
+        # Object key -> the ChecksumCRC32 S3 keeps for what this backend stored there.
+        self._sent: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -301,6 +306,7 @@ class S3Backend:
             await self._request(lambda: client.put_object(
                 Bucket=self.bucket, Key=okey, Body=data, ContentLength=len(data),
                 ChecksumAlgorithm="CRC32", ChecksumCRC32=checksum))
+            self._remember_sent(okey, checksum)
 
     async def put_file(self, key: str, path: str, size: int) -> str:
         if size > MAX_OBJECT_SIZE:
@@ -315,11 +321,20 @@ class S3Backend:
         return PartJob(job_id=0, creds=Creds("", "", None), bucket=self.bucket, key=okey,
                        path=path, offset=offset, length=length, **kw)
 
+    def _remember_sent(self, okey: str, checksum: str | None) -> None:
+        if checksum is None:
+            return
+        self._sent[okey] = checksum
+        self._sent.move_to_end(okey)
+        while len(self._sent) > _SENT_REMEMBERED:
+            self._sent.popitem(last=False)
+
     async def _put_single(self, key: str, path: str, size: int) -> str:
         await self._get_client()
         async with self._slot():  # the slot covers the open file and the buffer too
             out = await self._run(self._job(self._okey(key), path, 0, size))
         assert out.digest is not None
+        self._remember_sent(self._okey(key), out.checksum)
         return out.digest
 
     async def _put_multipart(self, key: str, path: str, size: int) -> str:
@@ -361,6 +376,7 @@ class S3Backend:
             digest = await plane.file_digest(file_id, path=path, parts=[
                 (*spans[p["PartNumber"]], p["ChecksumCRC32"]) for p in parts])
             await self._complete(okey, upload_id, parts, size)
+            self._remember_sent(okey, composite_checksum([p["ChecksumCRC32"] for p in parts]))
         except BaseException:
             with anyio.move_on_after(60, shield=True):
                 await plane.drop_file(file_id)
@@ -485,6 +501,31 @@ class S3Backend:
         with self._translated(key, "looking at", "s3:GetObject", writing=False):
             client = await self._get_client()
             return await self._request(attempt)
+
+    async def confirm(self, key: str, size: int, sha256: str, local: str | bytes
+                      ) -> str | None:
+        okey = self._okey(key)
+
+        async def head(**kw: Any) -> dict[str, Any] | None:
+            async def attempt() -> dict[str, Any] | None:
+                try:
+                    found: dict[str, Any] = await client.head_object(
+                        Bucket=self.bucket, Key=okey, **kw)
+                except ClientError as e:
+                    if error_code(e) in NOT_FOUND:
+                        return None
+                    raise
+                return found
+            return await self._request(attempt)
+
+        with self._translated(key, "looking at", "s3:GetObject", writing=False):
+            client = await self._get_client()
+            why, stored = await check_stored(head, size, sha256, local,
+                                             sent=self._sent.get(okey),
+                                             limiter=self._ctx.limiter)
+        if why is None:
+            self._remember_sent(okey, stored)
+        return why
 
     async def list_keys(self, prefix: str) -> list[str]:
         strip = len(self._okey(""))

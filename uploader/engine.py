@@ -656,8 +656,15 @@ class Engine:
             self._refs.add(keys.checkpoint_id, keys.stored(f.relpath, origin))
             return FileEntry(f.relpath, f.size, digest, origin)
 
+        def frozen_whole(f: SnapshotFile) -> None:
+            # A file torn as it was frozen fails the checkpoint before any upload. A linked
+            # one is compared after it is read: a read that fails (its permissions changed)
+            # says so, rather than calling the file rewritten.
+            if not f.whole:
+                raise _Torn(f)
+
         async def one(f: SnapshotFile) -> None:
-            check(f)  # a file torn as it was frozen fails the checkpoint before any upload
+            frozen_whole(f)
             entry = await unchanged(f)
             if entry is None:
                 await upload(f)
@@ -688,7 +695,7 @@ class Engine:
             await upload(f)
 
         async def upload(f: SnapshotFile) -> None:
-            check(f)
+            frozen_whole(f)
             key = keys.data(f.relpath)
             try:
                 if f.data is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -232,10 +233,22 @@ def _gang_env(mode: str) -> dict[str, str]:
     return {"GANG_MODE": mode, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
 
 
+def _gang_results(out: str) -> dict[str, Any]:
+    """``RESULT key=<JSON>`` lines of a gang's ranks, parsed, the last of each key winning.
+
+    Found anywhere in the text: the ranks of a local gang share one output stream, and two
+    ranks' lines can land on one line of the log.
+    """
+    decoder = json.JSONDecoder()
+    found = {}
+    for m in re.finditer(r"RESULT (\w+)=", out):
+        found[m[1]] = decoder.raw_decode(out, m.end())[0]
+    return found
+
+
 def _loaded(out: str) -> dict[int, Any]:
-    r = results(out)
-    return {rank: json.loads(r[f"loaded{rank}"]) for rank in range(3)
-            if f"loaded{rank}" in r}
+    r = _gang_results(out)
+    return {rank: r[f"loaded{rank}"] for rank in range(3) if f"loaded{rank}" in r}
 
 
 @pytest.mark.flow
@@ -250,10 +263,10 @@ def test_a_sharded_gang_resumes_every_rank_from_the_same_step(
     assert sorted(loaded, key=lambda d: d["rank"]) == [
         {"rank": r, "step": 3} for r in range(3)], out
     assert "Subprocess failed" in out and "Task is starting (retry)" in out
-    r = results(out)
-    assert json.loads(r["models"]) == ["rank0", "rank1", "rank2"]
+    r = _gang_results(out)
+    assert r["models"] == ["rank0", "rank1", "rank2"]
     for rank in range(3):
-        listed = json.loads(r[f"listed{rank}"])
+        listed = r[f"listed{rank}"]
         assert listed == sorted(listed, reverse=True), listed
         assert 3 in listed
     # Every part of every rank is stored and whole.
@@ -285,7 +298,9 @@ def test_a_sharded_gang_resumes_every_rank_from_the_same_step(
     assert {p.parts[-3] for p in pages} == {"2", "2_node_1", "2_node_2"}, pages
     texts = [json.dumps(card_payload(p.read_text())) for p in pages]
     assert all("Gang checkpoints" in t for t in texts)
-    assert sum("| 3/3 | committed | committed | committed |" in t for t in texts) >= 3
+    # Each card reads the store as its rank ends, and the ranks end at different moments:
+    # the last one of an attempt to end sees every rank's parts committed.
+    assert any("| 3/3 | committed | committed | committed |" in t for t in texts)
 
 
 @pytest.mark.flow
@@ -337,8 +352,8 @@ def test_a_gang_of_another_size_is_refused_by_name(run_flow: RunFlow) -> None:
     run_flow("gang_eager_flow.py", env={**_gang_env(""), "GANG_SIZE": "3"})
     # Same size: each rank resumes from its own shard of the earlier run.
     again = run_flow("gang_eager_flow.py", env={**_gang_env(""), "GANG_SIZE": "3"})
-    r = results(again.stdout + again.stderr)
-    assert [json.loads(r[f"loaded{i}"])["rank"] for i in range(3)] == [0, 1, 2]
+    r = _gang_results(again.stdout + again.stderr)
+    assert [r[f"loaded{i}"]["rank"] for i in range(3)] == [0, 1, 2]
     # Two ranks cannot take three shards: every rank refuses, naming both sizes.
     proc = run_flow("gang_eager_flow.py", env={**_gang_env(""), "GANG_SIZE": "2"},
                     check=False)
@@ -353,6 +368,6 @@ def test_a_replicated_checkpoint_loads_on_a_gang_of_another_size(run_flow: RunFl
     env = {**_gang_env(""), "GANG_SHARDED": "0"}
     run_flow("gang_eager_flow.py", env={**env, "GANG_SIZE": "3"})
     proc = run_flow("gang_eager_flow.py", env={**env, "GANG_SIZE": "2"})
-    r = results(proc.stdout + proc.stderr)
+    r = _gang_results(proc.stdout + proc.stderr)
     # Only rank 0 saved: every rank of the new gang loads it.
-    assert [json.loads(r[f"loaded{i}"]) for i in range(2)] == [{"rank": 0, "size": 3}] * 2
+    assert [r[f"loaded{i}"] for i in range(2)] == [{"rank": 0, "size": 3}] * 2

@@ -116,9 +116,10 @@ class Catalog:
         found = self.select(scope_prefix, run_id=run_id, task_id=task_id, latest_only=True)
         return found[0] if found else None
 
-    def read(self, manifest_key: str) -> Entry | None:
+    def read(self, manifest_key: str, *, with_gang: bool = False) -> Entry | None:
         """The checkpoint whose manifest is at ``manifest_key``; None if not committed.
-        A part of a gang checkpoint comes with its ``gang``.
+        ``with_gang``: a part of a gang checkpoint comes with its ``gang``, which costs a
+        read of every manifest of its run.
 
         Raises ValueError when ``manifest_key`` is not a manifest key.
         """
@@ -126,7 +127,7 @@ class Catalog:
         m = self.engine.read_manifest(keys)
         if m is None:
             return None
-        if GangPart.of(m) is not None:
+        if with_gang and GangPart.of(m) is not None:
             # A part is shown with its gang checkpoint, complete or not.
             for e in self.entries(keys.scope_prefix, run_id=keys.run_id, incomplete=True):
                 if e.gang is not None and any(p.keys == keys for p in e.gang.parts.values()):

@@ -197,7 +197,7 @@ class Session:
         if "/manifests/" in which:
             try:
                 with self.reading():
-                    entry = self.catalog.read(which)
+                    entry = self.catalog.read(which, with_gang=True)
             except ValueError as e:
                 raise click.BadParameter(str(e), param_hint="CHECKPOINT") from e
             if entry is None:
@@ -221,7 +221,7 @@ class Session:
         for keys in inv.manifests:
             if keys.checkpoint_id == checkpoint_id:
                 with self.reading():
-                    entry = self.catalog.read(keys.manifest)
+                    entry = self.catalog.read(keys.manifest, with_gang=True)
                 if entry is not None:
                     return entry
         if any(u.keys.checkpoint_id == checkpoint_id for u in inv.uncommitted):

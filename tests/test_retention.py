@@ -309,7 +309,8 @@ def test_a_crash_between_manifest_and_data_leaves_only_whole_checkpoints(
     calls: list[list[str]] = []
 
     async def crash_after_manifests(keys: Any) -> list[tuple[str, str]]:
-        calls.append(list(keys))
+        if not any("/locks/" in k for k in keys):  # the prune's own marker comes and goes
+            calls.append(list(keys))
         if any("/data/" in k for k in keys):
             raise ConnectionResetError("the process died here")
         return await real_delete(keys)
@@ -352,12 +353,12 @@ def test_s3_delete_errors_are_retried_or_reported_by_key(store: Store, tmp_path:
                        query_contains="delete", times=1)
         proxy.add_rule(error(403, "AccessDenied", "Access Denied"), method="POST",
                        query_contains="delete", every=2)
+        plan = plan_prune(Catalog(engine), PREFIX, RetentionPolicy(keep_last=1))
         store.endpoint = proxy.endpoint
         pruning = store.engine()
-        catalog = Catalog(pruning)
-        report = execute_prune(catalog, plan_prune(catalog, PREFIX,
-                                                   RetentionPolicy(keep_last=1)))
-        assert proxy.count(method="POST", query_contains="delete") == 3
+        report = execute_prune(Catalog(pruning), plan)
+        # The manifests' twice, the data's, and the prune's marker as it ends.
+        assert proxy.count(method="POST", query_contains="delete") == 4
     store.endpoint = store.s3.endpoint
     assert report.checkpoints_deleted == 2 and report.bytes_freed == 0
     (err,) = report.errors

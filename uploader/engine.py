@@ -54,6 +54,7 @@ from .errors import (
 from .handle import CheckpointHandle, CheckpointState
 from .incremental import Bases, References, sha256_file
 from .layout import CheckpointKeys
+from .leases import SaveLease
 from .manifest import FileEntry, Manifest, freeze_metadata
 from .mappings import shared_writable_files
 from .retry import RetryPolicy
@@ -336,6 +337,9 @@ class Engine:
         # Held on the loop from a save's check that the objects it points at exist until
         # its manifest is written, and by delete_unreferenced(): see there.
         self._pointing: anyio.Lock | None = None
+        # Prune markers of this process's own prunes (uploader.leases): its saves never
+        # wait for them, the pointing lock already keeps the two apart.
+        self._own_markers: frozenset[str] = frozenset()
         self._told_torn = False
         self._hinted: dict[str, str] = {}
         self._newest: dict[tuple[str, str], CheckpointHandle] = {}  # per (scope, name)
@@ -469,6 +473,13 @@ class Engine:
         committed manifest never points at an object this engine deleted.
         """
         return self.run(self._delete_unreferenced, list(keys))
+
+    def own_prune_marker(self, key: str, live: bool) -> None:
+        """Tell the engine that a prune marker (:mod:`uploader.leases`) is this process's
+        own (``live``) or is gone; from any thread."""
+        with self._lock:
+            self._own_markers = (self._own_markers | {key} if live
+                                 else self._own_markers - {key})
 
     def _pointing_lock(self) -> anyio.Lock:
         if self._pointing is None:  # made on the loop, the only place it is used
@@ -617,6 +628,22 @@ class Engine:
 
     async def _upload(self, handle: CheckpointHandle, req: SaveRequest, snap: Snapshot,
                       events: dict[str, object]) -> None:
+        assert self._backend is not None
+        lease = SaveLease(self._backend, req.keys)
+
+        def warn(msg: str) -> None:
+            self.warn_once(f"lease:{req.keys.scope_prefix}", f"WARNING: {msg}")
+
+        # The lease is renewed for as long as the upload lasts (uploader.leases).
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lease.keep_alive, warn)
+            try:
+                await self._upload_one(handle, req, snap, events, lease)
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _upload_one(self, handle: CheckpointHandle, req: SaveRequest, snap: Snapshot,
+                          events: dict[str, object], lease: SaveLease) -> None:
         backend, ctx = self._backend, self._ctx
         assert backend is not None and ctx is not None
         keys = req.keys
@@ -717,31 +744,119 @@ class Engine:
             entries[f.relpath] = FileEntry(f.relpath, f.size, digest)
             stats.bytes_uploaded += f.size  # per file: the progress costs nothing per byte
 
+        def unpoint(f: SnapshotFile) -> None:
+            # An unchanged file that is uploaded after all.
+            stats.files_skipped -= 1
+            stats.bytes_skipped -= f.size
+
+        async def reconfirm(f: SnapshotFile) -> None:
+            # This save's own object, which a prune may have taken for debris while the
+            # lease could not be renewed: uploaded again if it is not there whole.
+            entry = entries[f.relpath]
+            key = keys.data(f.relpath)
+            try:
+                why = await backend.confirm(key, f.size, entry.sha256,
+                                            f.path if f.data is None else f.data)
+            except CheckpointError as e:
+                why = f"it could not be looked at ({e})"
+            if why is not None:
+                self._log(f"note: checkpoint {req.name!r} ({keys.checkpoint_id}): the "
+                          f"uploaded {f.relpath!r} at {backend.url_of(key)} is not usable "
+                          f"({why}); uploading it again.")
+                stats.bytes_uploaded -= f.size
+                await upload(f)
+
+        def build() -> Manifest:
+            return Manifest(
+                checkpoint_id=keys.checkpoint_id, name=req.name, run_id=keys.run_id,
+                scope_prefix=keys.scope_prefix,
+                created_on=req.reference.get("created_on", ""),
+                committed_on=_utcnow(), latest=req.latest,
+                files=tuple(entries[f.relpath] for f in snap.files),
+                metadata=req.metadata, identity=req.identity,
+                source="file" if os.path.isfile(req.source) else "directory",
+                timings={"snapshot_s": snap.seconds, "upload_s": time.monotonic() - t0},
+                bytes_skipped=stats.bytes_skipped,
+            )
+
+        async def write_manifest(manifest: Manifest) -> None:
+            try:
+                await backend.put_bytes(keys.manifest, manifest.to_json())
+            except UploadError as e:
+                raise _naming(e, req, "writing its manifest", keys.manifest) from e
+
+        async def missing(files: list[SnapshotFile]) -> list[SnapshotFile]:
+            # One listing per checkpoint pointed into, not a request per file.
+            where = {f.relpath: keys.stored(f.relpath, entries[f.relpath].key) for f in files}
+            head = f"{keys.scope_prefix}/data/"
+            prefixes = {head + "/".join(k[len(head):].split("/", 2)[:2]) + "/"
+                        for k in where.values()}
+            found: set[str] = set()
+
+            async def look(prefix: str) -> None:
+                found.update(await backend.list_keys(prefix))
+
+            await _each(look, prefixes)
+            return [f for f in files if where[f.relpath] not in found]
+
         try:
             handle._transition(CheckpointState.UPLOADING)
+            try:
+                # Before the first byte of data: a prune anywhere spares what it covers.
+                await lease.write()
+            except UploadError as e:
+                raise _naming(e, req, "writing its lease", lease.key) from e
             await _each(one, snap.files)
             pointing = [f for f in snap.files if entries[f.relpath].key is not None]
+            if pointing:
+                # Rule 2 of uploader.leases: say what it points at, then let the prunes
+                # of other processes end before checking that those objects exist.
+                await lease.write([keys.stored(f.relpath, entries[f.relpath].key)
+                                   for f in pointing])
+                if not await lease.await_prunes(lambda: self._own_markers):
+                    self._log(f"note: checkpoint {req.name!r} ({keys.checkpoint_id}): a "
+                              "prune of another process is still running in its scope, so "
+                              f"its {len(pointing)} unchanged file(s) are uploaded rather "
+                              "than pointed at.")
+                    for f in pointing:
+                        unpoint(f)
+                    await _each(upload, pointing)
+                    pointing = []
+            if lease.lapsed:
+                await lease.write()
+                await lease.await_prunes(lambda: self._own_markers)
+                await _each(reconfirm, [f for f in snap.files
+                                        if entries[f.relpath].key is None])
             # Until the manifest is written, no deletion through this engine runs between
             # the check that those objects exist and the commit (delete_unreferenced).
             guard = self._pointing_lock() if pointing else contextlib.nullcontext()
             async with guard:
                 await _each(confirm, pointing)
-                upload_s = time.monotonic() - t0
-                manifest = Manifest(
-                    checkpoint_id=keys.checkpoint_id, name=req.name, run_id=keys.run_id,
-                    scope_prefix=keys.scope_prefix,
-                    created_on=req.reference.get("created_on", ""),
-                    committed_on=_utcnow(), latest=req.latest,
-                    files=tuple(entries[f.relpath] for f in snap.files),
-                    metadata=req.metadata, identity=req.identity,
-                    source="file" if os.path.isfile(req.source) else "directory",
-                    timings={"snapshot_s": snap.seconds, "upload_s": upload_s},
-                    bytes_skipped=stats.bytes_skipped,
-                )
+                manifest = build()
+                await write_manifest(manifest)
+            # What it points at is looked at once more: the protocol makes a deletion
+            # here impossible for every pruner that follows it, but not for a person or a
+            # lifecycle rule. Whatever went is uploaded and the manifest written again.
+            pointing = [f for f in pointing if entries[f.relpath].key is not None]
+            gone = await missing(pointing) if pointing else []
+            if gone and await backend.stat(keys.manifest) is None:
+                gone = []  # pruned already, with what it pointed at: nothing to mend
+            if gone:
+                first = keys.stored(gone[0].relpath, entries[gone[0].relpath].key)
+                self._log(f"WARNING: checkpoint {req.name!r} ({keys.checkpoint_id}): "
+                          f"{len(gone)} object(s) it points at were deleted as it committed "
+                          f"(e.g. {backend.url_of(first)}), not by a prune of this "
+                          "package; uploading those files and writing the manifest again.")
                 try:
-                    await backend.put_bytes(keys.manifest, manifest.to_json())
-                except UploadError as e:
-                    raise _naming(e, req, "writing its manifest", keys.manifest) from e
+                    for f in gone:
+                        unpoint(f)
+                    await _each(upload, gone)
+                    manifest = build()
+                    await write_manifest(manifest)
+                except BaseException:
+                    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                        await backend.delete_keys([keys.manifest])
+                    raise
             req.reference["size"] = manifest.total_bytes
             if req.latest:
                 # Before the handle completes, so whoever waits on it sees the hint too;
@@ -782,6 +897,9 @@ class Engine:
         finally:
             self._refs.drop(keys.checkpoint_id)
             with anyio.CancelScope(shield=True):
+                if lease.written is not None:
+                    with anyio.move_on_after(30), contextlib.suppress(Exception):
+                        await lease.release()  # else it expires
                 self._rewrites.released(snap)
                 await anyio.to_thread.run_sync(snap.release)
             self._slots.release()

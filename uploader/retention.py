@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -40,6 +39,7 @@ from .engine import Engine
 from .errors import ManifestError
 from .gang import GangPart, group, parse_markers
 from .layout import CheckpointKeys, Scope, safe_component
+from .leases import PruneGuard
 from .manifest import Manifest
 
 __all__ = ["BEST_MODES", "DEFAULT_GRACE_S", "ManifestCache", "PrunePlan", "PruneReport",
@@ -98,6 +98,13 @@ class PrunePlan:
     # Temporary files a writer killed mid-manifest left under manifests/ (local store):
     # never a manifest, and removed once older than the grace period.
     stale_temp: tuple[str, ...] = ()
+    # Leases and prune markers (uploader.leases) that dead processes left, expired for
+    # longer than the grace period.
+    stale_locks: tuple[str, ...] = ()
+    grace_s: float = DEFAULT_GRACE_S
+    # The clock ages are measured on is the store's; a ``now`` given to plan_prune moves
+    # it by this much, for execute_prune's second look too.
+    clock_offset: float = 0.0
 
 
 @dataclasses.dataclass
@@ -219,10 +226,10 @@ def _manifests(engine: Engine, scope_prefix: str, cache: ManifestCache | None = 
     return entries, found, unreadable
 
 
-def _referenced(engine: Engine, entries: Iterable[Entry]) -> set[str]:
-    """Every key a manifest in ``entries``, or a save of ``engine`` not yet committed,
-    stores bytes under."""
-    refs: set[str] = set(engine.referenced_keys())
+def _referenced(engine: Engine, entries: Iterable[Entry], guard: PruneGuard) -> set[str]:
+    """Every key a manifest in ``entries``, a save of ``engine`` not yet committed, or a
+    live lease of any process's save stores bytes under."""
+    refs: set[str] = set(engine.referenced_keys()) | guard.spared
     for e in entries:
         refs.update(e.keys.stored(f.path, f.key) for f in e.manifest.files)
     return refs
@@ -256,40 +263,63 @@ def plan_prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
     """
     engine = catalog.engine
     prefix = Scope.from_prefix(scope_prefix).prefix
-    now = time.time() if now is None else now
+    with PruneGuard(engine, prefix) as guard:
+        return _plan(catalog, prefix, policy, guard, run_id=run_id, protect=protect,
+                     grace_s=grace_s, now=now, manifest_cache=manifest_cache)
+
+
+def _plan(catalog: Catalog, prefix: str, policy: RetentionPolicy, guard: PruneGuard, *,
+          run_id: str | None, protect: Iterable[str], grace_s: float, now: float | None,
+          manifest_cache: ManifestCache | None) -> PrunePlan:
+    engine = catalog.engine
+    clock = guard.now if now is None else now
+    before = clock - grace_s
     protect = frozenset(protect)
     entries, all_keys, unreadable = _manifests(engine, prefix, manifest_cache)
     run = None if run_id is None else safe_component(str(run_id))
     considered = [e for e in entries if run is None or e.keys.run_id == run]
+    common: dict[str, Any] = {
+        "scope_prefix": prefix, "grace_s": grace_s, "clock_offset": clock - guard.now,
+        "uploads": _stale_uploads(engine, prefix, before, guard),
+        "stale_temp": _stale_temp(engine, prefix, before),
+        "stale_locks": _stale_locks(guard, clock, grace_s)}
     if unreadable:
         reasons = {e.keys.checkpoint_id: "kept: the scope has a manifest this version cannot "
                    "read, which may reference its data" for e in considered}
         return PrunePlan(keep=tuple(considered), delete=(), reasons=reasons, debris=(),
-                         uploads=_stale_uploads(engine, prefix, now - grace_s),
-                         unreadable=tuple(unreadable), scope_prefix=prefix,
-                         stale_temp=_stale_temp(engine, prefix, now - grace_s))
-    stale_temp = _stale_temp(engine, prefix, now - grace_s)
+                         unreadable=tuple(unreadable), **common)
     reasons = _keep_whole_gangs(engine, prefix, considered, policy, protect)
     delete = [e for e in considered if reasons.get(e.keys.checkpoint_id, "deleted").startswith(
         "deleted")]
     for e in delete:
         reasons.setdefault(e.keys.checkpoint_id, "deleted: kept by no rule")
-    refs = _referenced(engine, entries)
+    refs = _referenced(engine, entries, guard)
     committed = {(k.run_id, k.checkpoint_id) for k in all_keys}
-    debris = []
     objects = engine.run(engine.backend.list_objects, f"{prefix}/data/")
-    for (r, cid), objs in sorted(_by_checkpoint(prefix, objects).items()):
-        if (r, cid) in committed or cid in protect:
-            continue
-        if max(o.mtime for o in objs) > now - grace_s:
-            continue  # maybe still uploading
-        if any(o.key not in refs for o in objs):
-            debris.append(f"{prefix}/data/{r}/{cid}/")
+    debris = [f"{prefix}/data/{r}/{cid}/"
+              for (r, cid), objs in sorted(_debris(prefix, objects, committed, protect,
+                                                   guard, before).items())
+              if any(o.key not in refs for o in objs)]
     doomed = {e.keys.checkpoint_id for e in delete}
     return PrunePlan(keep=tuple(e for e in considered if e.keys.checkpoint_id not in doomed),
-                     delete=tuple(delete), reasons=reasons, debris=tuple(debris),
-                     uploads=_stale_uploads(engine, prefix, now - grace_s),
-                     scope_prefix=prefix, stale_temp=stale_temp)
+                     delete=tuple(delete), reasons=reasons, debris=tuple(debris), **common)
+
+
+def _debris(prefix: str, objects: Iterable[StoredObject], committed: set[tuple[str, str]],
+            protect: frozenset[str], guard: PruneGuard, before: float
+            ) -> dict[tuple[str, str], list[StoredObject]]:
+    """Data of checkpoints that never committed and whose saves are over: no manifest, no
+    live lease, and neither an object nor the lease written since ``before`` (on the
+    store's clock). Data written after the prune's marker is never older than that."""
+    leases = guard.view.lease_times()
+    out = {}
+    for (r, cid), objs in _by_checkpoint(prefix, objects).items():
+        if (r, cid) in committed or cid in protect or (r, cid) in guard.leased:
+            continue
+        if max([o.mtime for o in objs] + [leases.get((r, cid), -math.inf)]) >= before:
+            continue  # maybe still uploading
+        out[(r, cid)] = objs
+    return out
 
 
 def _keep_whole_gangs(engine: Engine, prefix: str, considered: Sequence[Entry],
@@ -342,12 +372,25 @@ def _stale_temp(engine: Engine, prefix: str, before: float) -> tuple[str, ...]:
     found = engine.run(engine.backend.list_objects, f"{prefix}/manifests/")
     return tuple(sorted(o.key for o in found
                         if o.key.rpartition("/")[2].startswith(TEMP_PREFIX)
-                        and o.mtime <= before))
+                        and o.mtime < before))
 
 
-def _stale_uploads(engine: Engine, prefix: str, before: float) -> tuple[tuple[str, str], ...]:
+def _leased_data(guard: PruneGuard) -> tuple[str, ...]:
+    prefix = guard.scope_prefix
+    return tuple(f"{prefix}/data/{run}/{cid}/" for run, cid in guard.leased)
+
+
+def _stale_uploads(engine: Engine, prefix: str, before: float, guard: PruneGuard
+                   ) -> tuple[tuple[str, str], ...]:
     found = engine.run(engine.backend.list_uploads, f"{prefix}/")
-    return tuple(sorted((u.key, u.upload_id) for u in found if u.initiated <= before))
+    live = _leased_data(guard)
+    return tuple(sorted((u.key, u.upload_id) for u in found
+                        if u.initiated < before and not u.key.startswith(live)))
+
+
+def _stale_locks(guard: PruneGuard, clock: float, grace_s: float) -> tuple[str, ...]:
+    return tuple(sorted(lk.key for lk in guard.view.locks
+                        if lk.key != guard.key and clock - lk.mtime > lk.ttl + grace_s))
 
 
 # -- executing -----------------------------------------------------------------------
@@ -360,8 +403,12 @@ def execute_prune(catalog: Catalog, plan: PrunePlan, *,
 
     Raises ValueError for a plan built by hand that names more than one scope.
     """
+    return _execute_plan(catalog, plan, None, manifest_cache)
+
+
+def _execute_plan(catalog: Catalog, plan: PrunePlan, guard: PruneGuard | None,
+                  manifest_cache: ManifestCache | None) -> PruneReport:
     engine = catalog.engine
-    backend = engine.backend
     report = PruneReport()
     if not plan.scope_prefix:  # a plan built by hand: the scope its checkpoints name
         scopes = {e.keys.scope_prefix for e in plan.delete} | {
@@ -372,8 +419,25 @@ def execute_prune(catalog: Catalog, plan: PrunePlan, *,
     if plan.unreadable:
         report.errors.append(
             f"not pruning {plan.scope_prefix}: {len(plan.unreadable)} manifest(s) cannot be "
-            f"read by this version (e.g. {backend.url_of(plan.unreadable[0])}), and may "
-            "reference data of other checkpoints. Upgrade the package, or remove them.")
+            f"read by this version (e.g. {engine.backend.url_of(plan.unreadable[0])}), and "
+            "may reference data of other checkpoints. Upgrade the package, or remove them.")
+    if not (plan.delete or plan.debris or plan.stale_temp or plan.stale_locks
+            or plan.uploads):
+        return report
+    if guard is not None:
+        _execute(engine, plan, guard, report, manifest_cache)
+        return report
+    try:
+        with PruneGuard(engine, plan.scope_prefix) as own:
+            _execute(engine, plan, own, report, manifest_cache)
+    except Exception as e:  # the marker could not be written or the locks listed
+        report.errors.append(f"not pruning {plan.scope_prefix}: {e}")
+    return report
+
+
+def _execute(engine: Engine, plan: PrunePlan, guard: PruneGuard, report: PruneReport,
+             manifest_cache: ManifestCache | None) -> None:
+    backend = engine.backend
     # 1. The commit points: from here on these checkpoints exist for no reader.
     gone: list[Entry] = []
     if plan.delete:
@@ -386,7 +450,7 @@ def execute_prune(catalog: Catalog, plan: PrunePlan, *,
     # again now: a save may have committed (and a pending one started) since the plan.
     if gone or plan.debris:
         try:
-            _delete_data(engine, plan, gone, report, manifest_cache)
+            _delete_data(engine, plan, gone, report, manifest_cache, guard)
         except Exception as e:
             report.errors.append(f"not deleting data under {plan.scope_prefix}: {e}. What is "
                                  "left is removed as debris by a later prune.")
@@ -396,14 +460,24 @@ def execute_prune(catalog: Catalog, plan: PrunePlan, *,
         removed = sum(1 for k in plan.stale_temp if k not in failed)
         report.objects_deleted += removed
         report.debris_removed += removed
-    # 4. Multipart uploads that will never complete.
+    # 4. Locks of processes that died: only those still expired as looked at now.
+    guard.fresh()
+    clock = guard.now + plan.clock_offset
+    still = set(_stale_locks(guard, clock, plan.grace_s))
+    locks = [k for k in plan.stale_locks if k in still]
+    if locks:
+        failed = _delete(engine, locks, report)
+        report.objects_deleted += sum(1 for k in locks if k not in failed)
+    # 5. Multipart uploads that will never complete, unless a save has taken a lease since.
+    live = _leased_data(guard)
     for key, upload_id in plan.uploads:
+        if key.startswith(live):
+            continue
         try:
             engine.run(backend.abort_upload, key, upload_id)
             report.uploads_aborted += 1
         except Exception as e:
             report.errors.append(str(e))
-    return report
 
 
 def _delete(engine: Engine, keys: Sequence[str], report: PruneReport) -> set[str]:
@@ -418,22 +492,33 @@ def _delete(engine: Engine, keys: Sequence[str], report: PruneReport) -> set[str
 
 
 def _delete_data(engine: Engine, plan: PrunePlan, gone: Sequence[Entry],
-                 report: PruneReport, cache: ManifestCache | None) -> None:
+                 report: PruneReport, cache: ManifestCache | None, guard: PruneGuard) -> None:
     prefix = plan.scope_prefix
-    refs = set(engine.referenced_keys())  # before the listing
-    entries, all_keys, unreadable = _manifests(engine, prefix, cache)
-    if unreadable:
-        raise RuntimeError(f"a manifest that cannot be read appeared ({unreadable[0]})")
-    refs |= _referenced(engine, entries)
-    committed = {(k.run_id, k.checkpoint_id) for k in all_keys}
-    groups = _by_checkpoint(prefix, engine.run(engine.backend.list_objects, f"{prefix}/data/"))
+    for _ in range(3):
+        guard.fresh()  # leases looked at no earlier than REFRESH_S ago
+        refs = set(engine.referenced_keys())  # before the listing
+        entries, all_keys, unreadable = _manifests(engine, prefix, cache)
+        if unreadable:
+            raise RuntimeError(f"a manifest that cannot be read appeared ({unreadable[0]})")
+        refs |= _referenced(engine, entries, guard)
+        committed = {(k.run_id, k.checkpoint_id) for k in all_keys}
+        objects = engine.run(engine.backend.list_objects, f"{prefix}/data/")
+        if not guard.overdue:
+            break
+    else:
+        raise RuntimeError("listing the scope took longer than a prune may go without "
+                           "renewing its marker, three times over")
+    groups = _by_checkpoint(prefix, objects)
+    # Debris is judged again: a save may have taken a lease or written since the plan.
+    still = _debris(prefix, objects, committed, frozenset(), guard,
+                    guard.now + plan.clock_offset - plan.grace_s)
     targets: list[tuple[str, list[StoredObject]]] = []
     for e in gone:
         targets.append(("", groups.get((e.keys.run_id, e.keys.checkpoint_id), [])))
     for d in plan.debris:
         run, cid = d[len(prefix) + len("/data/"):].rstrip("/").split("/")
-        if (run, cid) not in committed:  # committed since the plan: not debris after all
-            targets.append((d, groups.get((run, cid), [])))
+        if (run, cid) in still:
+            targets.append((d, still[(run, cid)]))
     doomed = [o for _, objs in targets for o in objs if o.key not in refs]
     # Through the engine, which spares what a save registered since ``refs`` was read,
     # and keeps the deletion from landing between a save's check of what it points at
@@ -459,7 +544,9 @@ def prune(catalog: Catalog, scope_prefix: str, policy: RetentionPolicy, *,
           run_id: str | None = None, protect: Iterable[str] = (),
           grace_s: float = DEFAULT_GRACE_S, now: float | None = None,
           manifest_cache: ManifestCache | None = None) -> PruneReport:
-    """:func:`plan_prune`, then :func:`execute_prune`."""
-    plan = plan_prune(catalog, scope_prefix, policy, run_id=run_id, protect=protect,
-                      grace_s=grace_s, now=now, manifest_cache=manifest_cache)
-    return execute_prune(catalog, plan, manifest_cache=manifest_cache)
+    """:func:`plan_prune`, then :func:`execute_prune`, under one prune marker."""
+    prefix = Scope.from_prefix(scope_prefix).prefix
+    with PruneGuard(catalog.engine, prefix) as guard:
+        plan = _plan(catalog, prefix, policy, guard, run_id=run_id, protect=protect,
+                     grace_s=grace_s, now=now, manifest_cache=manifest_cache)
+        return _execute_plan(catalog, plan, guard, manifest_cache)

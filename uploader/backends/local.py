@@ -128,6 +128,10 @@ def _write_atomic(dst: str, data: bytes) -> None:
         raise
 
 
+# Writes into a directory that other processes' prunes keep emptying and removing.
+_WRITE_TRIES = 20
+
+
 def _makedirs(path: str) -> list[str]:
     """``os.makedirs(path, exist_ok=True)``; return the directories it made, top first."""
     made: list[str] = []
@@ -240,7 +244,13 @@ class _DirSync:
             if self._synced.get(directory, 0) >= change:
                 return
             upto = self._changes[directory]
-            await anyio.to_thread.run_sync(_fsync_dir, directory)
+            try:
+                await anyio.to_thread.run_sync(_fsync_dir, directory)
+            except FileNotFoundError:
+                # Another process removed it, once what was in it was deleted: no name in
+                # it is left to make durable.
+                self._durable.discard(directory)
+                return
             self._synced[directory] = upto
 
     def forget(self, directories: set[str]) -> None:
@@ -298,16 +308,16 @@ class LocalBackend:
         parent = os.path.dirname(path)
         def run() -> tuple[list[str], T]:
             made: list[str] = []
-            for tries in range(3):
+            for tries in range(_WRITE_TRIES):
                 try:
                     with _side("write"):
                         made += _makedirs(parent)
                     return made, write(path)
                 except _SideError as e:
-                    # A prune of this store removed a directory it emptied between our
+                    # A prune (of any process) removed a directory it emptied between our
                     # makedirs and our write: make it again.
                     if e.side != "write" or not isinstance(e.error, FileNotFoundError) \
-                            or tries == 2 or os.path.isdir(parent):
+                            or tries == _WRITE_TRIES - 1:
                         raise
             raise AssertionError("unreachable")
 
@@ -315,6 +325,8 @@ class LocalBackend:
             async with self._ctx.limiter:
                 made, result = await self._thread(run)
                 # The new directories' names, then the file's name, in their parents.
+                # Made again where another process removed them: their names are new.
+                self._dirs.forget(set(made))
                 for d in made:
                     self._dirs.changed(os.path.dirname(d))
                 await self._dirs.ancestors(parent)

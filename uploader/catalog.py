@@ -9,6 +9,7 @@ newest (:meth:`CheckpointKeys.newest_first`, never a host's clock).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 from .engine import Engine
 from .errors import ManifestError
@@ -17,6 +18,11 @@ from .layout import CheckpointKeys, Scope, safe_component
 from .manifest import Manifest
 
 __all__ = ["Catalog", "Entry"]
+
+# Manifests read at once by newest_first(): a few at first (a task start needs one), more
+# as a caller goes on.
+_FIRST_BATCH = 4
+_MAX_BATCH = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +119,42 @@ class Catalog:
     def latest(self, scope_prefix: str, *, run_id: str | None = None,
                task_id: str | None = None) -> Entry | None:
         """The checkpoint to resume from: the newest saved with ``latest=True``."""
-        found = self.select(scope_prefix, run_id=run_id, task_id=task_id, latest_only=True)
-        return found[0] if found else None
+        return next(self.newest_first(scope_prefix, run_id=run_id, task_id=task_id,
+                                      latest_only=True), None)
+
+    def newest_first(self, scope_prefix: str, *, run_id: str | None = None,
+                     task_id: str | None = None, latest_only: bool = False
+                     ) -> Iterator[Entry]:
+        """What :meth:`select` gives, newest first, reading manifests only as far as the
+        caller goes: a task start that resumes from the newest checkpoint reads a few
+        manifests, however many the scope holds (the order comes from the keys alone,
+        see :meth:`CheckpointKeys.newest_first`).
+
+        Where the scope holds gang checkpoints, whose parts are only seen whole, it
+        falls back to :meth:`select` for what is left.
+        """
+        scope = Scope.from_prefix(scope_prefix)
+        found = self.engine.list_manifest_keys(scope.manifests_prefix(run_id))
+        given: set[CheckpointKeys] = set()
+        i, batch = 0, _FIRST_BATCH
+        while i < len(found):
+            chunk = found[i:i + batch]
+            read = self.engine.read_manifests(chunk)
+            if any(isinstance(m, Manifest) and GangPart.of(m) for m in read):
+                for e in self.select(scope_prefix, run_id=run_id, task_id=task_id,
+                                     latest_only=latest_only):
+                    if e.keys not in given:
+                        yield e
+                return
+            for keys, m in zip(chunk, read, strict=True):
+                if isinstance(m, ManifestError):
+                    self._skip(keys, m)
+                elif (m is not None and (not latest_only or m.latest)
+                      and (task_id is None or str(m.identity.get("task_id", "")) == str(task_id))):
+                    given.add(keys)
+                    yield Entry(keys, m)
+            i += batch
+            batch = min(batch * 4, _MAX_BATCH)
 
     def read(self, manifest_key: str, *, with_gang: bool = False) -> Entry | None:
         """The checkpoint whose manifest is at ``manifest_key``; None if not committed.

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from uploader import (
@@ -62,6 +63,15 @@ def _holders(key: Any, artifacts: Mapping[str, Any]) -> list[str]:
 def _log(msg: str) -> None:
     print(f"[@checkpoint] {msg}", file=sys.stderr, flush=True)
 
+
+
+def _once(entries: Iterable[Entry]) -> Iterator[Entry]:
+    """``entries`` without repeats: a checkpoint found by two searches is tried once."""
+    seen: set[Any] = set()
+    for e in entries:
+        if e.keys not in seen:
+            seen.add(e.keys)
+            yield e
 
 class TaskIdentity:
     def __init__(self, *, flow: str, run_id: str, step: str, task_id: str, attempt: int,
@@ -375,32 +385,36 @@ class CurrentCheckpoint:
             self._load_gang_on_start(policy, self._identity.gang)
             return
         catalog = self._reader.home()
-        candidates = catalog.select(self._scope.prefix, run_id=self._identity.run_id,
-                                    task_id=self._identity.task_id, latest_only=True)
+        # Newest first, each manifest read only if every newer candidate fails to load:
+        # a start reads a few manifests however many checkpoints the scope holds.
+        sources = [catalog.newest_first(self._scope.prefix, run_id=self._identity.run_id,
+                                        task_id=self._identity.task_id, latest_only=True)]
         if self._origin_run_id is not None:
             # `resume`: this step failed in the run resumed from; its task there is this
             # task's earlier self.
-            candidates += catalog.select(self._scope.prefix, run_id=self._origin_run_id,
-                                         latest_only=True)
+            sources.append(catalog.newest_first(self._scope.prefix,
+                                                run_id=self._origin_run_id, latest_only=True))
         if policy == "eager":
-            own = {e.keys for e in candidates}
-            candidates += [e for e in catalog.select(self._scope.prefix, latest_only=True)
-                           if e.keys not in own]
-        found = self._load_first(catalog, candidates)
+            sources.append(catalog.newest_first(self._scope.prefix, latest_only=True))
+        found = self._load_first(catalog, _once(itertools.chain(*sources)))
         if found is None:
             self._load_legacy_on_start(policy, legacy_identifier)
             return
         self._loaded_from(catalog, found)
 
-    def _load_first(self, catalog: Catalog, candidates: list[Entry]) -> Entry | None:
+    def _load_first(self, catalog: Catalog, candidates: Iterable[Entry]) -> Entry | None:
         """Load the first of ``candidates`` that loads into ``directory``; None if none."""
-        for i, entry in enumerate(candidates):
+        rest = iter(candidates)
+        following = next(rest, None)
+        while following is not None:
+            entry, following = following, None
             try:
                 catalog.load(entry, self._directory)
             except CheckpointError as e:
                 # Loud, but never a task that cannot start: the next older one will do.
                 self._clear_directory()
-                older = ("loading the next older one" if i + 1 < len(candidates)
+                following = next(rest, None)
+                older = ("loading the next older one" if following is not None
                          else "no older checkpoint is left, so the task starts without one")
                 self._log(f"ERROR: could not load checkpoint {entry.manifest.name!r} "
                           f"({entry.keys.checkpoint_id}): {e} Resuming from it is skipped; "

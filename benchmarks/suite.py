@@ -2,8 +2,10 @@
 
 Each figure is a median over repeats, set against a baseline measured in the same run.
 Writes ``results.md``, ``results.png`` and ``results.json`` to ``--out``
-(``benchmarks/results`` by default) and prints the table. ``--quick`` runs everything
-small (a smoke run: the numbers mean little); ``--only`` picks benchmarks by name.
+(``benchmarks/results`` by default, the figures the README quotes) and prints the table.
+``--quick`` runs everything small (a smoke run: the numbers mean little), and writes to
+``benchmarks/results-quick`` (not tracked) unless ``--out`` says otherwise, so it never
+replaces the real figures; ``--only`` picks benchmarks by name.
 
     tox -e bench                      # the full run, about 7 minutes on 2 cores
     python benchmarks/suite.py --quick --only listing,small_save
@@ -192,11 +194,15 @@ def plot(rows: list[Row], path: str) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out", default=None,
+                    help="where to write (default: benchmarks/results, or "
+                         "benchmarks/results-quick with --quick)")
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     ap.add_argument("--only", default="", help=f"comma-separated: {', '.join(BENCHMARKS)}")
     ap.add_argument("--dir", default=None, help="where to put temporary files")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = os.path.join(HERE, "results-quick" if args.quick else "results")
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
     unknown = set(names) - set(BENCHMARKS)
     if unknown:

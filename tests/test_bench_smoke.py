@@ -53,3 +53,16 @@ def test_interference_quick_run(tmp_path: Path) -> None:
         assert f"upload speed during the pure-Python loop ({mode})" in names
         assert f"training-loop speed while uploading (pure Python, {mode})" in names
     assert any(n.startswith("control:") for n in names)
+
+
+def test_a_smoke_run_never_replaces_the_tracked_results(tmp_path: Path) -> None:
+    tracked = SUITE.parent / "results" / "results.json"
+    before = tracked.read_bytes() if tracked.exists() else None
+    done = subprocess.run([sys.executable, str(SUITE), "--quick", "--only", "teardown",
+                           "--dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "results-quick" in done.stdout
+    smoke = json.loads((SUITE.parent / "results-quick" / "results.json").read_text())
+    assert smoke["quick"] is True
+    assert (tracked.read_bytes() if tracked.exists() else None) == before

@@ -8,6 +8,7 @@ and leaves the destination as it was; at task start, the next candidate is tried
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,10 @@ from typing import Any
 
 import metaflow  # noqa: F401  first: it loads this extension, whose modules need it
 import pytest
+from conftest import RunFlow
 from enginekit import make_engine
 from legacykit import tar_archive, write_checkpoint
+from storekit import results
 
 from metaflow_extensions.asynccheckpoint.plugins import legacy, legacy_archive
 from metaflow_extensions.asynccheckpoint.plugins.exceptions import CheckpointException
@@ -198,3 +201,24 @@ def test_a_corrupt_archive_of_the_stored_size_is_refused(tmp_path: Path,
     _refused(engine, _store(tmp_path, b"not a tar archive " * 50, name="text"),
              tmp_path / "dest", "cannot be read")
 
+
+@pytest.mark.flow
+@pytest.mark.parametrize("scope", ["good", "broken", "none"])
+def test_a_broken_legacy_latest_never_keeps_a_task_from_starting(
+        run_flow: RunFlow, scope: str) -> None:
+    out = run_flow("legacy_broken_flow.py", "--scope", scope)
+    text = out.stdout + out.stderr
+    r = {k: json.loads(v) for k, v in results(text).items()}
+    assert "ERROR: could not load the metaflow-checkpoint checkpoint of this task" in text
+    assert "holds 'state.txt' twice" in text, text
+    if scope == "good":
+        assert r["loaded"] == {"state.txt": "from the earlier run"}
+        assert r["info"] == ["earlier", "metaflow-checkpoint"]
+        assert "loaded the latest checkpoint metaflow-checkpoint saved for this step and " \
+               "foreach branch: 'earlier'" in text
+    else:
+        assert r["loaded"] == {} and r["info"] is None
+        assert "No checkpoint could be loaded: the task starts without one." in text
+    if scope == "broken":
+        assert "ERROR: could not load the metaflow-checkpoint checkpoint of this step and " \
+               "foreach branch" in text and "unsafe path '../escaped.txt'" in text

@@ -173,7 +173,21 @@ def test_eager_matches_foreach_branches_by_value_across_reordered_runs(run_flow:
         assert loaded is not None and loaded["value"] == branch["value"], (k, branch)
         seen.setdefault(branch["value"], []).append(loaded["occurrence"])
     # The two "a" branches each found their own occurrence, not the same one twice.
-    assert sorted(seen["a"]) == [0, 1]
+    assert sorted(seen["'a'"]) == [0, 1]
+
+
+def test_eager_tells_apart_foreach_values_python_tells_apart(run_flow: RunFlow) -> None:
+    # A tuple and a list, an int key and a str key: four branches, never one another's
+    # checkpoints. np.int64(3) in the first run is 3 in the second.
+    first = results(run_flow("reorder_flow.py", "--numpy", "True", "--items",
+                             '[(1, 2), [1, 2], {1: "a"}, {"1": "a"}, 3]').stdout)
+    assert all(json.loads(v)["loaded"] is None for v in first.values())
+    out = run_flow("reorder_flow.py", "--items", '[{"1": "a"}, 3, [1, 2], {1: "a"}, (1, 2)]')
+    second = [json.loads(v) for v in results(out.stdout).values()]
+    assert len(second) == 5
+    for branch in second:
+        loaded = branch["loaded"]
+        assert loaded is not None and loaded["value"] == branch["value"], branch
 
 
 def test_what_pip_uninstall_leaves_of_metaflow_checkpoint_does_not_refuse(

@@ -194,7 +194,7 @@ def test_references_and_checkpoints_of_metaflow_checkpoint_on_the_local_store(
                          text=True, timeout=120)
     assert out.returncode != 0 and "unsafe path '../escaped.txt'" in out.stderr, out.stderr
     assert not (dest.parent / "escaped.txt").exists()
-    assert [p.name for p in dest.iterdir()] == []
+    assert not dest.parent.exists()  # the directories the load made for it are gone again
 
 
 @pytest.mark.s3

@@ -68,15 +68,87 @@ def safe_component(text: str) -> str:
 def value_fingerprint(value: Any) -> str | None:
     """16 hex digits that name a foreach value across runs, or None where none is stable.
 
-    Values made of JSON types (str, numbers, bools, None, lists, tuples, dicts) have one:
-    the hash of their canonical JSON. Anything else (an object whose repr carries its
-    address, a set, a numpy array) has none.
+    Values made of JSON-like types have one; two values get the same fingerprint only if
+    they are equal and of the same kinds throughout (``(1, 2)`` is not ``[1, 2]``,
+    ``{1: "a"}`` not ``{"1": "a"}``, ``True`` not ``1``, ``1.0`` not ``1``). The rule:
+
+    - numpy scalars count as the Python value ``.item()`` gives: ``np.int64(3)`` as
+      ``3``, ``np.bool_(True)`` as ``True``, ``np.float64(1.5)`` as ``1.5``, at any depth
+      (recognised by type, so numpy is never imported here);
+    - a value made only of str, int, float, bool, None, lists and dicts with str keys has
+      the first 16 hex digits of the SHA-256 of its canonical JSON (sorted keys, no
+      spaces, ASCII): the fingerprint it has always had, so checkpoints stored under it
+      resume after an upgrade;
+    - a value holding a tuple, or a dict with a key that is not a str, is written as JSON
+      that tags every node with its kind (``["t", [...]]`` for a tuple, ``["d", [[key,
+      value], ...]]`` for a dict, ``["i", 1]`` for an int...), prefixed with ``py1:``.
+      No JSON text starts with ``p``, so these never collide with the first kind. Such
+      values used to be fingerprinted as lists and string-keyed dicts (mixed key types:
+      not at all), and are told apart from those now.
+
+    Anything else (an object whose repr carries its address, a set, a numpy array, a
+    cycle) has none.
     """
     try:
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    except (TypeError, ValueError, RecursionError):
+        plain, tagged = _encoded(value, set())
+        if plain is not _TAGGED:
+            text = json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        else:
+            text = _TAG + json.dumps(tagged, separators=(",", ":"), ensure_ascii=True)
+    except (_NoFingerprint, TypeError, ValueError, RecursionError):
         return None
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class _NoFingerprint(Exception):
+    pass
+
+
+# The plain form of a value that has to be tagged, and the tagged form's prefix.
+_TAGGED: Any = object()
+_TAG = "py1:"
+
+
+def _is_numpy_scalar(value: Any) -> bool:
+    return any(c.__name__ == "generic" and c.__module__ == "numpy" for c in type(value).__mro__)
+
+
+def _encoded(value: Any, path: set[int]) -> tuple[Any, Any]:
+    """``(plain, tagged)``: the value as plain JSON data (numpy scalars replaced), or
+    :data:`_TAGGED` where that would be ambiguous; and its tagged form."""
+    if _is_numpy_scalar(value):
+        value = value.item()
+        if _is_numpy_scalar(value):
+            raise _NoFingerprint
+    # bool before int: it is one.
+    for kind, tag in ((bool, "b"), (int, "i"), (float, "f"), (str, "s")):
+        if isinstance(value, kind):
+            return value, [tag, value]
+    if value is None:
+        return None, ["n"]
+    if not isinstance(value, list | tuple | dict):
+        raise _NoFingerprint
+    if id(value) in path:
+        raise _NoFingerprint  # a cycle
+    path.add(id(value))
+    try:
+        if isinstance(value, dict):
+            return _encoded_dict(value, path)
+        items = [_encoded(v, path) for v in value]
+    finally:
+        path.discard(id(value))
+    tagged = ["t" if isinstance(value, tuple) else "l", [t for _, t in items]]
+    ambiguous = isinstance(value, tuple) or any(p is _TAGGED for p, _ in items)
+    return (_TAGGED if ambiguous else [p for p, _ in items]), tagged
+
+
+def _encoded_dict(value: dict[Any, Any], path: set[int]) -> tuple[Any, Any]:
+    pairs = [(k, _encoded(k, path), _encoded(v, path)) for k, v in value.items()]
+    tagged = sorted(([kt, vt] for _, (_, kt), (_, vt) in pairs),
+                    key=lambda kv: json.dumps(kv[0], separators=(",", ":")))
+    ambiguous = any(not isinstance(k, str) or vp is _TAGGED for k, _, (vp, _) in pairs)
+    plain = _TAGGED if ambiguous else {k: vp for k, _, (vp, _) in pairs}
+    return plain, ["d", tagged]
 
 
 def foreach_token(values: Sequence[Any], index: int) -> tuple[str, bool]:

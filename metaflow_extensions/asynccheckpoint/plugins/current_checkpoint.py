@@ -580,17 +580,26 @@ class CurrentCheckpoint:
             candidates.append(("this step and foreach branch", lambda: legacy.latest_for_scope(
                 engine, flow=i.flow, step=i.step, namespace=i.namespace,
                 identifier=identifier)))
-        for what, find in candidates:
+        tried: set[str] = set()
+        failed = False
+        for n, (what, find) in enumerate(candidates):
             try:
                 entry = find()
-                if entry is None:
+                if entry is None or entry.key in tried:
                     continue
+                tried.add(entry.key)
                 legacy.load(engine, entry, self._directory)
-            except (CheckpointError, CheckpointException) as e:
-                # Loud, but never a task that cannot start.
+            except Exception as e:
+                # Loud, but never a task that cannot start: that package's layout is read
+                # in whatever state it was left, and any failure skips to the next one.
                 self._clear_directory()
+                failed = True
+                why = str(e) if isinstance(e, CheckpointError | CheckpointException) else \
+                    f"{type(e).__name__}: {e}"
+                then = (f"looking for the one of {candidates[n + 1][0]}"
+                        if n + 1 < len(candidates) else "no other is left")
                 self._log(f"ERROR: could not load the metaflow-checkpoint checkpoint of {what}: "
-                          f"{e} Resuming from it is skipped.")
+                          f"{why} Resuming from it is skipped; {then}.")
                 continue
             ref = CheckpointReference(entry.reference)
             self._loaded = ref
@@ -599,6 +608,8 @@ class CurrentCheckpoint:
                       f"by {ref.get('pathspec')} (attempt {ref.get('attempt')}, "
                       f"{ref.get('created_on')}), key {entry.key}.")
             return
+        if failed:
+            self._log("No checkpoint could be loaded: the task starts without one.")
 
     def _finish(self, *, success: bool, artifacts: Mapping[str, Any] | None = None) -> None:
         """Drain pending uploads. On success, raise if a checkpoint failed for good.

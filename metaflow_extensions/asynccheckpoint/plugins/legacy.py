@@ -28,24 +28,25 @@ That layout, as ``metaflow-checkpoint`` 0.2.14 writes it under the datastore roo
 
 There are no checksums in that layout. What can be verified is: the reference agrees
 with the metadata stored for it, each stored size (a file's total, or the archive's), and
-that an archive holds only regular files and directories inside the destination.
+that an archive holds only regular files and directories inside the destination, each
+named once, within bounds on their number and expanded size (see :mod:`.legacy_archive`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
-import stat
-import tarfile
 import tempfile
 from typing import Any
 
 from uploader import CheckpointError, Engine
 
+from . import legacy_archive
 from .exceptions import CheckpointException, CheckpointReferenceError
 
 __all__ = ["SOURCE", "LegacyEntry", "latest_for_scope", "latest_for_task", "list_task", "load",
@@ -200,8 +201,13 @@ def read(engine: Engine, reference: Any) -> LegacyEntry:
 
 
 def load(engine: Engine, entry: LegacyEntry, dest: str) -> str:
-    """Copy ``entry``'s files into ``dest``: all or nothing, sizes checked."""
+    """Copy ``entry``'s files into ``dest``: all or nothing, sizes checked.
+
+    Any failure is a :class:`CheckpointException` naming the entry's key, and leaves
+    ``dest`` as it was (directories this call made for it are removed again).
+    """
     who = f"metaflow-checkpoint {entry.kind} {entry.label!r} ({entry.key})"
+    made = _missing_dirs(dest)
     try:
         if not entry.is_archive:
             prefix = entry.key + "/"
@@ -213,73 +219,53 @@ def load(engine: Engine, entry: LegacyEntry, dest: str) -> str:
                          total=entry.size)
         else:
             _load_tar(engine, entry, dest, who)
-    except CheckpointError as e:
-        raise CheckpointException(str(e)) from e
+    except BaseException as e:
+        for d in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)  # only if still empty
+        if isinstance(e, CheckpointException) or not isinstance(e, Exception):
+            raise
+        if isinstance(e, CheckpointError):
+            raise CheckpointException(str(e) if entry.key in str(e) else f"{who}: {e}") from e
+        raise CheckpointException(f"{who}: could not be loaded into {dest!r} "
+                                  f"({type(e).__name__}: {e}).") from e
     return dest
 
 
+def _missing_dirs(dest: str) -> list[str]:
+    """``dest`` and those of its parents that do not exist yet, deepest first."""
+    out = []
+    d = os.path.abspath(dest)
+    while not os.path.lexists(d):
+        out.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    return out
+
+
 def _load_tar(engine: Engine, entry: LegacyEntry, dest: str, who: str) -> None:
-    os.makedirs(dest, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".legacy-load-", dir=dest)
+    """Download the archive, unpack it beside ``dest``'s files, and place them: see
+    :mod:`.legacy_archive`."""
+    try:
+        os.makedirs(dest, exist_ok=True)
+        # Inside the destination: on its filesystem, so files are renamed into place.
+        scratch = tempfile.mkdtemp(prefix=".legacy-load-", dir=dest)
+    except OSError as e:
+        raise CheckpointException(f"{who}: cannot create a directory in {dest!r} to load "
+                                  f"into ({e}); check that it is writable.") from e
     try:
         engine.fetch([(entry.key, "archive.tar", entry.size)], scratch, who=who)
-        tree = os.path.join(scratch, "tree")
-        os.mkdir(tree)
-        files = _extract(os.path.join(scratch, "archive.tar"), tree, who)
-        _move_files(tree, files, dest, who)
+        staging = os.path.join(scratch, "tree")
+        os.mkdir(staging)
+        paths = legacy_archive.unpack(os.path.join(scratch, "archive.tar"), staging, who)
+        legacy_archive.place(staging, dest, paths, who)
+    except OSError as e:
+        raise CheckpointException(f"{who}: cannot write its files into {dest!r} ({e}); "
+                                  "check that it is writable and has space.") from e
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _extract(archive: str, into: str, who: str) -> list[str]:
-    """Extract regular files and directories only; refuse anything that could leave
-    ``into`` (absolute names, ``..``, links, devices)."""
-    try:
-        with tarfile.open(archive, mode="r:*") as tar:
-            members = tar.getmembers()
-            files = []
-            for m in members:
-                parts = [p for p in m.name.split("/") if p not in ("", ".")]
-                if m.name.startswith("/") or ".." in parts:
-                    raise CheckpointException(f"{who}: its archive holds the unsafe path "
-                                              f"{m.name!r}; not loading it.")
-                if not (m.isfile() or m.isdir()):
-                    raise CheckpointException(f"{who}: its archive holds {m.name!r}, which is "
-                                              "not a regular file or directory; not loading it.")
-                if m.isfile():
-                    files.append("/".join(parts))
-            if hasattr(tarfile, "data_filter"):  # Python 3.11.4 and later
-                tar.extractall(into, members=members, filter="data")
-            else:
-                tar.extractall(into, members=members)
-    except (tarfile.TarError, OSError) as e:
-        raise CheckpointException(f"{who}: its archive cannot be read ({e}); the stored copy "
-                                  "is corrupt.") from e
-    return files
-
-
-def _move_files(tree: str, files: list[str], dest: str, who: str) -> None:
-    # As loads of this package's own checkpoints do: never through a symlink in ``dest``.
-    for rel in files:
-        d = dest
-        for comp in rel.split("/")[:-1]:
-            d = os.path.join(d, comp)
-            try:
-                st = os.lstat(d)
-            except FileNotFoundError:
-                os.mkdir(d)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                os.unlink(d)
-                os.mkdir(d)
-            elif not stat.S_ISDIR(st.st_mode):
-                raise CheckpointException(f"{who}: cannot load {rel!r} into {dest!r}: {d!r} is "
-                                          "a file where the archive has a directory.")
-        target = os.path.join(dest, *rel.split("/"))
-        if os.path.isdir(target) and not os.path.islink(target):
-            raise CheckpointException(f"{who}: cannot load {rel!r} into {dest!r}: {target!r} "
-                                      "is a directory where the archive has a file.")
-        os.replace(os.path.join(tree, *rel.split("/")), target)
 
 
 # -- finding that package's checkpoints --------------------------------------------------

@@ -314,6 +314,42 @@ def test_verify_finds_a_corrupt_object_and_names_it(store: Store, tmp_path: Path
     assert not (dest / "weights.bin").exists()
 
 
+def test_verify_reports_an_unsafe_manifest_and_goes_on(store: Store, tmp_path: Path) -> None:
+    """A hand-edited manifest listing a path outside the checkpoint fails as one checkpoint,
+    by the rule every load applies; the others are verified, and the exit is 1."""
+    rows = _by_epoch(store.json("list")["checkpoints"])
+    base = rows[1]
+    m = Manifest.from_json(json.dumps(store.json("show", base["checkpoint_id"])["manifest"])
+                           .encode())
+    keys = CheckpointKeys.from_manifest_key(base["key"])
+    bad_id = base["checkpoint_id"].replace("-a0-", "-a3-")
+    bad = CheckpointKeys(keys.scope_prefix, keys.run_id, bad_id)
+    files = tuple(dataclasses.replace(f, path="../../escape.txt") if f.path == "sub/epoch.txt"
+                  else f for f in m.files)
+    store.put(bad.data("weights.bin"), _content(1))
+    store.put(bad.manifest, dataclasses.replace(m, checkpoint_id=bad_id, files=files).to_json())
+
+    out = store.cli("verify", rc=1)
+    assert "Internal error" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    (failed,) = [ln for ln in out.stdout.splitlines() if ln.startswith("FAILED")]
+    assert bad_id in failed and "unsafe path '../../escape.txt'" in failed, failed
+    assert "Verified 5 checkpoints" in out.stdout and "1 failure in 1 checkpoint" in out.stdout
+    doc = json.loads(store.cli("verify", "--json", rc=1).stdout)
+    assert [(f["checkpoint_id"], f["file"], f["key"]) for f in doc["failures"]] == [
+        (bad_id, "../../escape.txt", bad.manifest)]
+    assert {v["checkpoint_id"]: v["ok"] for v in doc["verified"]} == {
+        **{r["checkpoint_id"]: True for r in store.json("list", "--name", "report")[
+            "checkpoints"]},
+        **{r["checkpoint_id"]: True for r in rows.values()}, bad_id: False}
+    # Alone, and by pathspec; as `download` refuses it, by the same rule.
+    for target in (bad_id, bad.manifest, f"{store.run_id}/train"):
+        out = store.cli("verify", target, rc=1)
+        assert "unsafe path '../../escape.txt'" in out.stdout, out.stdout + out.stderr
+    out = store.cli("download", bad_id, str(tmp_path / "out"), rc=1)
+    assert "unsafe path '../../escape.txt'" in out.stderr
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out").exists()
+
+
 # -- exit codes ------------------------------------------------------------------------------
 
 
@@ -330,6 +366,27 @@ def test_exit_codes(store: Store) -> None:
         assert "Usage:" in out.stderr or "Error" in out.stderr, out.stderr
     out = store.cli("--help")
     assert "Exit codes" in out.stdout
+
+
+def test_a_pathspec_of_another_flow_is_a_usage_error(store: Store) -> None:
+    """A flow's name is a Python class name, compared case-sensitively; a run id is never
+    read from one where the rest cannot be a run's (``myflow/123``: 123 is no step)."""
+    run = store.run_id
+    for args, other in ((["list", "myflow/123"], "myflow"),
+                        (["prune", "myflow/123", "--keep-last", "1"], "myflow"),
+                        (["verify", f"myflow/{run}/train/2"], "myflow"),
+                        (["list", "myflow/sfn-0f3e/train"], "myflow"),
+                        (["list", "OtherFlow"], "OtherFlow"),
+                        (["list", f"cliflow/{run}"], "cliflow")):
+        out = store.cli(*args, rc=2)
+        assert f"names the flow {other}, but this is CliFlow's" in out.stderr, out.stderr
+    assert "case-sensitive" in out.stderr
+    # This flow's name, and run ids however a scheduler spells them, are read as before.
+    rows = store.json("list", f"{run}/train")["checkpoints"]
+    assert store.json("list", f"CliFlow/{run}/train")["checkpoints"] == rows and rows
+    for pathspec in ("sfn-0f3e/train", "argo-nightly-x7/train", "myrun/train"):
+        out = store.cli("list", pathspec, rc=1)
+        assert f"CliFlow/{pathspec} has no checkpoints" in out.stderr, out.stderr
 
 
 # -- format 2: data an earlier checkpoint stored ------------------------------------------

@@ -26,6 +26,7 @@ from metaflow._vendor import click
 
 from uploader import CheckpointError, CheckpointKeys, ManifestError
 from uploader.catalog import Entry
+from uploader.manifest import refused_path
 from uploader.retention import (
     PrunePlan,
     RetentionPolicy,
@@ -316,7 +317,20 @@ def verify(s: Session, which: str | None, *, name: str | None, as_json: bool,
                                       f"cannot be read: {e}"})
         except CheckpointError as e:
             raise CheckpointException(f"cannot read checkpoints {s.where()}: {e}") from e
-    jobs = [(e, f) for e in entries for f in e.manifest.files]
+    jobs = []
+    for e in entries:
+        # The rule every load applies first: a manifest listing a path no reader places
+        # (``../x``, twice, a file and a directory) fails whole, and its data is not read.
+        refused = refused_path([f.path for f in e.manifest.files])
+        if refused is None:
+            jobs += [(e, f) for f in e.manifest.files]
+            continue
+        failures.append({
+            "checkpoint_id": e.keys.checkpoint_id, "name": e.manifest.name,
+            "key": e.keys.manifest, "file": refused[0], "data_key": None,
+            "error": f"checkpoint {e.manifest.name!r} ({e.keys.checkpoint_id}): its manifest "
+                     f"{engine.backend.url_of(e.keys.manifest)} lists {refused[1]}: no "
+                     "reader loads this checkpoint, so its files were not read."})
     total = sum(f.size for _, f in jobs)
     # Sizes from the store's listing, not from what a read returns: a ranged read asks
     # for the manifest's size and would not see bytes appended to an object.

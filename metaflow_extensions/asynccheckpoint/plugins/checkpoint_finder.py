@@ -56,19 +56,23 @@ class Target:
 
     @classmethod
     def parse(cls, text: str | None, flow: str) -> Target:
+        """``[FLOW/]RUN[/STEP[/TASK]]``; a usage error for one of another flow."""
         if text is None or not text.strip("/"):
             return cls()
         parts = text.strip("/").split("/")
-        if parts[0] == flow:
+        if any(not p for p in parts):
+            raise _not_a_pathspec(text, flow)
+        named = _flow_named(parts, flow)
+        if named == flow:
             parts = parts[1:]
-        elif len(parts) > 1 and parts[0].isidentifier() and parts[0][0].isupper():
+        elif named is not None:
+            case = (f" (flow names are case-sensitive: write {flow}/...)"
+                    if named.lower() == flow.lower() else "")
             raise click.BadParameter(
-                f"{text!r} names the flow {parts[0]}, but this is {flow}'s command line; run "
-                f"the checkpoint command of {parts[0]}'s file.", param_hint="PATHSPEC")
-        if len(parts) > 3 or any(not p for p in parts):
-            raise click.BadParameter(
-                f"{text!r} is not a pathspec of {flow}: write RUN, RUN/STEP or RUN/STEP/TASK "
-                f"(optionally after {flow}/).", param_hint="PATHSPEC")
+                f"{text!r} names the flow {named}, but this is {flow}'s command line{case}; "
+                f"run the checkpoint command of {named}'s file.", param_hint="PATHSPEC")
+        if len(parts) > 3:
+            raise _not_a_pathspec(text, flow)
         return cls(*parts)
 
     def label(self, flow: str) -> str:
@@ -83,6 +87,34 @@ class Target:
                 and (self.run is None or keys.run_id == safe_component(self.run))
                 and (self.task is None or _id_task(keys.checkpoint_id) == safe_component(
                     self.task)))
+
+
+def _not_a_pathspec(text: str, flow: str) -> click.BadParameter:
+    return click.BadParameter(
+        f"{text!r} is not a pathspec of {flow}: write RUN, RUN/STEP or RUN/STEP/TASK "
+        f"(optionally after {flow}/).", param_hint="PATHSPEC")
+
+
+def _flow_named(parts: Sequence[str], flow: str) -> str | None:
+    """The flow a pathspec's first component names; None where it is a run id.
+
+    A flow's name is a Python class name, compared case-sensitively. A run id is digits
+    on the local metadata and ``sfn-...``, ``argo-...`` and the like on a scheduler: never
+    an identifier, except an id given by hand (``resume --run-id``). So a first component
+    that is no identifier is a run; one is a flow when it is this flow's name in any case,
+    when four components follow the flow's shape (FLOW/RUN/STEP/TASK), when the second is
+    no step name (steps are identifiers: ``myflow/123`` is a flow and a run), or when it
+    is capitalised as classes are.
+    """
+    first = parts[0]
+    if first == flow:
+        return flow
+    if not first.isidentifier():
+        return None
+    if (first.lower() == flow.lower() or len(parts) == 4
+            or (len(parts) > 1 and not parts[1].isidentifier()) or first[0].isupper()):
+        return first
+    return None
 
 
 def _id_task(checkpoint_id: str) -> str:

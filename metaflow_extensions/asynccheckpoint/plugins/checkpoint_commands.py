@@ -35,12 +35,7 @@ from uploader.retention import (
     plan_prune,
 )
 
-from .checkpoint_finder import (
-    CheckpointNotFoundException,
-    Session,
-    Target,
-    is_one_checkpoint,
-)
+from .checkpoint_finder import CheckpointNotFoundException, Session, Target
 from .exceptions import CheckpointConfigException, CheckpointException
 
 __all__ = ["download", "list_checkpoints", "prune", "show", "verify"]
@@ -286,7 +281,7 @@ def download(s: Session, which: str, directory: str, *, name: str | None,
 def _to_verify(s: Session, which: str | None, name: str | None
                ) -> tuple[list[Entry], list[CheckpointKeys]]:
     """The checkpoints to verify, and the manifests under the target that cannot be read."""
-    if which is not None and is_one_checkpoint(which):
+    if which is not None and s.names_one(which):
         return [s.resolve(which)], []
     target = Target.parse(which, s.flow)
     entries = s.committed(target)
@@ -423,6 +418,7 @@ def prune(s: Session, pathspec: str | None, *, keep_last: int | None,
         raise click.BadParameter(
             "prune keeps and deletes per scope (a step, or one foreach branch of it): "
             "give RUN or RUN/STEP, not a task.", param_hint="PATHSPEC")
+    protected = _protected(s, protect)
     inv = s.inventory()
     scopes = [scope for scope in inv.scopes if target.has_scope(scope)]
     if target.run is not None:  # the scopes where the run saved something
@@ -444,7 +440,8 @@ def prune(s: Session, pathspec: str | None, *, keep_last: int | None,
     with s.reading():
         for scope in scopes:
             plans.append((scope, plan_prune(s.catalog, scope, policy, run_id=target.run,
-                                            protect=protect, grace_s=grace)))
+                                            protect=protected, grace_s=grace)))
+    runs = _runs(plans)
     reports = []
     if not dry_run:
         with s.reading():
@@ -452,7 +449,8 @@ def prune(s: Session, pathspec: str | None, *, keep_last: int | None,
     errors = [err for r in reports for err in r.errors]
     if as_json:
         click.echo(json.dumps({
-            "dry_run": dry_run, "flow": s.flow, "namespace": s.namespace,
+            "dry_run": dry_run, "flow": s.flow, "namespace": s.namespace, "runs": runs,
+            "freed_bytes": _freed(plans),
             "scopes": [_plan_json(s, scope, plan) for scope, plan in plans],
             "deleted": None if dry_run else {
                 "checkpoints": sum(r.checkpoints_deleted for r in reports),
@@ -463,13 +461,18 @@ def prune(s: Session, pathspec: str | None, *, keep_last: int | None,
                 "errors": errors},
         }, indent=1))
     else:
+        if target.run is None and runs:
+            click.echo(f"Considering {_n(len(runs), 'run')} of {s.flow}, newest first: "
+                       f"{', '.join(runs)}. Each run's resume point is kept: a run still "
+                       "running may retry from it.")
         for scope, plan in plans:
             _print_plan(s, scope, plan, dry_run=dry_run)
         if dry_run:
             n = sum(len(p.delete) for _, p in plans)
-            click.echo(f"Dry run: would delete {_n(n, 'checkpoint')} "
-                       f"({_size(sum(_own_bytes(p.delete) for _, p in plans))}); "
-                       "nothing was deleted.")
+            debris = sum(len(p.debris) for _, p in plans)
+            click.echo(f"Dry run: would delete {_n(n, 'checkpoint')} and the data of "
+                       f"{_n(debris, 'incomplete checkpoint')}, freeing "
+                       f"{_size(_freed(plans))}; nothing was deleted.")
         else:
             for err in errors:
                 click.echo(f"ERROR  {err}")
@@ -483,8 +486,40 @@ def prune(s: Session, pathspec: str | None, *, keep_last: int | None,
         click.get_current_context().exit(1)
 
 
-def _own_bytes(entries: Iterable[Entry]) -> int:
-    return sum(f.size for e in entries for f in e.manifest.files if f.key is None)
+def _protected(s: Session, protect: Sequence[str]) -> list[str]:
+    """The checkpoint ids ``--protect`` names, each found as any CHECKPOINT argument is;
+    a usage error, before anything is deleted, for one that matches nothing."""
+    ids = []
+    for which in protect:
+        try:
+            ids.append(s.resolve(which).keys.checkpoint_id)
+        except click.BadParameter as e:
+            e.param_hint = "'--protect'"
+            raise
+        except CheckpointNotFoundException as e:
+            prog = click.get_current_context().find_root().info_name
+            raise click.BadParameter(
+                f"{which!r} matches no committed checkpoint {s.where()}, so nothing was "
+                f"pruned.{s.hint()} `python {prog} checkpoint list` lists the checkpoint "
+                "ids; a manifest key, a URL or a pathspec (its newest checkpoint) are "
+                "accepted too.", param_hint="'--protect'") from e
+    return ids
+
+
+def _runs(plans: Sequence[tuple[str, PrunePlan]]) -> list[str]:
+    """The runs whose checkpoints ``plans`` consider, newest first."""
+    entries = {e.keys: e for _, p in plans for e in (*p.keep, *p.delete)}
+    runs: list[str] = []
+    for keys in CheckpointKeys.newest_first(entries):
+        run = entries[keys].manifest.run_id
+        if run not in runs:
+            runs.append(run)
+    return runs
+
+
+def _freed(plans: Sequence[tuple[str, PrunePlan]]) -> int:
+    """The bytes executing ``plans`` frees (see ``PrunePlan.freed_bytes``)."""
+    return sum(p.freed_bytes for _, p in plans)
 
 
 def _plan_json(s: Session, scope: str, plan: PrunePlan) -> dict[str, Any]:
@@ -493,14 +528,16 @@ def _plan_json(s: Session, scope: str, plan: PrunePlan) -> dict[str, Any]:
                  "key": e.keys.manifest,
                  "reason": plan.reasons.get(e.keys.checkpoint_id)} for e in entries]
 
-    return {"scope": scope, "keep": ids(plan.keep), "delete": ids(plan.delete),
+    return {"scope": scope, "runs": _runs([(scope, plan)]), "freed_bytes": plan.freed_bytes,
+            "keep": ids(plan.keep), "delete": ids(plan.delete),
             "debris": list(plan.debris), "uploads": [list(u) for u in plan.uploads],
             "unreadable": list(plan.unreadable)}
 
 
 def _print_plan(s: Session, scope: str, plan: PrunePlan, *, dry_run: bool) -> None:
+    frees = f", freeing {_size(plan.freed_bytes)}" if dry_run else ""
     click.echo(f"{scope}: keep {len(plan.keep)}, "
-               f"{'would delete' if dry_run else 'delete'} {len(plan.delete)}")
+               f"{'would delete' if dry_run else 'delete'} {len(plan.delete)}{frees}")
     rows = []
     for verb, entries in (("keep", plan.keep), ("delete", plan.delete)):
         for e in entries:

@@ -223,18 +223,49 @@ class Session:
         return [u for u in self.inventory().uncommitted
                 if target.has_keys(u.keys) and not any(o.key in used for o in u.objects)]
 
+    def manifest_key(self, which: str) -> str | None:
+        """The manifest key ``which`` names, when it is one or a URL in this store (of a
+        manifest, or of a checkpoint's data, as ``list`` and ``show`` print them)."""
+        url = self.catalog.engine.backend.url
+        base = url.rstrip("/") + "/"
+        if "://" in which and not which.startswith(base):
+            raise click.BadParameter(
+                f"{which!r} is not in this flow's store, {url}: give a URL under it, or "
+                "pass the --datastore and --datastore-root of the store it is in.",
+                param_hint="CHECKPOINT")
+        in_store = which.startswith(base)
+        key = which[len(base):] if in_store else which
+        if "/manifests/" in key:
+            return key
+        if not in_store:
+            return None
+        # <scope: 5 components>/data/<run>/<checkpoint id>[/<path>]
+        parts = key.split("/")
+        if len(parts) >= 8 and parts[5] == "data" and parts[6] and parts[7]:
+            return f"{'/'.join(parts[:5])}/manifests/{parts[6]}/{parts[7]}.json"
+        raise click.BadParameter(
+            f"{which!r} is in this store, but not the URL of a checkpoint: give the URL of "
+            "its manifest or of its data, as `list --json` and `show` print them.",
+            param_hint="CHECKPOINT")
+
+    def names_one(self, which: str) -> bool:
+        """Whether ``which`` names one checkpoint (a manifest key, a URL or an id), not a
+        pathspec."""
+        return is_one_checkpoint(which) or self.manifest_key(which) is not None
+
     def resolve(self, which: str, *, name: str | None = None) -> Entry:
-        """The checkpoint ``which`` names: a manifest key, a checkpoint id, or a pathspec
-        (its newest checkpoint, of ``name`` if given)."""
-        if "/manifests/" in which:
+        """The checkpoint ``which`` names: a manifest key, its URL or its data's, a
+        checkpoint id, or a pathspec (its newest checkpoint, of ``name`` if given)."""
+        key = self.manifest_key(which)
+        if key is not None:
             try:
                 with self.reading():
-                    entry = self.catalog.read(which, with_gang=True)
+                    entry = self.catalog.read(key, with_gang=True)
             except ValueError as e:
                 raise click.BadParameter(str(e), param_hint="CHECKPOINT") from e
             if entry is None:
                 raise CheckpointNotFoundException(
-                    f"no committed checkpoint has the manifest key {which!r} in "
+                    f"no committed checkpoint has the manifest key {key!r} in "
                     f"{self.catalog.engine.backend.url}.")
             return entry
         if is_one_checkpoint(which):

@@ -28,6 +28,8 @@ from uploader import CheckpointKeys, Manifest
 pytestmark = [pytest.mark.flow]
 
 FLOW = FLOWS / "cli_flow.py"
+# Two runs whose checkpoints share an unchanged file (see flows/cli_share_flow.py).
+SHARE_FLOW = FLOWS / "cli_share_flow.py"
 BASE_ENV = {
     "METAFLOW_DEFAULT_DATASTORE": "local",
     "METAFLOW_DEFAULT_METADATA": "local",
@@ -43,8 +45,8 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _run_flow(cwd: Path, env: dict[str, str]) -> str:
-    out = subprocess.run([sys.executable, str(FLOW), "--no-pylint", "run"], cwd=cwd, env=env,
+def _run_flow(cwd: Path, env: dict[str, str], flow: Path = FLOW) -> str:
+    out = subprocess.run([sys.executable, str(flow), "--no-pylint", "run"], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     m = re.search(r"run-id (\S+?)\)", out.stdout + out.stderr)
@@ -63,10 +65,12 @@ class Store:
     root: Path | None = None  # local: the datastore root
     client: Any = None  # s3: a boto3 client, the bucket, and the datastore prefix
     bucket: str = ""
+    flow: Path = FLOW
+    runs: tuple[str, ...] = ()  # every run stored, oldest first
 
     def cli(self, *args: str, rc: int | None = 0, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run([sys.executable, str(FLOW), "checkpoint", *args], cwd=self.cwd,
+        out = subprocess.run([sys.executable, str(self.flow), "checkpoint", *args], cwd=self.cwd,
                              env={**self.env, **(env or {})}, capture_output=True, text=True,
                              timeout=120)
         if rc is not None:
@@ -122,28 +126,62 @@ def s3_source(s3_server: Any, tmp_path_factory: pytest.TempPathFactory
     yield "cli-source", _run_flow(base, env)
 
 
+@pytest.fixture(scope="module")
+def share_local_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    base = tmp_path_factory.mktemp("cli-share-local")
+    env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(base / "ds")}
+    return base / "ds", [_run_flow(base, env, SHARE_FLOW) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def share_s3_source(s3_source: tuple[str, str], s3_server: Any,
+                    tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
+    # After s3_source, which resets the server: this bucket is made once that is done.
+    base = tmp_path_factory.mktemp("cli-share-s3")
+    s3_server.client().create_bucket(Bucket="cli-share-source")
+    env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(base / "ds"),
+           **s3_server.env("cli-share-source"), **s3_server.credentials(base)}
+    return "cli-share-source", [_run_flow(base, env, SHARE_FLOW) for _ in range(2)]
+
+
 _copies = iter(range(1_000_000))
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+def _copy(request: pytest.FixtureRequest, tmp_path: Path, source: str, flow: Path) -> Store:
+    """A private copy of what the flow runs of fixture ``source`` (+ the backend) stored."""
     if request.param == "local":
-        ds, run_id = request.getfixturevalue("local_source")
+        ds, runs = request.getfixturevalue(f"{source}local_source")
+        runs = [runs] if isinstance(runs, str) else runs
         shutil.copytree(ds, tmp_path / "ds")
         env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "ds")}
-        return Store("local", env, run_id, tmp_path, root=tmp_path / "ds" / ".metaflow")
-    source, run_id = request.getfixturevalue("s3_source")
+        return Store("local", env, runs[-1], tmp_path, root=tmp_path / "ds" / ".metaflow",
+                     flow=flow, runs=tuple(runs))
+    bucket_from, runs = request.getfixturevalue(f"{source}s3_source")
+    runs = [runs] if isinstance(runs, str) else runs
     server = request.getfixturevalue("s3_server")
     client = server.client()
     bucket = f"cli-copy-{next(_copies)}"
     client.create_bucket(Bucket=bucket)
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=source):
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket_from):
         for o in page.get("Contents", ()):
             client.copy_object(Bucket=bucket, Key=o["Key"],
-                               CopySource={"Bucket": source, "Key": o["Key"]})
+                               CopySource={"Bucket": bucket_from, "Key": o["Key"]})
     env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "ds"),
            **server.env(bucket), **server.credentials(tmp_path)}
-    return Store("s3", env, run_id, tmp_path, client=client, bucket=bucket)
+    return Store("s3", env, runs[-1], tmp_path, client=client, bucket=bucket, flow=flow,
+                 runs=tuple(runs))
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    return _copy(request, tmp_path, "", FLOW)
+
+
+@pytest.fixture(params=["local", "s3"])
+def shared(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """Two runs of CliShareFlow: the second resumed from the first, and points at its
+    object."""
+    return _copy(request, tmp_path, "share_", SHARE_FLOW)
 
 
 def _content(epoch: int) -> bytes:
@@ -314,6 +352,42 @@ def test_verify_finds_a_corrupt_object_and_names_it(store: Store, tmp_path: Path
     assert not (dest / "weights.bin").exists()
 
 
+def test_verify_reports_an_unsafe_manifest_and_goes_on(store: Store, tmp_path: Path) -> None:
+    """A hand-edited manifest listing a path outside the checkpoint fails as one checkpoint,
+    by the rule every load applies; the others are verified, and the exit is 1."""
+    rows = _by_epoch(store.json("list")["checkpoints"])
+    base = rows[1]
+    m = Manifest.from_json(json.dumps(store.json("show", base["checkpoint_id"])["manifest"])
+                           .encode())
+    keys = CheckpointKeys.from_manifest_key(base["key"])
+    bad_id = base["checkpoint_id"].replace("-a0-", "-a3-")
+    bad = CheckpointKeys(keys.scope_prefix, keys.run_id, bad_id)
+    files = tuple(dataclasses.replace(f, path="../../escape.txt") if f.path == "sub/epoch.txt"
+                  else f for f in m.files)
+    store.put(bad.data("weights.bin"), _content(1))
+    store.put(bad.manifest, dataclasses.replace(m, checkpoint_id=bad_id, files=files).to_json())
+
+    out = store.cli("verify", rc=1)
+    assert "Internal error" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    (failed,) = [ln for ln in out.stdout.splitlines() if ln.startswith("FAILED")]
+    assert bad_id in failed and "unsafe path '../../escape.txt'" in failed, failed
+    assert "Verified 5 checkpoints" in out.stdout and "1 failure in 1 checkpoint" in out.stdout
+    doc = json.loads(store.cli("verify", "--json", rc=1).stdout)
+    assert [(f["checkpoint_id"], f["file"], f["key"]) for f in doc["failures"]] == [
+        (bad_id, "../../escape.txt", bad.manifest)]
+    assert {v["checkpoint_id"]: v["ok"] for v in doc["verified"]} == {
+        **{r["checkpoint_id"]: True for r in store.json("list", "--name", "report")[
+            "checkpoints"]},
+        **{r["checkpoint_id"]: True for r in rows.values()}, bad_id: False}
+    # Alone, and by pathspec; as `download` refuses it, by the same rule.
+    for target in (bad_id, bad.manifest, f"{store.run_id}/train"):
+        out = store.cli("verify", target, rc=1)
+        assert "unsafe path '../../escape.txt'" in out.stdout, out.stdout + out.stderr
+    out = store.cli("download", bad_id, str(tmp_path / "out"), rc=1)
+    assert "unsafe path '../../escape.txt'" in out.stderr
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out").exists()
+
+
 # -- exit codes ------------------------------------------------------------------------------
 
 
@@ -330,6 +404,27 @@ def test_exit_codes(store: Store) -> None:
         assert "Usage:" in out.stderr or "Error" in out.stderr, out.stderr
     out = store.cli("--help")
     assert "Exit codes" in out.stdout
+
+
+def test_a_pathspec_of_another_flow_is_a_usage_error(store: Store) -> None:
+    """A flow's name is a Python class name, compared case-sensitively; a run id is never
+    read from one where the rest cannot be a run's (``myflow/123``: 123 is no step)."""
+    run = store.run_id
+    for args, other in ((["list", "myflow/123"], "myflow"),
+                        (["prune", "myflow/123", "--keep-last", "1"], "myflow"),
+                        (["verify", f"myflow/{run}/train/2"], "myflow"),
+                        (["list", "myflow/sfn-0f3e/train"], "myflow"),
+                        (["list", "OtherFlow"], "OtherFlow"),
+                        (["list", f"cliflow/{run}"], "cliflow")):
+        out = store.cli(*args, rc=2)
+        assert f"names the flow {other}, but this is CliFlow's" in out.stderr, out.stderr
+    assert "case-sensitive" in out.stderr
+    # This flow's name, and run ids however a scheduler spells them, are read as before.
+    rows = store.json("list", f"{run}/train")["checkpoints"]
+    assert store.json("list", f"CliFlow/{run}/train")["checkpoints"] == rows and rows
+    for pathspec in ("sfn-0f3e/train", "argo-nightly-x7/train", "myrun/train"):
+        out = store.cli("list", pathspec, rc=1)
+        assert f"CliFlow/{pathspec} has no checkpoints" in out.stderr, out.stderr
 
 
 # -- format 2: data an earlier checkpoint stored ------------------------------------------
@@ -435,6 +530,81 @@ def test_prune_keep_best_and_usage_errors(store: Store) -> None:
     store.cli("prune", "--keep-best", "1", rc=2)  # no metric
     store.cli("prune", f"{store.run_id}/train/1", "--keep-last", "1", rc=2)  # a task
     store.cli("prune", "123456789", "--keep-last", "1", rc=1)
+
+
+@pytest.mark.skipif(not HAS_RETENTION,
+                    reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
+def test_prune_protect_takes_every_checkpoint_form(store: Store) -> None:
+    rows = _by_epoch(store.json("list")["checkpoints"])
+    oldest = rows[0]
+    train = f"{store.run_id}/train"
+    manifest_url = oldest["url"].rstrip("/").replace("/data/", "/manifests/") + ".json"
+    for form in (oldest["checkpoint_id"], oldest["key"], oldest["url"], manifest_url):
+        plan = store.json("prune", train, "--keep-last", "1", "--protect", form, "--dry-run")
+        (scope,) = plan["scopes"]
+        kept = {k["checkpoint_id"]: k["reason"] for k in scope["keep"]}
+        assert kept.get(oldest["checkpoint_id"]) == "protected", (form, kept)
+    # One that matches nothing is a usage error, before anything is deleted.
+    before = store.stored_keys()
+    missing = oldest["checkpoint_id"].replace("-a0-", "-a7-")
+    for form in (missing, oldest["key"].replace("-a0-", "-a7-"), "123456789"):
+        out = store.cli("prune", "--keep-last", "1", "--protect", oldest["checkpoint_id"],
+                        "--protect", form, rc=2)
+        assert "--protect" in out.stderr and repr(form) in out.stderr, out.stderr
+        assert "checkpoint list" in out.stderr and "nothing was pruned" in out.stderr
+    assert store.stored_keys() == before
+    # The real prune keeps what the manifest key names.
+    done = store.json("prune", train, "--keep-last", "1", "--protect", oldest["key"])
+    assert done["deleted"]["checkpoints"] == 1
+    assert oldest["checkpoint_id"] in [r["checkpoint_id"] for r in store.json("list")[
+        "checkpoints"]]
+
+
+@pytest.mark.skipif(not HAS_RETENTION,
+                    reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
+def test_prune_dry_run_counts_only_the_bytes_freed(shared: Store) -> None:
+    """Checkpoints that point at an unchanged file an earlier one stored: deleting that
+    earlier one frees only its own other bytes while a kept one (of any run) reads it."""
+    first, _second = shared.runs
+    text = shared.cli("prune", first, "--keep-last", "1", "--dry-run").stdout
+    assert "freeing 2 B; nothing was deleted" in text, text
+    for pathspec in ([first], []):  # one run, then every run of the flow
+        plan = shared.json("prune", *pathspec, "--keep-last", "1", "--dry-run")
+        assert plan["freed_bytes"] == sum(s["freed_bytes"] for s in plan["scopes"])
+        done = shared.json("prune", *pathspec, "--keep-last", "1")
+        assert done["deleted"]["errors"] == [] and done["deleted"]["checkpoints"] > 0
+        assert done["deleted"]["bytes"] == plan["freed_bytes"], (pathspec, plan, done)
+        # Each deleted checkpoint stored a one-byte file of its own; the shared one stays.
+        assert 0 < plan["freed_bytes"] <= done["deleted"]["checkpoints"]
+    shared.cli("verify")  # what the kept ones point at is there
+
+
+@pytest.mark.skipif(not HAS_RETENTION,
+                    reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
+def test_a_whole_flow_prune_keeps_every_runs_resume_point(shared: Store) -> None:
+    first, second = shared.runs
+
+    def resume_point(run: str) -> str:
+        return next(r["checkpoint_id"] for r in shared.json("list", run)["checkpoints"]
+                    if r["latest"])
+
+    points = {run: resume_point(run) for run in shared.runs}
+    plan = shared.json("prune", "--keep-last", "1", "--dry-run")
+    assert plan["runs"] == [second, first]
+    (scope,) = plan["scopes"]
+    assert scope["runs"] == [second, first]
+    kept = {k["checkpoint_id"]: k["reason"] for k in scope["keep"]}
+    for run, cid in points.items():
+        assert kept[cid].startswith(f"resume point of run {run} "), kept
+    text = shared.cli("prune", "--keep-last", "1").stdout
+    assert f"Considering 2 runs of CliShareFlow, newest first: {second}, {first}." in text
+    # The older run can still retry from where it was.
+    assert resume_point(first) == points[first]
+    assert [r["checkpoint_id"] for r in shared.json("list", first)["checkpoints"]] == [
+        points[first]]
+    shared.cli("verify", points[first])
+    # Given a run, only that run is considered.
+    assert shared.json("prune", second, "--keep-last", "1", "--dry-run")["runs"] == [second]
 
 
 # -- registration --------------------------------------------------------------------------

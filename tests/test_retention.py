@@ -276,6 +276,58 @@ def test_data_a_kept_manifest_points_at_is_not_deleted(store: Store, tmp_path: P
     assert data_keys(engine, f"1/{old.checkpoint_id}/") == [old.data("sub/w.bin")]
 
 
+def test_freed_bytes_leave_out_what_a_kept_manifest_of_any_run_reads(
+        store: Store, tmp_path: Path) -> None:
+    """The plan's figure is what executing it frees: run 2's checkpoint reads run 1's
+    oldest object, so deleting run 1's oldest frees only its other file."""
+    engine = store.engine()
+    old = save(engine, tmp_path, 0)
+    save(engine, tmp_path, 1)
+    other = save(engine, tmp_path, 2, run_id="2")
+    catalog = Catalog(engine)
+    first, entry = catalog.read(old.manifest), catalog.read(other.manifest)
+    assert first is not None and entry is not None
+    w0 = next(f for f in first.manifest.files if f.path == "sub/w.bin")
+    files = tuple(dataclasses.replace(w0, key=other.relative(old.data(w0.path)))
+                  if f.path == "sub/w.bin" else f for f in entry.manifest.files)
+    engine.run(engine.backend.put_bytes, other.manifest,
+               dataclasses.replace(entry.manifest, files=files).to_json())
+
+    plan = plan_prune(catalog, PREFIX, RetentionPolicy(keep_last=1), run_id="1")
+    assert [e.keys for e in plan.delete] == [old]
+    assert plan.freed_bytes == len("0")  # not sub/w.bin, which run 2 reads
+    report = execute_prune(catalog, plan)
+    assert report.errors == [] and report.bytes_freed == plan.freed_bytes
+    assert data_keys(engine, f"1/{old.checkpoint_id}/") == [old.data("sub/w.bin")]
+    # Once run 2's manifest is gone, what is left is debris, and counted as it is freed.
+    engine.run(engine.backend.delete_keys, [other.manifest])
+    plan = plan_prune(catalog, PREFIX, RetentionPolicy(keep_last=1), grace_s=0,
+                      now=time.time() + HOURS)
+    assert sorted(plan.debris) == sorted([old.data_prefix, other.data_prefix])
+    assert plan.freed_bytes == sum(
+        o.size for o in engine.run(engine.backend.list_objects, f"{PREFIX}/data/")
+        if o.key.startswith((old.data_prefix, other.data_prefix)))
+    report = execute_prune(catalog, plan)
+    assert report.errors == [] and report.bytes_freed == plan.freed_bytes
+
+
+def test_a_prune_of_every_run_keeps_each_runs_resume_point(store: Store,
+                                                            tmp_path: Path) -> None:
+    """Run 1 (older, maybe still running) would retry from its newest latest=True one."""
+    engine = store.engine()
+    run1 = [save(engine, tmp_path, ep, run_id="1") for ep in range(2)]
+    save(engine, tmp_path, 2, run_id="1", latest=False)
+    run2 = [save(engine, tmp_path, ep, run_id="2") for ep in range(3, 5)]
+    catalog = Catalog(engine)
+    plan = plan_prune(catalog, PREFIX, RetentionPolicy(keep_last=1))
+    assert {e.keys for e in plan.keep} == {run2[1], run1[1]}
+    assert plan.reasons[run1[1].checkpoint_id].startswith("resume point of run 1 ")
+    report = execute_prune(catalog, plan)
+    assert report.errors == [] and report.checkpoints_deleted == 3
+    assert catalog.latest(PREFIX, run_id="1") is not None
+    assert catalog.latest(PREFIX, run_id="1").keys == run1[1]  # type: ignore[union-attr]
+
+
 def test_keys_a_pending_save_references_are_not_deleted(store: Store, tmp_path: Path) -> None:
     engine = store.engine()
     old = save(engine, tmp_path, 0)

@@ -55,7 +55,7 @@ from .handle import CheckpointHandle, CheckpointState
 from .incremental import Bases, References, sha256_file
 from .layout import CheckpointKeys
 from .leases import SaveLease
-from .manifest import FileEntry, Manifest, freeze_metadata
+from .manifest import FileEntry, Manifest, checked_paths, freeze_metadata
 from .mappings import shared_writable_files
 from .retry import RetryPolicy
 from .rewrites import RewriteTracker
@@ -173,34 +173,6 @@ def _naming(e: UploadError, req: SaveRequest, what: str, key: str) -> UploadErro
 # Longest storage key each backend takes: S3's object keys are at most 1024 bytes; a local
 # path at most PATH_MAX.
 _MAX_KEY_BYTES = {"s3": 1024, "local": 4095}
-
-
-def _checked_paths(paths: Sequence[str], who: str) -> list[list[str]]:
-    """Each file's path, split; :class:`ManifestError` for one that could leave ``dest``.
-
-    Exactly what ``save()`` writes passes: relative, "/"-separated, no empty, "." or ".."
-    component. Anything else (a manifest from elsewhere, edited, or corrupt) is refused
-    rather than normalised, as is a path that is both a file and a directory.
-    """
-    out: list[list[str]] = []
-    files: set[str] = set()
-    dirs: set[str] = set()
-    for path in paths:
-        parts = path.split("/")
-        if any(p in ("", ".", "..") or "\0" in p for p in parts):
-            raise ManifestError(f"{who}: its manifest lists the unsafe path {path!r}, "
-                                "which could write outside the destination; not loading it.")
-        for i in range(1, len(parts)):
-            dirs.add("/".join(parts[:i]))
-        if path in files:
-            raise ManifestError(f"{who}: its manifest lists {path!r} twice.")
-        files.add(path)
-        out.append(parts)
-    clash = files & dirs
-    if clash:
-        raise ManifestError(f"{who}: its manifest lists {sorted(clash)[0]!r} both as a file "
-                            "and as a directory.")
-    return out
 
 
 def _load_staging(dest: str) -> str:
@@ -1054,7 +1026,7 @@ class Engine:
         one arrived, never through a symlink already there. Raises
         :class:`~uploader.errors.LoadError` naming ``who``, the path and the key.
         """
-        paths = _checked_paths([rel for _, rel, _ in objects], who)
+        paths = checked_paths([rel for _, rel, _ in objects], who)
         portal = self._ensure_started()
         return portal.call(self._fetch, list(objects), paths, dest, who, total)
 
@@ -1111,7 +1083,7 @@ class Engine:
 
     async def _load(self, manifest: Manifest, dest: str, keys: CheckpointKeys) -> None:
         who = f"checkpoint {manifest.name!r} ({keys.checkpoint_id})"
-        paths = _checked_paths([f.path for f in manifest.files], who)
+        paths = checked_paths([f.path for f in manifest.files], who)
 
         async def check(i: int, what: str, target: str, digest: str) -> None:
             if digest != manifest.files[i].sha256:

@@ -31,12 +31,13 @@ import dataclasses
 import datetime
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import ManifestError
 
-__all__ = ["FORMAT_VERSION", "PLACEHOLDER", "FileEntry", "Manifest", "freeze_metadata"]
+__all__ = ["FORMAT_VERSION", "PLACEHOLDER", "FileEntry", "Manifest", "checked_paths",
+           "freeze_metadata", "refused_path"]
 
 FORMAT_VERSION = 3
 PLACEHOLDER = "<value cannot be JSON serialized>"
@@ -162,6 +163,43 @@ def _is_data_key(key: str) -> bool:
     parts = key.split("/")
     return (len(parts) >= 4 and parts[0] == "data"
             and all(p not in ("", ".", "..") for p in parts))
+
+
+def refused_path(paths: Sequence[str]) -> tuple[str, str] | None:
+    """The first of a manifest's file ``paths`` that no reader places, and why; None if
+    every one may be placed.
+
+    Exactly what ``save()`` writes passes: relative, "/"-separated, no empty, "." or ".."
+    component. Anything else (a manifest from elsewhere, edited, or corrupt) is refused
+    rather than normalised, as is a path listed twice or both as a file and a directory.
+    Readers and the command line apply this one rule before any data is read.
+    """
+    files: set[str] = set()
+    dirs: set[str] = set()
+    for path in paths:
+        parts = path.split("/")
+        if any(p in ("", ".", "..") or "\0" in p for p in parts):
+            return path, (f"the unsafe path {path!r}, which could write outside the "
+                          "destination")
+        for i in range(1, len(parts)):
+            dirs.add("/".join(parts[:i]))
+        if path in files:
+            return path, f"{path!r} twice"
+        files.add(path)
+    clash = files & dirs
+    if clash:
+        first = sorted(clash)[0]
+        return first, f"{first!r} both as a file and as a directory"
+    return None
+
+
+def checked_paths(paths: Sequence[str], who: str) -> list[list[str]]:
+    """Each of ``paths``, split; :class:`ManifestError` naming ``who`` and the path for
+    one :func:`refused_path` refuses."""
+    refused = refused_path(paths)
+    if refused is not None:
+        raise ManifestError(f"{who}: its manifest lists {refused[1]}; not loading it.")
+    return [path.split("/") for path in paths]
 
 
 def _file_entry(f: Any) -> FileEntry:

@@ -105,6 +105,9 @@ class PrunePlan:
     # The clock ages are measured on is the store's; a ``now`` given to plan_prune moves
     # it by this much, for execute_prune's second look too.
     clock_offset: float = 0.0
+    # Bytes of data objects executing the plan frees: the deleted checkpoints' and the
+    # debris's, less what a remaining manifest (of any run) or a pending save reads.
+    freed_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -166,7 +169,11 @@ def _metric(entry: Entry, name: str) -> float | None:
 
 def choose(entries: Sequence[Entry], policy: RetentionPolicy,
            protect: Iterable[str] = ()) -> dict[str, str]:
-    """Why each kept checkpoint of ``entries`` (newest first) is kept, by checkpoint id."""
+    """Why each kept checkpoint of ``entries`` (newest first) is kept, by checkpoint id.
+
+    Always kept: the newest, and each run's resume point (what its task saved last with
+    ``latest=True``), so that of several runs considered together an older one still
+    running can retry."""
     reasons: dict[str, list[str]] = {}
 
     def keep(e: Entry, why: str) -> None:
@@ -174,10 +181,16 @@ def choose(entries: Sequence[Entry], policy: RetentionPolicy,
 
     if entries:
         keep(entries[0], "newest")
-    # What a retry resumes from: the newest saved with latest=True.
-    resume = next((e for e in entries if e.manifest.latest), None)
-    if resume is not None and resume is not entries[0]:
-        keep(resume, "resume point (newest with latest=True)")
+    # What a retry resumes from: the newest saved with latest=True by its task, in its
+    # run. Kept for every run considered: an older run may still be running.
+    resumes: dict[tuple[str, str], Entry] = {}
+    for e in entries:
+        if e.manifest.latest:
+            resumes.setdefault((e.keys.run_id, e.task_id), e)
+    for e in resumes.values():
+        if e is not entries[0]:
+            keep(e, f"resume point of run {e.manifest.run_id} (its newest with latest=True: "
+                    "a retry of its task resumes from it)")
     if policy.keep_last is not None:
         for e in entries[:policy.keep_last]:
             keep(e, f"last {policy.keep_last}")
@@ -301,8 +314,11 @@ def _plan(catalog: Catalog, prefix: str, policy: RetentionPolicy, guard: PruneGu
                                                    guard, before).items())
               if any(o.key not in refs for o in objs)]
     doomed = {e.keys.checkpoint_id for e in delete}
+    freed = _freed_bytes(engine, prefix, objects, delete, debris,
+                         [e for e in entries if e.keys.checkpoint_id not in doomed], guard)
     return PrunePlan(keep=tuple(e for e in considered if e.keys.checkpoint_id not in doomed),
-                     delete=tuple(delete), reasons=reasons, debris=tuple(debris), **common)
+                     delete=tuple(delete), reasons=reasons, debris=tuple(debris),
+                     freed_bytes=freed, **common)
 
 
 def _debris(prefix: str, objects: Iterable[StoredObject], committed: set[tuple[str, str]],
@@ -320,6 +336,20 @@ def _debris(prefix: str, objects: Iterable[StoredObject], committed: set[tuple[s
             continue  # maybe still uploading
         out[(r, cid)] = objs
     return out
+
+
+def _freed_bytes(engine: Engine, prefix: str, objects: Iterable[StoredObject],
+                 delete: Iterable[Entry], debris: Iterable[str],
+                 remaining: Iterable[Entry], guard: PruneGuard) -> int:
+    """What deleting ``delete`` and ``debris`` frees, as :func:`execute_prune` counts it:
+    their objects, but not those an incremental save of ``remaining`` points at."""
+    refs = _referenced(engine, remaining, guard)
+    groups = _by_checkpoint(prefix, objects)
+    gone = {(e.keys.run_id, e.keys.checkpoint_id) for e in delete}
+    for d in debris:
+        run, _, cid = d[len(prefix) + len("/data/"):].rstrip("/").partition("/")
+        gone.add((run, cid))
+    return sum(o.size for g in gone for o in groups.get(g, ()) if o.key not in refs)
 
 
 def _keep_whole_gangs(engine: Engine, prefix: str, considered: Sequence[Entry],

@@ -78,8 +78,9 @@ def list_checkpoints(obj: Any, pathspec: str | None, name: str | None, incomplet
 
 
 _WHICH_HELP = (
-    "CHECKPOINT is a checkpoint id (as `list` shows it), a manifest key, or a PATHSPEC "
-    "(RUN, RUN/STEP or RUN/STEP/TASK): its newest checkpoint, of --name if given.")
+    "CHECKPOINT is a checkpoint id (as `list` shows it), a manifest key, the URL of its "
+    "manifest or data (as `show` prints it), or a PATHSPEC (RUN, RUN/STEP or "
+    "RUN/STEP/TASK): its newest checkpoint, of --name if given.")
 
 
 @checkpoint.command(name="card", help="Write the checkpoint card of one attempt of a task to "
@@ -136,7 +137,8 @@ def download(obj: Any, which: str, directory: str, name: str | None, progress: b
 
 @checkpoint.command(help="Read stored checkpoints back and check every file's size and "
                          "SHA-256 against its manifest; print each failure and exit 1 if any. "
-                         "TARGET is one checkpoint (an id or a manifest key) or a PATHSPEC "
+                         "TARGET is one checkpoint (an id, a manifest key or a URL) or a "
+                         "PATHSPEC "
                          "(all its checkpoints); without it, the whole flow.\n" + EXIT_CODES)
 @click.argument("target", required=False)
 @click.option("--name", default=None, help="Only checkpoints saved under this name.")
@@ -154,8 +156,9 @@ def verify(obj: Any, target: str | None, name: str | None, as_json: bool, progre
 
 @checkpoint.command(help="Delete the checkpoints no retention rule keeps, per scope (a step, "
                          "or one foreach branch of it) under PATHSPEC (RUN or RUN/STEP; "
-                         "without it, the whole flow). The newest checkpoint of a scope, and "
-                         "the one a retry would resume from, are always kept; data a kept "
+                         "without it, the whole flow, every run of it, as the output "
+                         "lists). The newest checkpoint of a scope, and the one each run's "
+                         "retry would resume from, are always kept; data a kept "
                          "checkpoint reads is never deleted. Also removes data no manifest "
                          "commits, and aborts multipart uploads, older than --grace. With "
                          "--dry-run, only says what it would delete and keep, and why. Give "
@@ -170,8 +173,10 @@ def verify(obj: Any, target: str | None, name: str | None, as_json: bool, progre
               help="The metadata key --keep-best ranks by (a number saved in metadata=).")
 @click.option("--best-mode", type=click.Choice(["min", "max"]), default="min",
               show_default=True, help="Whether a smaller or a larger metric is better.")
-@click.option("--protect", multiple=True, metavar="CHECKPOINT_ID",
-              help="Never delete this checkpoint (repeatable).")
+@click.option("--protect", multiple=True, metavar="CHECKPOINT",
+              help="Never delete this checkpoint (repeatable): an id, a manifest key, a URL, "
+                   "or a PATHSPEC's newest checkpoint, as `show` takes them. One that "
+                   "matches nothing is a usage error, and nothing is deleted.")
 @click.option("--grace", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Leave data without a manifest alone until it is this old: it may be an "
                    "upload in flight. Default: METAFLOW_CHECKPOINT_DEBRIS_GRACE (6 hours "

@@ -26,6 +26,7 @@ from metaflow._vendor import click
 
 from uploader import CheckpointError, CheckpointKeys, ManifestError
 from uploader.catalog import Entry
+from uploader.manifest import refused_path
 from uploader.retention import (
     PrunePlan,
     RetentionPolicy,
@@ -34,12 +35,7 @@ from uploader.retention import (
     plan_prune,
 )
 
-from .checkpoint_finder import (
-    CheckpointNotFoundException,
-    Session,
-    Target,
-    is_one_checkpoint,
-)
+from .checkpoint_finder import CheckpointNotFoundException, Session, Target
 from .exceptions import CheckpointConfigException, CheckpointException
 
 __all__ = ["download", "list_checkpoints", "prune", "show", "verify"]
@@ -285,7 +281,7 @@ def download(s: Session, which: str, directory: str, *, name: str | None,
 def _to_verify(s: Session, which: str | None, name: str | None
                ) -> tuple[list[Entry], list[CheckpointKeys]]:
     """The checkpoints to verify, and the manifests under the target that cannot be read."""
-    if which is not None and is_one_checkpoint(which):
+    if which is not None and s.names_one(which):
         return [s.resolve(which)], []
     target = Target.parse(which, s.flow)
     entries = s.committed(target)
@@ -316,7 +312,20 @@ def verify(s: Session, which: str | None, *, name: str | None, as_json: bool,
                                       f"cannot be read: {e}"})
         except CheckpointError as e:
             raise CheckpointException(f"cannot read checkpoints {s.where()}: {e}") from e
-    jobs = [(e, f) for e in entries for f in e.manifest.files]
+    jobs = []
+    for e in entries:
+        # The rule every load applies first: a manifest listing a path no reader places
+        # (``../x``, twice, a file and a directory) fails whole, and its data is not read.
+        refused = refused_path([f.path for f in e.manifest.files])
+        if refused is None:
+            jobs += [(e, f) for f in e.manifest.files]
+            continue
+        failures.append({
+            "checkpoint_id": e.keys.checkpoint_id, "name": e.manifest.name,
+            "key": e.keys.manifest, "file": refused[0], "data_key": None,
+            "error": f"checkpoint {e.manifest.name!r} ({e.keys.checkpoint_id}): its manifest "
+                     f"{engine.backend.url_of(e.keys.manifest)} lists {refused[1]}: no "
+                     "reader loads this checkpoint, so its files were not read."})
     total = sum(f.size for _, f in jobs)
     # Sizes from the store's listing, not from what a read returns: a ranged read asks
     # for the manifest's size and would not see bytes appended to an object.
@@ -409,6 +418,7 @@ def prune(s: Session, pathspec: str | None, *, keep_last: int | None,
         raise click.BadParameter(
             "prune keeps and deletes per scope (a step, or one foreach branch of it): "
             "give RUN or RUN/STEP, not a task.", param_hint="PATHSPEC")
+    protected = _protected(s, protect)
     inv = s.inventory()
     scopes = [scope for scope in inv.scopes if target.has_scope(scope)]
     if target.run is not None:  # the scopes where the run saved something
@@ -430,7 +440,8 @@ def prune(s: Session, pathspec: str | None, *, keep_last: int | None,
     with s.reading():
         for scope in scopes:
             plans.append((scope, plan_prune(s.catalog, scope, policy, run_id=target.run,
-                                            protect=protect, grace_s=grace)))
+                                            protect=protected, grace_s=grace)))
+    runs = _runs(plans)
     reports = []
     if not dry_run:
         with s.reading():
@@ -438,7 +449,8 @@ def prune(s: Session, pathspec: str | None, *, keep_last: int | None,
     errors = [err for r in reports for err in r.errors]
     if as_json:
         click.echo(json.dumps({
-            "dry_run": dry_run, "flow": s.flow, "namespace": s.namespace,
+            "dry_run": dry_run, "flow": s.flow, "namespace": s.namespace, "runs": runs,
+            "freed_bytes": _freed(plans),
             "scopes": [_plan_json(s, scope, plan) for scope, plan in plans],
             "deleted": None if dry_run else {
                 "checkpoints": sum(r.checkpoints_deleted for r in reports),
@@ -449,13 +461,18 @@ def prune(s: Session, pathspec: str | None, *, keep_last: int | None,
                 "errors": errors},
         }, indent=1))
     else:
+        if target.run is None and runs:
+            click.echo(f"Considering {_n(len(runs), 'run')} of {s.flow}, newest first: "
+                       f"{', '.join(runs)}. Each run's resume point is kept: a run still "
+                       "running may retry from it.")
         for scope, plan in plans:
             _print_plan(s, scope, plan, dry_run=dry_run)
         if dry_run:
             n = sum(len(p.delete) for _, p in plans)
-            click.echo(f"Dry run: would delete {_n(n, 'checkpoint')} "
-                       f"({_size(sum(_own_bytes(p.delete) for _, p in plans))}); "
-                       "nothing was deleted.")
+            debris = sum(len(p.debris) for _, p in plans)
+            click.echo(f"Dry run: would delete {_n(n, 'checkpoint')} and the data of "
+                       f"{_n(debris, 'incomplete checkpoint')}, freeing "
+                       f"{_size(_freed(plans))}; nothing was deleted.")
         else:
             for err in errors:
                 click.echo(f"ERROR  {err}")
@@ -469,8 +486,40 @@ def prune(s: Session, pathspec: str | None, *, keep_last: int | None,
         click.get_current_context().exit(1)
 
 
-def _own_bytes(entries: Iterable[Entry]) -> int:
-    return sum(f.size for e in entries for f in e.manifest.files if f.key is None)
+def _protected(s: Session, protect: Sequence[str]) -> list[str]:
+    """The checkpoint ids ``--protect`` names, each found as any CHECKPOINT argument is;
+    a usage error, before anything is deleted, for one that matches nothing."""
+    ids = []
+    for which in protect:
+        try:
+            ids.append(s.resolve(which).keys.checkpoint_id)
+        except click.BadParameter as e:
+            e.param_hint = "'--protect'"
+            raise
+        except CheckpointNotFoundException as e:
+            prog = click.get_current_context().find_root().info_name
+            raise click.BadParameter(
+                f"{which!r} matches no committed checkpoint {s.where()}, so nothing was "
+                f"pruned.{s.hint()} `python {prog} checkpoint list` lists the checkpoint "
+                "ids; a manifest key, a URL or a pathspec (its newest checkpoint) are "
+                "accepted too.", param_hint="'--protect'") from e
+    return ids
+
+
+def _runs(plans: Sequence[tuple[str, PrunePlan]]) -> list[str]:
+    """The runs whose checkpoints ``plans`` consider, newest first."""
+    entries = {e.keys: e for _, p in plans for e in (*p.keep, *p.delete)}
+    runs: list[str] = []
+    for keys in CheckpointKeys.newest_first(entries):
+        run = entries[keys].manifest.run_id
+        if run not in runs:
+            runs.append(run)
+    return runs
+
+
+def _freed(plans: Sequence[tuple[str, PrunePlan]]) -> int:
+    """The bytes executing ``plans`` frees (see ``PrunePlan.freed_bytes``)."""
+    return sum(p.freed_bytes for _, p in plans)
 
 
 def _plan_json(s: Session, scope: str, plan: PrunePlan) -> dict[str, Any]:
@@ -479,14 +528,16 @@ def _plan_json(s: Session, scope: str, plan: PrunePlan) -> dict[str, Any]:
                  "key": e.keys.manifest,
                  "reason": plan.reasons.get(e.keys.checkpoint_id)} for e in entries]
 
-    return {"scope": scope, "keep": ids(plan.keep), "delete": ids(plan.delete),
+    return {"scope": scope, "runs": _runs([(scope, plan)]), "freed_bytes": plan.freed_bytes,
+            "keep": ids(plan.keep), "delete": ids(plan.delete),
             "debris": list(plan.debris), "uploads": [list(u) for u in plan.uploads],
             "unreadable": list(plan.unreadable)}
 
 
 def _print_plan(s: Session, scope: str, plan: PrunePlan, *, dry_run: bool) -> None:
+    frees = f", freeing {_size(plan.freed_bytes)}" if dry_run else ""
     click.echo(f"{scope}: keep {len(plan.keep)}, "
-               f"{'would delete' if dry_run else 'delete'} {len(plan.delete)}")
+               f"{'would delete' if dry_run else 'delete'} {len(plan.delete)}{frees}")
     rows = []
     for verb, entries in (("keep", plan.keep), ("delete", plan.delete)):
         for e in entries:

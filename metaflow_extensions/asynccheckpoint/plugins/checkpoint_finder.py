@@ -56,19 +56,23 @@ class Target:
 
     @classmethod
     def parse(cls, text: str | None, flow: str) -> Target:
+        """``[FLOW/]RUN[/STEP[/TASK]]``; a usage error for one of another flow."""
         if text is None or not text.strip("/"):
             return cls()
         parts = text.strip("/").split("/")
-        if parts[0] == flow:
+        if any(not p for p in parts):
+            raise _not_a_pathspec(text, flow)
+        named = _flow_named(parts, flow)
+        if named == flow:
             parts = parts[1:]
-        elif len(parts) > 1 and parts[0].isidentifier() and parts[0][0].isupper():
+        elif named is not None:
+            case = (f" (flow names are case-sensitive: write {flow}/...)"
+                    if named.lower() == flow.lower() else "")
             raise click.BadParameter(
-                f"{text!r} names the flow {parts[0]}, but this is {flow}'s command line; run "
-                f"the checkpoint command of {parts[0]}'s file.", param_hint="PATHSPEC")
-        if len(parts) > 3 or any(not p for p in parts):
-            raise click.BadParameter(
-                f"{text!r} is not a pathspec of {flow}: write RUN, RUN/STEP or RUN/STEP/TASK "
-                f"(optionally after {flow}/).", param_hint="PATHSPEC")
+                f"{text!r} names the flow {named}, but this is {flow}'s command line{case}; "
+                f"run the checkpoint command of {named}'s file.", param_hint="PATHSPEC")
+        if len(parts) > 3:
+            raise _not_a_pathspec(text, flow)
         return cls(*parts)
 
     def label(self, flow: str) -> str:
@@ -83,6 +87,34 @@ class Target:
                 and (self.run is None or keys.run_id == safe_component(self.run))
                 and (self.task is None or _id_task(keys.checkpoint_id) == safe_component(
                     self.task)))
+
+
+def _not_a_pathspec(text: str, flow: str) -> click.BadParameter:
+    return click.BadParameter(
+        f"{text!r} is not a pathspec of {flow}: write RUN, RUN/STEP or RUN/STEP/TASK "
+        f"(optionally after {flow}/).", param_hint="PATHSPEC")
+
+
+def _flow_named(parts: Sequence[str], flow: str) -> str | None:
+    """The flow a pathspec's first component names; None where it is a run id.
+
+    A flow's name is a Python class name, compared case-sensitively. A run id is digits
+    on the local metadata and ``sfn-...``, ``argo-...`` and the like on a scheduler: never
+    an identifier, except an id given by hand (``resume --run-id``). So a first component
+    that is no identifier is a run; one is a flow when it is this flow's name in any case,
+    when four components follow the flow's shape (FLOW/RUN/STEP/TASK), when the second is
+    no step name (steps are identifiers: ``myflow/123`` is a flow and a run), or when it
+    is capitalised as classes are.
+    """
+    first = parts[0]
+    if first == flow:
+        return flow
+    if not first.isidentifier():
+        return None
+    if (first.lower() == flow.lower() or len(parts) == 4
+            or (len(parts) > 1 and not parts[1].isidentifier()) or first[0].isupper()):
+        return first
+    return None
 
 
 def _id_task(checkpoint_id: str) -> str:
@@ -191,18 +223,49 @@ class Session:
         return [u for u in self.inventory().uncommitted
                 if target.has_keys(u.keys) and not any(o.key in used for o in u.objects)]
 
+    def manifest_key(self, which: str) -> str | None:
+        """The manifest key ``which`` names, when it is one or a URL in this store (of a
+        manifest, or of a checkpoint's data, as ``list`` and ``show`` print them)."""
+        url = self.catalog.engine.backend.url
+        base = url.rstrip("/") + "/"
+        if "://" in which and not which.startswith(base):
+            raise click.BadParameter(
+                f"{which!r} is not in this flow's store, {url}: give a URL under it, or "
+                "pass the --datastore and --datastore-root of the store it is in.",
+                param_hint="CHECKPOINT")
+        in_store = which.startswith(base)
+        key = which[len(base):] if in_store else which
+        if "/manifests/" in key:
+            return key
+        if not in_store:
+            return None
+        # <scope: 5 components>/data/<run>/<checkpoint id>[/<path>]
+        parts = key.split("/")
+        if len(parts) >= 8 and parts[5] == "data" and parts[6] and parts[7]:
+            return f"{'/'.join(parts[:5])}/manifests/{parts[6]}/{parts[7]}.json"
+        raise click.BadParameter(
+            f"{which!r} is in this store, but not the URL of a checkpoint: give the URL of "
+            "its manifest or of its data, as `list --json` and `show` print them.",
+            param_hint="CHECKPOINT")
+
+    def names_one(self, which: str) -> bool:
+        """Whether ``which`` names one checkpoint (a manifest key, a URL or an id), not a
+        pathspec."""
+        return is_one_checkpoint(which) or self.manifest_key(which) is not None
+
     def resolve(self, which: str, *, name: str | None = None) -> Entry:
-        """The checkpoint ``which`` names: a manifest key, a checkpoint id, or a pathspec
-        (its newest checkpoint, of ``name`` if given)."""
-        if "/manifests/" in which:
+        """The checkpoint ``which`` names: a manifest key, its URL or its data's, a
+        checkpoint id, or a pathspec (its newest checkpoint, of ``name`` if given)."""
+        key = self.manifest_key(which)
+        if key is not None:
             try:
                 with self.reading():
-                    entry = self.catalog.read(which, with_gang=True)
+                    entry = self.catalog.read(key, with_gang=True)
             except ValueError as e:
                 raise click.BadParameter(str(e), param_hint="CHECKPOINT") from e
             if entry is None:
                 raise CheckpointNotFoundException(
-                    f"no committed checkpoint has the manifest key {which!r} in "
+                    f"no committed checkpoint has the manifest key {key!r} in "
                     f"{self.catalog.engine.backend.url}.")
             return entry
         if is_one_checkpoint(which):

@@ -126,10 +126,10 @@ def write_tree(src: Path, files: dict[str, bytes]) -> None:
 
 
 def save(eng: Engine, src: Path, run_id: str, task: str, *, name: str = "ck",
-         metadata: dict[str, Any] | None = None) -> Any:
+         metadata: dict[str, Any] | None = None, latest: bool = True) -> Any:
     cid = new_checkpoint_id(task, 0)
     req = SaveRequest(source=str(src), keys=CheckpointKeys(SCOPE.prefix, run_id, cid),
-                      name=name, latest=True, metadata=metadata or {},
+                      name=name, latest=latest, metadata=metadata or {},
                       identity={"task_id": task, "attempt": 0},
                       reference={"scope": SCOPE.prefix, "created_on": "now"})
     handle = eng.save(req)

@@ -22,7 +22,8 @@ def fill(tmp: Path, n: int) -> Catalog:
     h.wait()
     template = eng.read_manifest(CheckpointKeys(SCOPE.prefix, "1", h.checkpoint_id))
     assert template is not None
-    keys = [CheckpointKeys(SCOPE.prefix, "1", f"{10**15 + i:016d}-7-a0-1.{i}-00")
+    # Saved after it in the task (a save number above any this process has used).
+    keys = [CheckpointKeys(SCOPE.prefix, "1", f"{10**15 + i:016d}-7-a0-1.{10**9 + i}-00")
             for i in range(n)]
     for i, k in enumerate(keys):
         m = dataclasses.replace(template, checkpoint_id=k.checkpoint_id,

@@ -45,12 +45,13 @@ def result(proc: subprocess.Popen[str], timeout: float = 300) -> dict[str, Any]:
 
 def seed(tmp: Path) -> tuple[str, str]:
     """Run 1's checkpoint X (big.bin, small.txt), then run 3's Y, newer, which shares no
-    object with X: ``keep_last=1`` keeps Y and deletes X. Returns their manifest keys."""
+    object with X: ``keep_last=1`` keeps Y and deletes X (saved with latest=False, so it
+    is not its run's resume point either). Returns their manifest keys."""
     eng = engine(str(tmp / "store"), tmp / "seed", {})
     x_src, y_src = tmp / "seed" / "x", tmp / "seed" / "y"
     write_tree(x_src, {"big.bin": bytes.fromhex(BIG_HEX) * BIG_REPEAT, "small.txt": b"x"})
     write_tree(y_src, {"other.bin": b"y" * 100})
-    x = save(eng, x_src, "1", "5")
+    x = save(eng, x_src, "1", "5", latest=False)
     y = save(eng, y_src, "3", "6")
     assert x.state.value == y.state.value == "committed"
     eng.close()

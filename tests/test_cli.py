@@ -1,8 +1,8 @@
 """``python flow.py checkpoint ...`` run as users run it, on checkpoints real flow runs made.
 
-One run of ``flows/cli_flow.py`` per backend (local datastore, S3 on a moto server) per
-module; each test gets a private copy of what it stored, so tests that corrupt or prune
-do not affect the others.
+One run of ``flows/cli_flow.py`` per backend (local datastore, S3 on a moto server, GCS on
+an emulator) per module; each test gets a private copy of what it stored, so tests that
+corrupt or prune do not affect the others.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class Store:
     root: Path | None = None  # local: the datastore root
     client: Any = None  # s3: a boto3 client, the bucket, and the datastore prefix
     bucket: str = ""
+    gcs_bucket: Any = None  # gs: google-cloud-storage's Bucket
 
     def cli(self, *args: str, rc: int | None = 0, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
@@ -82,6 +83,9 @@ class Store:
         if self.root is not None:
             return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*")
                           if p.is_file() and "mf.checkpoints" in p.parts)
+        if self.gcs_bucket is not None:
+            return sorted(b.name[len("metaflow/"):] for b in self.gcs_bucket.list_blobs(
+                prefix="metaflow/mf.checkpoints/"))
         out = []
         for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix="metaflow/mf.checkpoints/"):
@@ -91,6 +95,8 @@ class Store:
     def delete(self, key: str) -> None:
         if self.root is not None:
             (self.root / key).unlink()
+        elif self.gcs_bucket is not None:
+            self.gcs_bucket.blob(f"metaflow/{key}").delete()
         else:
             self.client.delete_object(Bucket=self.bucket, Key=f"metaflow/{key}")
 
@@ -100,6 +106,8 @@ class Store:
             path = self.root / key
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
+        elif self.gcs_bucket is not None:
+            self.gcs_bucket.blob(f"metaflow/{key}").upload_from_string(data)
         else:
             self.client.put_object(Bucket=self.bucket, Key=f"metaflow/{key}", Body=data)
 
@@ -122,16 +130,34 @@ def s3_source(s3_server: Any, tmp_path_factory: pytest.TempPathFactory
     yield "cli-source", _run_flow(base, env)
 
 
+@pytest.fixture(scope="module")
+def gcs_source(gcs_kit: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, str]:
+    base = tmp_path_factory.mktemp("cli-gcs")
+    source = gcs_kit.fresh("cli-source")
+    env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(base / "ds"),
+           **source.flow_env(base)}
+    return source, _run_flow(base, env)
+
+
 _copies = iter(range(1_000_000))
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", pytest.param("gs", marks=pytest.mark.gcs)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     if request.param == "local":
         ds, run_id = request.getfixturevalue("local_source")
         shutil.copytree(ds, tmp_path / "ds")
         env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "ds")}
         return Store("local", env, run_id, tmp_path, root=tmp_path / "ds" / ".metaflow")
+    if request.param == "gs":
+        gsource, run_id = request.getfixturevalue("gcs_source")
+        copy = request.getfixturevalue("gcs_kit").fresh(f"cli-copy-{next(_copies)}")
+        src, dst = gsource.client(), copy.client()
+        for blob in src.list_blobs():
+            src.copy_blob(blob, dst, blob.name)
+        env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "ds"),
+               **copy.flow_env(tmp_path)}
+        return Store("gs", env, run_id, tmp_path, gcs_bucket=dst)
     source, run_id = request.getfixturevalue("s3_source")
     server = request.getfixturevalue("s3_server")
     client = server.client()

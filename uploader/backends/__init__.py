@@ -11,7 +11,8 @@ if TYPE_CHECKING:
     from .gcs import GCSBackend
     from .s3 import S3Backend
 
-__all__ = ["Backend", "GCSBackend", "LocalBackend", "S3Backend", "StoredObject", "TransferContext", "Upload"]
+__all__ = ["Backend", "GCSBackend", "LocalBackend", "S3Backend", "StoredObject",
+           "TransferContext", "Upload"]
 
 
 def __getattr__(name: str) -> Any:

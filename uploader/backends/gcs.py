@@ -110,7 +110,7 @@ def _stored_crc(headers: Any) -> str | None:
         for item in header.split(","):
             name, _, value = item.strip().partition("=")
             if name == "crc32c":
-                return value
+                return str(value)
     return None
 
 
@@ -181,9 +181,10 @@ class GCSBackend:
                     self._session = aiohttp.ClientSession(
                         connector=aiohttp.TCPConnector(limit=limit), timeout=_TIMEOUT,
                         auto_decompress=False)
-                    self._storage = Storage(session=self._session, api_root=self.endpoint,
-                                            api_is_dev=self._token is None,
-                                            token=self._token)  # type: ignore[arg-type]
+                    self._storage = Storage(
+                        session=self._session,  # type: ignore[arg-type]
+                        api_root=self.endpoint, api_is_dev=self._token is None,
+                        token=self._token)  # type: ignore[arg-type]
         return self._storage
 
     async def _headers(self) -> dict[str, str]:

@@ -14,8 +14,8 @@ import aiohttp
 
 from ..errors import CheckpointError, StorageAccessError, UploadError
 
-__all__ = ["CREDENTIALS_ADVICE", "Mismatch", "SessionLost", "explain", "is_storage_error", "is_transient",
-           "status_of"]
+__all__ = ["CREDENTIALS_ADVICE", "Mismatch", "SessionLost", "explain", "is_storage_error",
+           "is_transient", "status_of"]
 
 # GCS's retry guidance: 408, 429 and 5xx are worth another attempt; other 4xx are not.
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})

@@ -85,6 +85,13 @@ def _load_throughput(quick: bool, tmp: str | None) -> list[Row]:
     return load_throughput.measure(64 * MiB if quick else GiB, 1 if quick else 3, tmpdir=tmp)
 
 
+def _gcs_throughput(quick: bool, tmp: str | None) -> list[Row]:
+    import gcs_throughput
+
+    return gcs_throughput.measure(32 * MiB if quick else 256 * MiB, 1 if quick else 3,
+                                  tmpdir=tmp)
+
+
 def _listing(quick: bool, tmp: str | None) -> list[Row]:
     import listing
 
@@ -100,6 +107,7 @@ BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "upload_throughput": _upload_throughput,
     "load_throughput": _load_throughput,
     "listing": _listing,
+    "gcs_throughput": _gcs_throughput,
 }
 
 

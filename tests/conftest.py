@@ -139,3 +139,28 @@ def coarse_fs(coarse_mount: Path, request: pytest.FixtureRequest) -> Iterator[Pa
 def reflink_fs(reflink_mount: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     """A fresh empty directory on XFS, where files can be reflink-cloned."""
     yield from _fresh_dir(reflink_mount, request)
+
+
+# -- Google Cloud Storage, on an emulator (see gcskit.py, gcsserver.py) -------------------
+
+
+@pytest.fixture(scope="session")
+def gcs_kit():  # type: ignore[no-untyped-def]
+    from gcskit import GCSKit
+
+    kit = GCSKit()
+    kit.start()
+    yield kit
+    kit.stop()
+
+
+@pytest.fixture
+def gcs_store(gcs_kit, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """A fresh, empty bucket on the session's GCS emulator."""
+    return gcs_kit.fresh(request.node.name)
+
+
+@pytest.fixture
+def gcs_env(gcs_store, flow_env: dict[str, str], tmp_path: Path) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Environment for a flow on the GS datastore of a fresh bucket on the emulator."""
+    return {**flow_env, **gcs_store.flow_env(tmp_path)}

@@ -1,8 +1,8 @@
 """``python flow.py checkpoint ...`` run as users run it, on checkpoints real flow runs made.
 
-One run of ``flows/cli_flow.py`` per backend (local datastore, S3 on a moto server) per
-module; each test gets a private copy of what it stored, so tests that corrupt or prune
-do not affect the others.
+One run of ``flows/cli_flow.py`` per backend (local datastore, S3 on a moto server, GCS on
+an emulator) per module; each test gets a private copy of what it stored, so tests that
+corrupt or prune do not affect the others.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class Store:
     bucket: str = ""
     flow: Path = FLOW
     runs: tuple[str, ...] = ()  # every run stored, oldest first
+    gcs_bucket: Any = None  # gs: google-cloud-storage's Bucket
 
     def cli(self, *args: str, rc: int | None = 0, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
@@ -86,6 +87,9 @@ class Store:
         if self.root is not None:
             return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*")
                           if p.is_file() and "mf.checkpoints" in p.parts)
+        if self.gcs_bucket is not None:
+            return sorted(b.name[len("metaflow/"):] for b in self.gcs_bucket.list_blobs(
+                prefix="metaflow/mf.checkpoints/"))
         out = []
         for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix="metaflow/mf.checkpoints/"):
@@ -95,6 +99,8 @@ class Store:
     def delete(self, key: str) -> None:
         if self.root is not None:
             (self.root / key).unlink()
+        elif self.gcs_bucket is not None:
+            self.gcs_bucket.blob(f"metaflow/{key}").delete()
         else:
             self.client.delete_object(Bucket=self.bucket, Key=f"metaflow/{key}")
 
@@ -104,6 +110,8 @@ class Store:
             path = self.root / key
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
+        elif self.gcs_bucket is not None:
+            self.gcs_bucket.blob(f"metaflow/{key}").upload_from_string(data)
         else:
             self.client.put_object(Bucket=self.bucket, Key=f"metaflow/{key}", Body=data)
 
@@ -144,6 +152,15 @@ def share_s3_source(s3_source: tuple[str, str], s3_server: Any,
     return "cli-share-source", [_run_flow(base, env, SHARE_FLOW) for _ in range(2)]
 
 
+@pytest.fixture(scope="module")
+def gcs_source(gcs_kit: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, str]:
+    base = tmp_path_factory.mktemp("cli-gcs")
+    source = gcs_kit.fresh("cli-source")
+    env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(base / "ds"),
+           **source.flow_env(base)}
+    return source, _run_flow(base, env)
+
+
 _copies = iter(range(1_000_000))
 
 
@@ -156,6 +173,15 @@ def _copy(request: pytest.FixtureRequest, tmp_path: Path, source: str, flow: Pat
         env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "ds")}
         return Store("local", env, runs[-1], tmp_path, root=tmp_path / "ds" / ".metaflow",
                      flow=flow, runs=tuple(runs))
+    if request.param == "gs":
+        gsource, run_id = request.getfixturevalue(f"{source}gcs_source")
+        copy = request.getfixturevalue("gcs_kit").fresh(f"cli-copy-{next(_copies)}")
+        src, dst = gsource.client(), copy.client()
+        for blob in src.list_blobs():
+            src.copy_blob(blob, dst, blob.name)
+        env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "ds"),
+               **copy.flow_env(tmp_path)}
+        return Store("gs", env, run_id, tmp_path, gcs_bucket=dst, flow=flow, runs=(run_id,))
     bucket_from, runs = request.getfixturevalue(f"{source}s3_source")
     runs = [runs] if isinstance(runs, str) else runs
     server = request.getfixturevalue("s3_server")
@@ -172,7 +198,7 @@ def _copy(request: pytest.FixtureRequest, tmp_path: Path, source: str, flow: Pat
                  runs=tuple(runs))
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", pytest.param("gs", marks=pytest.mark.gcs)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return _copy(request, tmp_path, "", FLOW)
 

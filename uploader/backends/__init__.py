@@ -8,9 +8,11 @@ from .base import Backend, StoredObject, TransferContext, Upload
 from .local import LocalBackend
 
 if TYPE_CHECKING:
+    from .gcs import GCSBackend
     from .s3 import S3Backend
 
-__all__ = ["Backend", "LocalBackend", "S3Backend", "StoredObject", "TransferContext", "Upload"]
+__all__ = ["Backend", "GCSBackend", "LocalBackend", "S3Backend", "StoredObject",
+           "TransferContext", "Upload"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +21,8 @@ def __getattr__(name: str) -> Any:
         from .s3 import S3Backend
 
         return S3Backend
+    if name == "GCSBackend":  # needs the [gcs] extra (gcloud-aio-storage, google-crc32c)
+        from .gcs import GCSBackend
+
+        return GCSBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

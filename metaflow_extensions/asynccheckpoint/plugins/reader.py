@@ -43,11 +43,12 @@ def default_location() -> tuple[str, str]:
 
 
 def _kind_of(root: str) -> str:
-    return "s3" if root.startswith("s3://") else "local"
+    scheme = root.partition("://")[0] if "://" in root else ""
+    return scheme if scheme in ("s3", "gs") else "local"
 
 
 def _same_root(a: str, b: str) -> bool:
-    if _kind_of(a) == "s3" or _kind_of(b) == "s3":
+    if _kind_of(a) != "local" or _kind_of(b) != "local":
         return a.rstrip("/") == b.rstrip("/")
     return os.path.realpath(a) == os.path.realpath(b)
 
@@ -150,7 +151,9 @@ class Reader:
         elif not isinstance(attempt, int) or isinstance(attempt, bool):
             raise CheckpointReferenceError(
                 f"list(attempt=...) takes an attempt number or 'all', got {attempt!r}.")
-        if where.datastore not in ("local", "s3"):
+        from .storage import SUPPORTED_DATASTORES
+
+        if where.datastore not in SUPPORTED_DATASTORES:
             return []
         catalog = self.catalog(where.datastore, where.datastore_root)
         out: list[dict[str, Any]] = []

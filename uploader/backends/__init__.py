@@ -8,9 +8,11 @@ from .base import Backend, StoredObject, TransferContext, Upload
 from .local import LocalBackend
 
 if TYPE_CHECKING:
+    from .azure import AzureBackend
     from .s3 import S3Backend
 
-__all__ = ["Backend", "LocalBackend", "S3Backend", "StoredObject", "TransferContext", "Upload"]
+__all__ = ["AzureBackend", "Backend", "LocalBackend", "S3Backend", "StoredObject",
+           "TransferContext", "Upload"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +21,13 @@ def __getattr__(name: str) -> Any:
         from .s3 import S3Backend
 
         return S3Backend
+    if name == "AzureBackend":  # azure-storage-blob is an optional extra: [azure]
+        try:
+            from .azure import AzureBackend
+        except ImportError as e:
+            raise ImportError(
+                f"the Azure backend needs azure-storage-blob with aiohttp ({e}); install it "
+                "with: pip install 'metaflow-async-checkpoint[azure]'") from e
+
+        return AzureBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ from . import legacy
 from .exceptions import CheckpointException, CheckpointReferenceError
 from .legacy import LegacyEntry
 from .reference import CheckpointReference, reference_from_manifest
-from .storage import backend_factory
+from .storage import SUPPORTED_DATASTORES, backend_factory
 
 __all__ = ["Reader", "TaskCheckpoints", "default_location"]
 
@@ -42,11 +42,17 @@ def default_location() -> tuple[str, str]:
     return ds, str(root)
 
 
+_SCHEMES = {"s3://": "s3", "az://": "azure"}
+
+
 def _kind_of(root: str) -> str:
-    return "s3" if root.startswith("s3://") else "local"
+    return next((k for s, k in _SCHEMES.items() if root.startswith(s)), "local")
 
 
 def _same_root(a: str, b: str) -> bool:
+    if _kind_of(a) == "azure" or _kind_of(b) == "azure":
+        # Metaflow writes an Azure root as container/prefix; a reference as az://...
+        return a.removeprefix("az://").rstrip("/") == b.removeprefix("az://").rstrip("/")
     if _kind_of(a) == "s3" or _kind_of(b) == "s3":
         return a.rstrip("/") == b.rstrip("/")
     return os.path.realpath(a) == os.path.realpath(b)
@@ -150,7 +156,7 @@ class Reader:
         elif not isinstance(attempt, int) or isinstance(attempt, bool):
             raise CheckpointReferenceError(
                 f"list(attempt=...) takes an attempt number or 'all', got {attempt!r}.")
-        if where.datastore not in ("local", "s3"):
+        if where.datastore not in SUPPORTED_DATASTORES:
             return []
         catalog = self.catalog(where.datastore, where.datastore_root)
         out: list[dict[str, Any]] = []

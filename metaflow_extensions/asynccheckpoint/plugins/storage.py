@@ -11,7 +11,7 @@ from uploader.errors import ConfigError
 
 from .exceptions import CheckpointConfigException
 
-SUPPORTED_DATASTORES = ("local", "s3")
+SUPPORTED_DATASTORES = ("local", "s3", "azure")
 
 
 def engine_settings() -> Settings:
@@ -80,8 +80,12 @@ def backend_factory(datastore: str, root: str) -> BackendFactory:
         from .s3_storage import s3_backend_factory
 
         return s3_backend_factory(root)
+    if datastore == "azure":
+        from .azure_storage import azure_backend_factory
+
+        return azure_backend_factory(root)
     raise CheckpointConfigException(
         "@checkpoint stores checkpoints in the Metaflow datastore, and supports the %s "
-        "datastores; this run uses %r. Run with --datastore=local or --datastore=s3."
-        % (" and ".join(SUPPORTED_DATASTORES), datastore)
-    )
+        "datastores; this run uses %r. Run with --datastore=%s."
+        % (", ".join(SUPPORTED_DATASTORES), datastore,
+           " or --datastore=".join(SUPPORTED_DATASTORES)))

@@ -1,8 +1,8 @@
 """``python flow.py checkpoint ...`` run as users run it, on checkpoints real flow runs made.
 
-One run of ``flows/cli_flow.py`` per backend (local datastore, S3 on a moto server) per
-module; each test gets a private copy of what it stored, so tests that corrupt or prune
-do not affect the others.
+One run of ``flows/cli_flow.py`` per backend (local datastore, S3 on a moto server, Azure
+on Azurite) per module; each test gets a private copy of what it stored, so tests that
+corrupt or prune do not affect the others.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class Store:
     root: Path | None = None  # local: the datastore root
     client: Any = None  # s3: a boto3 client, the bucket, and the datastore prefix
     bucket: str = ""
+    container: Any = None  # azure: the container's (synchronous) client
 
     def cli(self, *args: str, rc: int | None = 0, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
@@ -82,6 +83,9 @@ class Store:
         if self.root is not None:
             return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*")
                           if p.is_file() and "mf.checkpoints" in p.parts)
+        if self.container is not None:
+            return sorted(b.name[len("metaflow/"):] for b in self.container.list_blobs(
+                name_starts_with="metaflow/mf.checkpoints/"))
         out = []
         for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix="metaflow/mf.checkpoints/"):
@@ -91,6 +95,8 @@ class Store:
     def delete(self, key: str) -> None:
         if self.root is not None:
             (self.root / key).unlink()
+        elif self.container is not None:
+            self.container.delete_blob(f"metaflow/{key}")
         else:
             self.client.delete_object(Bucket=self.bucket, Key=f"metaflow/{key}")
 
@@ -100,6 +106,8 @@ class Store:
             path = self.root / key
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
+        elif self.container is not None:
+            self.container.upload_blob(f"metaflow/{key}", data, overwrite=True)
         else:
             self.client.put_object(Bucket=self.bucket, Key=f"metaflow/{key}", Body=data)
 
@@ -122,11 +130,31 @@ def s3_source(s3_server: Any, tmp_path_factory: pytest.TempPathFactory
     yield "cli-source", _run_flow(base, env)
 
 
+@pytest.fixture(scope="module")
+def azure_source(store_kits: Any, tmp_path_factory: pytest.TempPathFactory
+                 ) -> tuple[Any, str]:
+    base = tmp_path_factory.mktemp("cli-azure")
+    source = store_kits.get("azure").fresh("cli-source")
+    env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(base / "ds"),
+           **source.flow_env(base)}
+    return source, _run_flow(base, env)
+
+
 _copies = iter(range(1_000_000))
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", pytest.param("azure", marks=pytest.mark.azure)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "azure":
+        source, run_id = request.getfixturevalue("azure_source")
+        copy = request.getfixturevalue("store_kits").get("azure").fresh("cli-copy")
+        container = copy.client()
+        for blob in source.client().list_blobs():
+            data = source.client().download_blob(blob.name).readall()
+            container.upload_blob(blob.name, data)
+        env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "ds"),
+               **copy.flow_env(tmp_path)}
+        return Store("azure", env, run_id, tmp_path, container=container)
     if request.param == "local":
         ds, run_id = request.getfixturevalue("local_source")
         shutil.copytree(ds, tmp_path / "ds")

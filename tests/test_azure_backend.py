@@ -96,7 +96,8 @@ class BlobSpy:
     """Wraps the backend's blob clients: records (and can fail) Put Block requests."""
 
     def __init__(self, backend: AzureBackend,
-                 fail: Callable[[int], BaseException | None] = lambda n: None) -> None:
+                 fail: Callable[[str, int], BaseException | None] = lambda b, n: None
+                 ) -> None:
         self.calls: list[tuple[str, bytes, bytes]] = []  # (block id, body, Content-MD5)
         self._fail = fail
         self._backend = backend
@@ -112,7 +113,7 @@ class BlobSpy:
 
             async def stage_block(block_id: str, data: Any, **kw: Any) -> Any:
                 spy.calls.append((block_id, bytes(data), bytes(kw["transactional_content_md5"])))
-                exc = spy._fail(len(spy.calls))
+                exc = spy._fail(block_id, sum(c[0] == block_id for c in spy.calls))
                 if exc is not None:
                     raise exc
                 return await stage(block_id, data, **kw)
@@ -185,7 +186,7 @@ async def test_blocks_carry_their_md5_and_the_blob_keeps_the_whole_files(
         spy = BlobSpy(b)
         await spy.install()
         await b.put_file("ck/f", str(tmp_path / "f"), size)
-    assert [len(body) for _, body, _ in spy.calls] == [5 * MiB, 5 * MiB, 2 * MiB + 3]
+    assert [len(body) for _, body, _ in sorted(spy.calls)] == [5 * MiB, 5 * MiB, 2 * MiB + 3]
     assert all(hashlib.md5(body).digest() == md5 for _, body, md5 in spy.calls)
     blob = azure.client().get_blob_client("metaflow/ck/f")
     committed, uncommitted = blob.get_block_list("all")
@@ -224,8 +225,8 @@ async def test_a_transient_block_failure_resends_only_that_block(azure: Any,
     size = 12 * MiB
     data = write_random(tmp_path / "f", size)
     async with opened(azure) as b:
-        spy = BlobSpy(b, fail=lambda n: ServiceResponseError("connection reset") if n == 2
-                      else None)
+        spy = BlobSpy(b, fail=lambda block, n: ServiceResponseError("connection reset")
+                      if (block, n) == ("block-000001", 1) else None)
         await spy.install()
         assert await b.put_file("ck/f", str(tmp_path / "f"), size) == \
             hashlib.sha256(data).hexdigest()
@@ -240,7 +241,7 @@ async def test_a_failed_upload_leaves_no_staged_blocks(azure: Any, tmp_path: Pat
     write_random(tmp_path / "f", 12 * MiB)
     refused = HttpResponseError(message="refused")
     async with opened(azure) as b:
-        spy = BlobSpy(b, fail=lambda n: refused if n == 3 else None)
+        spy = BlobSpy(b, fail=lambda block, n: refused if block == "block-000002" else None)
         await spy.install()
         with pytest.raises(UploadError, match="ck/f"):
             await b.put_file("ck/f", str(tmp_path / "f"), 12 * MiB)

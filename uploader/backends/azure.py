@@ -229,14 +229,25 @@ class AzureBackend:
 
         async def send(index: int, offset: int, length: int, token: object) -> None:
             try:
-                block = await anyio.to_thread.run_sync(
-                    read_block, path, offset, length, index, hashes, self._pool)
                 try:
-                    # The view goes out as the body, with no copy (aiohttp takes any
-                    # buffer; the SDK's annotation names only bytes).
-                    await self._retried(lambda: blob.stage_block(
-                        ids[index], block.view, length=length,  # type: ignore[arg-type]
-                        transactional_content_md5=bytearray(block.md5)))
+                    block = await anyio.to_thread.run_sync(
+                        read_block, path, offset, length, self._pool)
+                except BaseException as e:
+                    hashes.fail(f"block {index}: {type(e).__name__}: {e}")
+                    raise
+                try:
+                    async with anyio.create_task_group() as both:
+                        # The file's hashes in block order, while the block is sent.
+                        both.start_soon(functools.partial(
+                            anyio.to_thread.run_sync, hashes.feed, index, block.view))
+                        # The view goes out as the body, with no copy (aiohttp takes any
+                        # buffer; the SDK's annotation names only bytes).
+                        await self._retried(lambda: blob.stage_block(
+                            ids[index], block.view, length=length,  # type: ignore[arg-type]
+                            transactional_content_md5=bytearray(block.md5)))
+                except BaseException as e:
+                    hashes.fail(f"block {index}: {type(e).__name__}")
+                    raise
                 finally:
                     block.release()
             finally:

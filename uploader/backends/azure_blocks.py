@@ -1,10 +1,11 @@
-"""The bytes of an Azure block blob upload: each block read once, hashed where it is read.
+"""The bytes of an Azure block blob upload: each block read once, hashed in worker threads.
 
 A block is read with ``preadv`` into a buffer taken from a pool, in a worker thread (the GIL
 released), and hashed there while the bytes are hot: its own MD5, sent as the request's
-``Content-MD5`` so the service refuses a block corrupted on the way, and, in block order,
-the file's running SHA-256 (what the manifest records) and MD5 (set as the blob's
-``Content-MD5`` when the block list is committed, so :meth:`confirm` can compare it later).
+``Content-MD5`` so the service refuses a block corrupted on the way. While it is being sent,
+another worker thread feeds it, in block order, to the file's running SHA-256 (what the
+manifest records) and MD5 (set as the blob's ``Content-MD5`` when the block list is
+committed, so ``confirm`` can compare it later): the file's hashing overlaps the network.
 """
 
 from __future__ import annotations
@@ -70,12 +71,12 @@ class Block:
             self._pool = None  # type: ignore[assignment]
 
 
-def read_block(path: str, offset: int, length: int, index: int, hashes: FileHashes,
-               pool: BufferPool) -> Block:
-    """Read ``length`` bytes of ``path`` at ``offset`` as block ``index``; hash them.
+def read_block(path: str, offset: int, length: int, pool: BufferPool) -> Block:
+    """Read ``length`` bytes of ``path`` at ``offset``, with their MD5.
 
     Runs in a worker thread. Raises EOFError if the file is shorter than that (it was
-    truncated while being uploaded), which the engine reports as a torn file.
+    truncated while being uploaded), which the engine reports as a torn file. The file's
+    own hashes are fed separately (:meth:`FileHashes.feed`), while the block is sent.
     """
     block = Block(pool.take(length), length, pool)
     try:
@@ -92,9 +93,7 @@ def read_block(path: str, offset: int, length: int, index: int, hashes: FileHash
         finally:
             os.close(fd)
         block.md5 = hashlib.md5(view).digest()
-        hashes.feed(index, view)
-    except BaseException as e:
-        hashes.fail(f"{type(e).__name__}: {e}")
+    except BaseException:
         block.release()
         raise
     return block

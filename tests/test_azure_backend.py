@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -332,3 +333,34 @@ async def test_exhausted_retries_name_container_and_key(azure: Any) -> None:
             await b.put_bytes("ck/m", b"{}")
     assert not isinstance(info.value, StorageAccessError)
     assert policy.attempts == [1, 1, 1]
+
+
+def test_the_factory_needs_the_blob_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from metaflow import metaflow_config
+
+    from metaflow_extensions.asynccheckpoint.plugins.storage import backend_factory
+
+    monkeypatch.setattr(metaflow_config, "AZURE_STORAGE_BLOB_SERVICE_ENDPOINT", None)
+    with pytest.raises(CheckpointConfigException,
+                       match="METAFLOW_AZURE_STORAGE_BLOB_SERVICE_ENDPOINT"):
+        backend_factory("azure", "container/metaflow")
+
+
+def test_a_missing_extra_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from metaflow import metaflow_config
+
+    from metaflow_extensions.asynccheckpoint.plugins.storage import backend_factory
+
+    monkeypatch.setattr(metaflow_config, "AZURE_STORAGE_BLOB_SERVICE_ENDPOINT",
+                        "https://account.blob.core.windows.net/")
+    monkeypatch.setitem(sys.modules, "azure.storage.blob.aio", None)  # as if not installed
+    with pytest.raises(CheckpointConfigException,
+                       match=r"pip install 'metaflow-async-checkpoint\[azure\]'"):
+        backend_factory("azure", "container/metaflow")
+
+
+def test_an_unknown_datastore_lists_the_supported_ones() -> None:
+    from metaflow_extensions.asynccheckpoint.plugins.storage import backend_factory
+
+    with pytest.raises(CheckpointConfigException, match="--datastore=azure"):
+        backend_factory("gopher", "x")

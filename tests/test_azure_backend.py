@@ -94,7 +94,7 @@ def write_random(path: Path, size: int) -> bytes:
 
 
 class BlobSpy:
-    """Wraps the backend's blob clients: records (and can fail) Put Block requests."""
+    """Wraps the backend's block sender: records (and can fail) Put Block requests."""
 
     def __init__(self, backend: AzureBackend,
                  fail: Callable[[str, int], BaseException | None] = lambda b, n: None
@@ -104,25 +104,19 @@ class BlobSpy:
         self._backend = backend
 
     async def install(self) -> None:
-        client = await self._backend._get_client()
-        real = client.get_blob_client
-        spy = self
+        await self._backend._get_client()
+        sender = self._backend._sender
+        assert sender is not None  # a shared key serves the synchronous client too
+        real = sender.stage
 
-        def get_blob_client(name: str) -> Any:
-            blob = real(name)
-            stage = blob.stage_block
+        def stage(name: str, block_id: str, body: memoryview, md5: bytes) -> None:
+            self.calls.append((block_id, bytes(body), md5))
+            exc = self._fail(block_id, sum(c[0] == block_id for c in self.calls))
+            if exc is not None:
+                raise exc
+            real(name, block_id, body, md5)
 
-            async def stage_block(block_id: str, data: Any, **kw: Any) -> Any:
-                spy.calls.append((block_id, bytes(data), bytes(kw["transactional_content_md5"])))
-                exc = spy._fail(block_id, sum(c[0] == block_id for c in spy.calls))
-                if exc is not None:
-                    raise exc
-                return await stage(block_id, data, **kw)
-
-            blob.stage_block = stage_block
-            return blob
-
-        client.get_blob_client = get_blob_client  # type: ignore[method-assign]
+        sender.stage = stage  # type: ignore[method-assign]
 
 
 # -- without a server ------------------------------------------------------------------
@@ -364,3 +358,49 @@ def test_an_unknown_datastore_lists_the_supported_ones() -> None:
 
     with pytest.raises(CheckpointConfigException, match="--datastore=azure"):
         backend_factory("gopher", "x")
+
+
+class AsyncTokens:
+    """An asyncio-only token credential: blocks then go out through the asyncio client."""
+
+    async def get_token(self, *scopes: str, **kw: Any) -> Any:
+        from azure.core.credentials import AccessToken
+        from azurite import fake_token
+
+        token, expires = fake_token()
+        return AccessToken(token, expires)
+
+    async def close(self) -> None:
+        return None
+
+
+class SyncTokens:
+    """A synchronous token credential, as Metaflow's Azure client providers make."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def get_token(self, *scopes: str, **kw: Any) -> Any:
+        from azure.core.credentials import AccessToken
+        from azurite import fake_token
+
+        self.asked += 1
+        token, expires = fake_token()
+        return AccessToken(token, expires)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tokens", [AsyncTokens, SyncTokens])
+async def test_token_credentials_of_either_kind(azure: Any, tmp_path: Path,
+                                                tokens: type[Any]) -> None:
+    size = 12 * MiB
+    data = write_random(tmp_path / "f", size)
+    credential = tokens()
+    async with opened(azure, credential=credential) as b:
+        assert await b.put_file("ck/f", str(tmp_path / "f"), size) == \
+            hashlib.sha256(data).hexdigest()
+        assert (b._sender is None) == (tokens is AsyncTokens)
+        assert await b.get_file("ck/f", str(tmp_path / "g"), size) == \
+            hashlib.sha256(data).hexdigest()
+    if isinstance(credential, SyncTokens):
+        assert credential.asked >= 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import inspect
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -39,6 +40,7 @@ from ..config import MiB
 from ..errors import CheckpointError, UploadError, first_error
 from .azure_blocks import FileHashes, b64md5, md5_of_file, read_block, read_whole
 from .azure_errors import NOT_FOUND, error_code, explain, is_storage_error, is_transient
+from .azure_sender import BlockSender
 from .base import StoredObject, TransferContext, Upload
 from .s3_parts import BufferPool
 
@@ -86,12 +88,43 @@ def _not_found(exc: BaseException) -> bool:
     return error_code(exc) in NOT_FOUND
 
 
+class ThreadedTokenCredential:
+    """An asyncio token credential that asks a synchronous one, in a worker thread."""
+
+    def __init__(self, credential: Any) -> None:
+        self.credential = credential
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        return await anyio.to_thread.run_sync(
+            functools.partial(self.credential.get_token, *scopes, **kwargs))
+
+    async def close(self) -> None:
+        return None
+
+    async def __aenter__(self) -> ThreadedTokenCredential:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _is_async_token(credential: Any) -> bool:
+    return inspect.iscoroutinefunction(getattr(credential, "get_token", None))
+
+
+def _is_sync_token(credential: Any) -> bool:
+    get_token = getattr(credential, "get_token", None)
+    return get_token is not None and not inspect.iscoroutinefunction(get_token)
+
+
 class AzureBackend:
     """Blobs under ``container/prefix`` of the storage account at ``account_url``.
 
-    ``credential`` is anything the SDK's asyncio clients take: an async token credential,
-    an ``AzureNamedKeyCredential``, a SAS token string. ``verify``: True, False, or the path
-    of a CA bundle for the endpoint's TLS certificate.
+    ``credential``: an ``AzureNamedKeyCredential``, a SAS token, or a token credential.
+    A synchronous token credential (what Metaflow's Azure client providers make) serves
+    both clients, asked from a worker thread by the asyncio one; with an asyncio-only one,
+    block bodies go out through the asyncio client too (see :mod:`.azure_sender`).
+    ``verify``: True, False, or the path of a CA bundle for the endpoint's certificate.
     """
 
     kind = "azure"
@@ -106,6 +139,9 @@ class AzureBackend:
         self._credential = credential
         self._verify = verify
         self._client: ContainerClient | None = None
+        self._sender: BlockSender | None = None
+        self._send_threads = anyio.CapacityLimiter(ctx.settings.upload_concurrency)
+        self._feed_threads = anyio.CapacityLimiter(ctx.settings.upload_concurrency)
         self._client_lock = anyio.Lock()
         self._small_reads = anyio.CapacityLimiter(_SMALL_READS)
         self._pool = BufferPool()
@@ -124,26 +160,34 @@ class AzureBackend:
             async with self._client_lock:
                 if self._client is None:
                     part = self._ctx.settings.part_size
+                    # One GET per range, and for a file below the threshold, one in all.
+                    whole = max(part, self._ctx.settings.multipart_threshold)
+                    credential = self._credential
+                    if _is_sync_token(credential):
+                        credential = ThreadedTokenCredential(credential)
+                    if not _is_async_token(self._credential):
+                        self._sender = BlockSender(
+                            self.account_url, self.container, credential=self._credential,
+                            verify=self._verify,
+                            connections=self._ctx.settings.upload_concurrency)
                     self._client = ContainerClient(
-                        self.account_url, self.container, credential=self._credential,
+                        self.account_url, self.container, credential=credential,
                         connection_verify=self._verify, retry_total=0,
                         connection_timeout=10, read_timeout=120,
                         # A response is read in pieces of this size, each an await on this
                         # loop: the SDK's default (4 KiB) makes a 16 MiB range 4,096 of them.
                         connection_data_block_size=_READ_BLOCK,
-                        max_single_get_size=part, max_chunk_get_size=part,
-                        max_single_put_size=max(part, self._ctx.settings.multipart_threshold))
+                        max_single_get_size=whole, max_chunk_get_size=part,
+                        max_single_put_size=whole)
         return self._client
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            await anyio.to_thread.run_sync(sender.close)
         if client is not None:
             await client.close()
-        close = getattr(self._credential, "close", None)
-        if close is not None:
-            result = close()
-            if hasattr(result, "__await__"):
-                await result
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
@@ -243,12 +287,10 @@ class AzureBackend:
                     async with anyio.create_task_group() as both:
                         # The file's hashes in block order, while the block is sent.
                         both.start_soon(functools.partial(
-                            anyio.to_thread.run_sync, hashes.feed, index, block.view))
-                        # The view goes out as the body, with no copy (aiohttp takes any
-                        # buffer; the SDK's annotation names only bytes).
-                        await self._retried(lambda: blob.stage_block(
-                            ids[index], block.view, length=length,  # type: ignore[arg-type]
-                            transactional_content_md5=bytearray(block.md5)))
+                            anyio.to_thread.run_sync, hashes.feed, index, block.view,
+                            limiter=self._feed_threads))
+                        await self._retried(functools.partial(self._stage, blob, ids[index],
+                                                              block.view, block.md5))
                 except BaseException as e:
                     hashes.fail(f"block {index}: {type(e).__name__}")
                     raise
@@ -284,6 +326,17 @@ class AzureBackend:
             raise
         self._remember_sent(name, md5)
         return hashes.sha256.hexdigest()
+
+    async def _stage(self, blob: Any, block_id: str, body: memoryview, md5: bytes) -> None:
+        """One Put Block: from a worker thread where there is a synchronous client."""
+        if self._sender is not None:
+            await anyio.to_thread.run_sync(self._sender.stage, blob.blob_name, block_id, body,
+                                           md5, limiter=self._send_threads)
+            return
+        # The view goes out as the body, with no copy (aiohttp takes any buffer; the SDK's
+        # annotation names only bytes).
+        await blob.stage_block(block_id, body, length=len(body),
+                               transactional_content_md5=bytearray(md5))
 
     # -- reading -------------------------------------------------------------------
 

@@ -4,15 +4,15 @@ The container and prefix come from the datastore root (``METAFLOW_DATASTORE_SYSR
 ``container/prefix``), the account from ``METAFLOW_AZURE_STORAGE_BLOB_SERVICE_ENDPOINT``,
 and the credential from the Azure client provider Metaflow is configured with
 (``METAFLOW_DEFAULT_AZURE_CLIENT_PROVIDER``; by default azure.identity's
-DefaultAzureCredential). That provider's credential is synchronous; the engine's client
-asks it for tokens from a worker thread and the SDK caches each token until it nears its
-expiry. A CA bundle named by ``REQUESTS_CA_BUNDLE`` (or ``CURL_CA_BUNDLE``), which Metaflow's
-own (requests-based) client honours, is used here too.
+DefaultAzureCredential). That provider's credential is synchronous: block bodies go out
+through the SDK's synchronous client, which uses it as it is, and the asyncio client asks
+it for tokens from a worker thread; the SDK caches each token until it nears its expiry.
+A CA bundle named by ``REQUESTS_CA_BUNDLE`` (or ``CURL_CA_BUNDLE``), which Metaflow's own
+(requests-based) client honours, is used here too.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -35,28 +35,6 @@ def split_azure_root(root: str) -> tuple[str, str]:
             f"the Azure datastore root {root!r} is not of the form container/prefix (no "
             "leading, trailing or doubled slashes); check METAFLOW_DATASTORE_SYSROOT_AZURE.")
     return container, prefix
-
-
-class _ThreadedTokenCredential:
-    """An asyncio token credential that asks a synchronous one, in a worker thread."""
-
-    def __init__(self, credential: Any) -> None:
-        self._credential = credential
-
-    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
-        import anyio.to_thread
-
-        return await anyio.to_thread.run_sync(
-            functools.partial(self._credential.get_token, *scopes, **kwargs))
-
-    async def close(self) -> None:
-        return None
-
-    async def __aenter__(self) -> _ThreadedTokenCredential:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 
 
 def _ca_bundle() -> bool | str:
@@ -94,6 +72,6 @@ def azure_backend_factory(root: str) -> BackendFactory:
         from uploader.backends.azure import AzureBackend
 
         return AzureBackend(ctx, account_url=endpoint, container=container, prefix=prefix,
-                            credential=_ThreadedTokenCredential(credential), verify=verify)
+                            credential=credential, verify=verify)
 
     return factory

@@ -14,7 +14,8 @@ One file of random bytes is uploaded, in interleaved rounds, by:
 and loaded by ``Engine.load`` (ranged GETs, SHA-256 verified) against the SDK's
 ``download_blob(max_concurrency=N).readinto``. The loop row: a pure-Python loop's speed
 while ours uploads, over its speed while the same upload is done by another process (its
-own interpreter: the part of the slowdown that sharing this process's GIL causes).
+own interpreter: the part of the slowdown that sharing this process's GIL causes); the loop
+alone on CPU 0, everything else on CPU 1.
 
     python benchmarks/azure_emulator.py [--size 256MiB] [--repeat 3]
 """
@@ -46,6 +47,10 @@ from uploader.catalog import Catalog  # noqa: E402
 from uploader.config import MiB, UploaderMode, parse_size  # noqa: E402
 
 CONTAINER = "bench"
+# With two CPUs or more, the loop runs alone on CPU 0 and everything else (the emulator,
+# the uploader's threads, the control's process) on CPU 1, as in interference.py: only the
+# GIL couples the loop to an upload in its own process.
+_PINNED = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
 NOTE = "Azurite emulator on this machine"
 
 
@@ -115,6 +120,8 @@ def _loop_rate(while_running: Callable[[], None]) -> float:
 
     def loop() -> None:
         nonlocal count
+        if _PINNED:
+            os.sched_setaffinity(0, {0})  # this thread alone on CPU 0
         x = 0
         while not done.is_set():
             for i in range(1000):
@@ -135,6 +142,19 @@ def _loop_rate(while_running: Callable[[], None]) -> float:
 def measure(size: int, repeat: int, *, concurrency: int = 16, block: int = 16 * MiB,
             tmpdir: str | None = None, log: Callable[[str], None] = print) -> list[Row]:
     med = statistics.median
+    before = os.sched_getaffinity(0) if _PINNED else None
+    if before is not None:
+        os.sched_setaffinity(0, {1})  # inherited by every thread and child started below
+    try:
+        return _measure(size, repeat, concurrency=concurrency, block=block, tmpdir=tmpdir,
+                        log=log, med=med)
+    finally:
+        if before is not None:
+            os.sched_setaffinity(0, before)
+
+
+def _measure(size: int, repeat: int, *, concurrency: int, block: int, tmpdir: str | None,
+             log: Callable[[str], None], med: Callable[[list[float]], float]) -> list[Row]:
     with tempfile.TemporaryDirectory(dir=tmpdir, prefix="azure-bench-") as tmp, \
             emulator(tmp) as az:
         staging = os.path.join(tmp, "staging")

@@ -98,6 +98,13 @@ def _listing(quick: bool, tmp: str | None) -> list[Row]:
     return listing.measure(100 if quick else 1000, 20, 1 if quick else 3, tmpdir=tmp)
 
 
+def _azure_emulator(quick: bool, tmp: str | None) -> list[Row]:
+    import azure_emulator
+
+    return azure_emulator.measure(32 * MiB if quick else 256 * MiB, 1 if quick else 3,
+                                  tmpdir=tmp)
+
+
 BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "interference": _interference,
     "save_scaling": _save_scaling,
@@ -108,6 +115,7 @@ BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "load_throughput": _load_throughput,
     "listing": _listing,
     "gcs_throughput": _gcs_throughput,
+    "azure_emulator": _azure_emulator,
 }
 
 

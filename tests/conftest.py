@@ -92,6 +92,7 @@ def s3_env(s3_server, flow_env: dict[str, str], tmp_path: Path) -> dict[str, str
 # -- real filesystems, loop-mounted (see fsimages.py) ------------------------------------
 
 from collections.abc import Iterator  # noqa: E402
+from typing import Any  # noqa: E402
 
 
 def _mount_or_skip(kind: str) -> Iterator[Path]:
@@ -141,17 +142,38 @@ def reflink_fs(reflink_mount: Path, request: pytest.FixtureRequest) -> Iterator[
     yield from _fresh_dir(reflink_mount, request)
 
 
+# -- one store of each kind (see storekits.py) -----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def store_kits() -> Iterator[Any]:
+    from storekits import Kits
+
+    kits = Kits()
+    yield kits
+    kits.stop()
+
+
+def _store_param(name: str) -> Any:
+    marks = {"s3": [pytest.mark.s3], "azure": [pytest.mark.azure],
+             "gcs": [pytest.mark.gcs]}.get(name, [])
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.fixture(params=[_store_param(n) for n in ("local", "s3", "azure", "gcs")])
+def store(request: pytest.FixtureRequest, store_kits: Any) -> Any:
+    """A fresh, empty place on each kind of store: its kit's :class:`StoreHandle`."""
+    handle = store_kits.get(request.param).fresh(request.node.name)
+    handle.kind = request.param
+    return handle
+
+
 # -- Google Cloud Storage, on an emulator (see gcskit.py, gcsserver.py) -------------------
 
 
 @pytest.fixture(scope="session")
-def gcs_kit():  # type: ignore[no-untyped-def]
-    from gcskit import GCSKit
-
-    kit = GCSKit()
-    kit.start()
-    yield kit
-    kit.stop()
+def gcs_kit(store_kits):  # type: ignore[no-untyped-def]
+    return store_kits.get("gcs")  # the contract suite's emulator; skips, saying why
 
 
 @pytest.fixture

@@ -57,10 +57,29 @@ def engine_for(cfg: dict[str, Any], tmp: Path) -> Any:
                 "max_attempts": cfg.get("max_attempts", 3), "retry_deadline": 30.0}
     if cfg["kind"] == "local":
         return local_engine(tmp, **settings)
+    if cfg["kind"] == "azure":
+        return azure_engine(cfg, tmp, **settings)
     from s3server import S3Server
 
     return s3_engine(S3Server(cfg["endpoint"], None), tmp,  # type: ignore[arg-type]
                      cfg["bucket"], **settings)
+
+
+def azure_engine(cfg: dict[str, Any], tmp: Path, **settings: Any) -> Any:
+    """An engine on the Azurite container ``cfg`` names, with the emulator's shared key."""
+    from azure.core.credentials import AzureNamedKeyCredential
+    from azurite import ACCOUNT, KEY
+
+    from uploader import Engine, Settings
+    from uploader.backends.azure import AzureBackend
+
+    def factory(ctx: Any) -> Any:
+        return AzureBackend(ctx, account_url=cfg["account_url"], container=cfg["container"],
+                            prefix="metaflow", credential=AzureNamedKeyCredential(ACCOUNT, KEY),
+                            verify=cfg["ca_bundle"])
+
+    return Engine(factory, Settings(**settings), snapshot_dir=str(tmp / "snapshots"),
+                  log=lambda m: None)
 
 
 class Killer:

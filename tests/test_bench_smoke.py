@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,16 @@ def test_a_smoke_run_never_replaces_the_tracked_results(tmp_path: Path) -> None:
     smoke = json.loads((SUITE.parent / "results-quick" / "results.json").read_text())
     assert smoke["quick"] is True
     assert (tracked.read_bytes() if tracked.exists() else None) == before
+
+
+@pytest.mark.slow
+@pytest.mark.azure
+def test_azure_emulator_quick_run(tmp_path: Path, store_kits: Any) -> None:
+    store_kits.get("azure")  # skips, saying why, where Azurite cannot be had
+    rows = run_suite(tmp_path, ["azure_emulator"])["rows"]
+    assert isinstance(rows, list)
+    assert [r["benchmark"].split(" (")[0] for r in rows] == [
+        "Azure upload throughput", "Azure load throughput",
+        "Python loop speed while an Azure upload runs"]
+    for r in rows:
+        assert r["baseline"] and r["value"] > 0 and "emulator" in r["note"], r

@@ -1,7 +1,7 @@
 """``python flow.py checkpoint ...`` run as users run it, on checkpoints real flow runs made.
 
-One run of ``flows/cli_flow.py`` per backend (local datastore, S3 on a moto server, GCS on
-an emulator) per module; each test gets a private copy of what it stored, so tests that
+One run of ``flows/cli_flow.py`` per backend (local datastore, S3 on a moto server, Azure
+on Azurite, GCS on an emulator) per module; each test gets a private copy of what it stored, so tests that
 corrupt or prune do not affect the others.
 """
 
@@ -68,6 +68,7 @@ class Store:
     flow: Path = FLOW
     runs: tuple[str, ...] = ()  # every run stored, oldest first
     gcs_bucket: Any = None  # gs: google-cloud-storage's Bucket
+    container: Any = None  # azure: the container's (synchronous) client
 
     def cli(self, *args: str, rc: int | None = 0, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
@@ -90,6 +91,9 @@ class Store:
         if self.gcs_bucket is not None:
             return sorted(b.name[len("metaflow/"):] for b in self.gcs_bucket.list_blobs(
                 prefix="metaflow/mf.checkpoints/"))
+        if self.container is not None:
+            return sorted(b.name[len("metaflow/"):] for b in self.container.list_blobs(
+                name_starts_with="metaflow/mf.checkpoints/"))
         out = []
         for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix="metaflow/mf.checkpoints/"):
@@ -101,6 +105,8 @@ class Store:
             (self.root / key).unlink()
         elif self.gcs_bucket is not None:
             self.gcs_bucket.blob(f"metaflow/{key}").delete()
+        elif self.container is not None:
+            self.container.delete_blob(f"metaflow/{key}")
         else:
             self.client.delete_object(Bucket=self.bucket, Key=f"metaflow/{key}")
 
@@ -112,6 +118,8 @@ class Store:
             path.write_bytes(data)
         elif self.gcs_bucket is not None:
             self.gcs_bucket.blob(f"metaflow/{key}").upload_from_string(data)
+        elif self.container is not None:
+            self.container.upload_blob(f"metaflow/{key}", data, overwrite=True)
         else:
             self.client.put_object(Bucket=self.bucket, Key=f"metaflow/{key}", Body=data)
 
@@ -161,6 +169,16 @@ def gcs_source(gcs_kit: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return source, _run_flow(base, env)
 
 
+@pytest.fixture(scope="module")
+def azure_source(store_kits: Any, tmp_path_factory: pytest.TempPathFactory
+                 ) -> tuple[Any, str]:
+    base = tmp_path_factory.mktemp("cli-azure")
+    source = store_kits.get("azure").fresh("cli-source")
+    env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(base / "ds"),
+           **source.flow_env(base)}
+    return source, _run_flow(base, env)
+
+
 _copies = iter(range(1_000_000))
 
 
@@ -173,6 +191,17 @@ def _copy(request: pytest.FixtureRequest, tmp_path: Path, source: str, flow: Pat
         env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "ds")}
         return Store("local", env, runs[-1], tmp_path, root=tmp_path / "ds" / ".metaflow",
                      flow=flow, runs=tuple(runs))
+    if request.param == "azure":
+        asource, run_id = request.getfixturevalue(f"{source}azure_source")
+        acopy = request.getfixturevalue("store_kits").get("azure").fresh("cli-copy")
+        container = acopy.client()
+        for blob in asource.client().list_blobs():
+            data = asource.client().download_blob(blob.name).readall()
+            container.upload_blob(blob.name, data)
+        env = {**_clean_env(), "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "ds"),
+               **acopy.flow_env(tmp_path)}
+        return Store("azure", env, run_id, tmp_path, container=container, flow=flow,
+                     runs=(run_id,))
     if request.param == "gs":
         gsource, run_id = request.getfixturevalue(f"{source}gcs_source")
         copy = request.getfixturevalue("gcs_kit").fresh(f"cli-copy-{next(_copies)}")
@@ -198,7 +227,8 @@ def _copy(request: pytest.FixtureRequest, tmp_path: Path, source: str, flow: Pat
                  runs=tuple(runs))
 
 
-@pytest.fixture(params=["local", "s3", pytest.param("gs", marks=pytest.mark.gcs)])
+@pytest.fixture(params=["local", "s3", pytest.param("azure", marks=pytest.mark.azure),
+                        pytest.param("gs", marks=pytest.mark.gcs)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return _copy(request, tmp_path, "", FLOW)
 

@@ -9,7 +9,8 @@ After each kill a new process, as a new attempt would, checks the store:
 - every save the child was told is durable is there;
 - the newest committed one is what "latest" picks, and it loads, verified.
 
-A few trials per backend run by default; ``pytest -m slow`` runs 30 per backend.
+A few trials per backend (local, S3 on moto) run by default; ``pytest -m slow`` runs 30
+per backend, and Azure's (on Azurite) too.
 
 On S3 a second harness kills the child's upload worker process instead, one to four times
 at seeded points (operations or moments), and lets the child go on: every save must still
@@ -99,17 +100,26 @@ def check_store(engine: Engine, tmp: Path, claimed: set[int]) -> int:
 
 
 def _setup(kind: str, tmp: Path, name: str, s3_server: Any) -> tuple[dict[str, Any], Path]:
+    """``s3_server``: the moto server for "s3", the Azure kit (storekits.py) for "azure"."""
     where = tmp / name
     where.mkdir()
     cfg: dict[str, Any] = {"kind": kind, "tmp": str(where), "saves": SAVES, "run_id": name}
     if kind == "s3":
         cfg.update(endpoint=s3_server.endpoint, bucket=fresh_bucket(s3_server))
+    elif kind == "azure":
+        handle = s3_server.fresh(name)
+        cfg.update(account_url=handle.azurite.account_url, container=handle.container,
+                   ca_bundle=handle.azurite.ca_bundle)
     return cfg, where
 
 
 def _reader(kind: str, cfg: dict[str, Any], where: Path, s3_server: Any) -> Engine:
     if kind == "local":
         return local_engine(where)  # the same store the child wrote
+    if kind == "azure":
+        from crashkit import azure_engine
+
+        return azure_engine(cfg, where / "reader")
     return s3_engine(s3_server, where / "reader", cfg["bucket"])
 
 
@@ -223,6 +233,21 @@ def test_crashes_never_expose_incomplete_checkpoints_locally(tmp_path: Path) -> 
 def test_crashes_never_expose_incomplete_checkpoints_on_s3(s3_server: Any,
                                                            tmp_path: Path) -> None:
     assert_meaningful(harness("s3", QUICK_TRIALS, tmp_path, s3_server), QUICK_TRIALS)
+
+
+@pytest.mark.slow  # a minute and more: Azurite answers slower than moto
+@pytest.mark.azure
+def test_crashes_never_expose_incomplete_checkpoints_on_azure(store_kits: Any,
+                                                              tmp_path: Path) -> None:
+    kit = store_kits.get("azure")
+    assert_meaningful(harness("azure", QUICK_TRIALS, tmp_path, kit), QUICK_TRIALS)
+
+
+@pytest.mark.slow
+@pytest.mark.azure
+def test_thirty_crashes_on_azure(store_kits: Any, tmp_path: Path) -> None:
+    kit = store_kits.get("azure")
+    assert_meaningful(harness("azure", SLOW_TRIALS, tmp_path, kit), SLOW_TRIALS)
 
 
 @pytest.mark.slow

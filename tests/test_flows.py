@@ -51,14 +51,6 @@ def test_a_corrupt_newest_checkpoint_never_bricks_the_retry(run_flow: RunFlow) -
     assert "SHA-256" in text and "loading the next older one" in text
 
 
-def test_foreach_branches_with_equal_values_keep_their_own_checkpoints(
-        run_flow: RunFlow) -> None:
-    out = run_flow("foreach_flow.py")
-    r = results(out.stdout + out.stderr)
-    assert {k: v for k, v in r.items() if k.startswith("branch")} == {
-        "branch0": "0", "branch1": "1", "branch2": "2"}
-
-
 def test_eager_loads_from_an_earlier_run_fresh_and_none_do_not(run_flow: RunFlow) -> None:
     first = results(run_flow("eager_flow.py").stdout)
     assert first["eager"] == first["fresh"] == first["none"] == "nothing"

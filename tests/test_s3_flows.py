@@ -6,8 +6,6 @@ import hashlib
 import json
 import random
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,24 +52,6 @@ def check_s3_flow_checkpoints(client: Any) -> None:
         assert hashlib.sha256(weights).hexdigest() == by_path["weights.bin"]["sha256"]
         assert data_bytes(client, key, m, "step.txt") == str(seed).encode()
     assert client.list_multipart_uploads(Bucket=S3_BUCKET).get("Uploads", []) == []
-
-
-def test_seed_example_runs_on_the_s3_datastore(s3_env: dict[str, str], s3_server: Any,
-                                               tmp_path: Path) -> None:
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import os, random\nrandom.seed(int(os.environ['TEST_RANDOM_SEED']))\n")
-    example = Path(__file__).parent.parent / "examples" / "checkpoint_counter.py"
-    env = {**s3_env, "PYTHONPATH": str(site), "TEST_RANDOM_SEED": "3"}
-    out = subprocess.run([sys.executable, str(example), "run"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    text = out.stdout + out.stderr
-    assert out.returncode == 0, text
-    assert "Final counter 10" in text and "Loaded checkpoint" in text
-    keys = [k for k, _ in committed(s3_server.client())]
-    prefix = "metaflow/mf.checkpoints/CheckpointCounterFlow/"
-    assert keys and all(k.startswith(prefix) for k in keys)
 
 
 def test_multipart_checkpoints_round_trip_on_s3(run_flow: RunFlow, s3_env: dict[str, str],

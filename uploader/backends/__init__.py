@@ -8,10 +8,11 @@ from .base import Backend, StoredObject, TransferContext, Upload
 from .local import LocalBackend
 
 if TYPE_CHECKING:
+    from .azure import AzureBackend
     from .gcs import GCSBackend
     from .s3 import S3Backend
 
-__all__ = ["Backend", "GCSBackend", "LocalBackend", "S3Backend", "StoredObject",
+__all__ = ["AzureBackend", "Backend", "GCSBackend", "LocalBackend", "S3Backend", "StoredObject",
            "TransferContext", "Upload"]
 
 
@@ -25,4 +26,13 @@ def __getattr__(name: str) -> Any:
         from .gcs import GCSBackend
 
         return GCSBackend
+    if name == "AzureBackend":  # azure-storage-blob is an optional extra: [azure]
+        try:
+            from .azure import AzureBackend
+        except ImportError as e:
+            raise ImportError(
+                f"the Azure backend needs azure-storage-blob with aiohttp ({e}); install it "
+                "with: pip install 'metaflow-async-checkpoint[azure]'") from e
+
+        return AzureBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

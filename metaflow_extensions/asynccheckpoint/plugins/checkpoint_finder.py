@@ -135,8 +135,9 @@ class Session:
         if datastore not in SUPPORTED_DATASTORES:
             raise CheckpointException(
                 f"checkpoints are stored in the {' or '.join(SUPPORTED_DATASTORES)} datastore; "
-                f"this command runs with {datastore!r}. Pass --datastore=local or "
-                "--datastore=s3 before `checkpoint`.")
+                f"this command runs with {datastore!r}. Pass "
+                f"--datastore={' or --datastore='.join(SUPPORTED_DATASTORES)} before "
+                "`checkpoint`.")
         self.flow, self.namespace = flow, namespace
         self.datastore, self.root = datastore, root
         self.reader = Reader(settings=engine_settings(), log=_warn)

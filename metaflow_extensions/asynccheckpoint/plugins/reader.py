@@ -20,7 +20,7 @@ from . import legacy
 from .exceptions import CheckpointException, CheckpointReferenceError
 from .legacy import LegacyEntry
 from .reference import CheckpointReference, reference_from_manifest
-from .storage import backend_factory
+from .storage import SUPPORTED_DATASTORES, backend_factory
 
 __all__ = ["Reader", "TaskCheckpoints", "default_location"]
 
@@ -42,13 +42,18 @@ def default_location() -> tuple[str, str]:
     return ds, str(root)
 
 
+_SCHEMES = {"s3://": "s3", "gs://": "gs", "az://": "azure"}
+
+
 def _kind_of(root: str) -> str:
-    scheme = root.partition("://")[0] if "://" in root else ""
-    return scheme if scheme in ("s3", "gs") else "local"
+    return next((k for s, k in _SCHEMES.items() if root.startswith(s)), "local")
 
 
 def _same_root(a: str, b: str) -> bool:
-    if _kind_of(a) != "local" or _kind_of(b) != "local":
+    if _kind_of(a) == "azure" or _kind_of(b) == "azure":
+        # Metaflow writes an Azure root as container/prefix; a reference as az://...
+        return a.removeprefix("az://").rstrip("/") == b.removeprefix("az://").rstrip("/")
+    if _kind_of(a) in ("s3", "gs") or _kind_of(b) in ("s3", "gs"):
         return a.rstrip("/") == b.rstrip("/")
     return os.path.realpath(a) == os.path.realpath(b)
 
@@ -151,8 +156,6 @@ class Reader:
         elif not isinstance(attempt, int) or isinstance(attempt, bool):
             raise CheckpointReferenceError(
                 f"list(attempt=...) takes an attempt number or 'all', got {attempt!r}.")
-        from .storage import SUPPORTED_DATASTORES
-
         if where.datastore not in SUPPORTED_DATASTORES:
             return []
         catalog = self.catalog(where.datastore, where.datastore_root)

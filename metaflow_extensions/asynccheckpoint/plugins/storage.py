@@ -11,7 +11,7 @@ from uploader.errors import ConfigError
 
 from .exceptions import CheckpointConfigException
 
-SUPPORTED_DATASTORES = ("local", "s3", "gs")
+SUPPORTED_DATASTORES = ("local", "s3", "azure", "gs")
 
 
 def engine_settings() -> Settings:
@@ -80,6 +80,10 @@ def backend_factory(datastore: str, root: str) -> BackendFactory:
         from .s3_storage import s3_backend_factory
 
         return s3_backend_factory(root)
+    if datastore == "azure":
+        from .azure_storage import azure_backend_factory
+
+        return azure_backend_factory(root)
     if datastore == "gs":
         from .gs_storage import gs_backend_factory
 
@@ -87,6 +91,5 @@ def backend_factory(datastore: str, root: str) -> BackendFactory:
     raise CheckpointConfigException(
         "@checkpoint stores checkpoints in the Metaflow datastore, and supports the %s "
         "datastores; this run uses %r. Run with --datastore=%s."
-        % (", ".join(SUPPORTED_DATASTORES), datastore, " or --datastore=".join(
-            SUPPORTED_DATASTORES))
-    )
+        % (", ".join(SUPPORTED_DATASTORES), datastore,
+           " or --datastore=".join(SUPPORTED_DATASTORES)))

@@ -170,9 +170,9 @@ def _naming(e: UploadError, req: SaveRequest, what: str, key: str) -> UploadErro
                    key=e.key or key)
 
 
-# Longest storage key each backend takes: S3's and GCS's object keys are at most 1024 bytes;
-# a local path at most PATH_MAX.
-_MAX_KEY_BYTES = {"s3": 1024, "gs": 1024, "local": 4095}
+# Longest storage key each backend takes: S3's and GCS's object keys and Azure's blob names
+# are at most 1024 bytes; a local path at most PATH_MAX.
+_MAX_KEY_BYTES = {"s3": 1024, "gs": 1024, "azure": 1024, "local": 4095}
 
 
 def _load_staging(dest: str) -> str:
@@ -550,7 +550,8 @@ class Engine:
             key = request.keys.data(f.relpath)
             url = self._backend.url_of(key)
             # The part of the URL that is the store's own key or path.
-            stored = url.split("/", 3)[3] if url.startswith(("s3://", "gs://")) else url
+            stored = (url.split("/", 3)[3] if url.startswith(("s3://", "gs://", "az://"))
+                      else url)
             n = len(stored.encode())
             if n > limit:
                 raise SnapshotError(

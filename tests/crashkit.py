@@ -59,6 +59,8 @@ def engine_for(cfg: dict[str, Any], tmp: Path) -> Any:
         return local_engine(tmp, **settings)
     if cfg["kind"] == "azure":
         return azure_engine(cfg, tmp, **settings)
+    if cfg["kind"] == "gcs":
+        return gcs_engine(cfg, tmp, **settings)
     from s3server import S3Server
 
     return s3_engine(S3Server(cfg["endpoint"], None), tmp,  # type: ignore[arg-type]
@@ -77,6 +79,19 @@ def azure_engine(cfg: dict[str, Any], tmp: Path, **settings: Any) -> Any:
         return AzureBackend(ctx, account_url=cfg["account_url"], container=cfg["container"],
                             prefix="metaflow", credential=AzureNamedKeyCredential(ACCOUNT, KEY),
                             verify=cfg["ca_bundle"])
+
+    return Engine(factory, Settings(**settings), snapshot_dir=str(tmp / "snapshots"),
+                  log=lambda m: None)
+
+
+def gcs_engine(cfg: dict[str, Any], tmp: Path, **settings: Any) -> Any:
+    """An engine on the GCS emulator's bucket ``cfg`` names (no credentials: an emulator)."""
+    from uploader import Engine, Settings
+    from uploader.backends.gcs import GCSBackend
+
+    def factory(ctx: Any) -> Any:
+        return GCSBackend(ctx, bucket=cfg["bucket"], prefix="metaflow",
+                          endpoint=cfg["endpoint"])
 
     return Engine(factory, Settings(**settings), snapshot_dir=str(tmp / "snapshots"),
                   log=lambda m: None)

@@ -1,8 +1,8 @@
 """``python flow.py checkpoint ...`` run as users run it, on checkpoints real flow runs made.
 
 One run of ``flows/cli_flow.py`` per backend (local datastore, S3 on a moto server, Azure
-on Azurite, GCS on an emulator) per module; each test gets a private copy of what it stored, so tests that
-corrupt or prune do not affect the others.
+on Azurite, GCS on an emulator) per module; each test gets a private copy of what it
+stored, so tests that corrupt or prune do not affect the others.
 """
 
 from __future__ import annotations

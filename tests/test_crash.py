@@ -10,7 +10,7 @@ After each kill a new process, as a new attempt would, checks the store:
 - the newest committed one is what "latest" picks, and it loads, verified.
 
 A few trials per backend (local, S3 on moto) run by default; ``pytest -m slow`` runs 30
-per backend, and Azure's (on Azurite) too.
+per backend, and Azure's (on Azurite) and GCS's (on its emulator) too.
 
 On S3 a second harness kills the child's upload worker process instead, one to four times
 at seeded points (operations or moments), and lets the child go on: every save must still
@@ -100,7 +100,8 @@ def check_store(engine: Engine, tmp: Path, claimed: set[int]) -> int:
 
 
 def _setup(kind: str, tmp: Path, name: str, s3_server: Any) -> tuple[dict[str, Any], Path]:
-    """``s3_server``: the moto server for "s3", the Azure kit (storekits.py) for "azure"."""
+    """``s3_server``: the moto server for "s3", the store's kit (storekits.py) for "azure"
+    and "gcs"."""
     where = tmp / name
     where.mkdir()
     cfg: dict[str, Any] = {"kind": kind, "tmp": str(where), "saves": SAVES, "run_id": name}
@@ -110,6 +111,9 @@ def _setup(kind: str, tmp: Path, name: str, s3_server: Any) -> tuple[dict[str, A
         handle = s3_server.fresh(name)
         cfg.update(account_url=handle.azurite.account_url, container=handle.container,
                    ca_bundle=handle.azurite.ca_bundle)
+    elif kind == "gcs":
+        handle = s3_server.fresh(name)
+        cfg.update(endpoint=handle.server.endpoint, bucket=handle.bucket)
     return cfg, where
 
 
@@ -120,6 +124,10 @@ def _reader(kind: str, cfg: dict[str, Any], where: Path, s3_server: Any) -> Engi
         from crashkit import azure_engine
 
         return azure_engine(cfg, where / "reader")
+    if kind == "gcs":
+        from crashkit import gcs_engine
+
+        return gcs_engine(cfg, where / "reader")
     return s3_engine(s3_server, where / "reader", cfg["bucket"])
 
 
@@ -248,6 +256,13 @@ def test_crashes_never_expose_incomplete_checkpoints_on_azure(store_kits: Any,
 def test_thirty_crashes_on_azure(store_kits: Any, tmp_path: Path) -> None:
     kit = store_kits.get("azure")
     assert_meaningful(harness("azure", SLOW_TRIALS, tmp_path, kit), SLOW_TRIALS)
+
+
+@pytest.mark.slow
+@pytest.mark.gcs
+def test_thirty_crashes_on_gcs(store_kits: Any, tmp_path: Path) -> None:
+    kit = store_kits.get("gcs")
+    assert_meaningful(harness("gcs", SLOW_TRIALS, tmp_path, kit), SLOW_TRIALS)
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -26,9 +25,7 @@ from hypothesis import strategies as st
 
 from uploader.backends.base import Backend, TransferContext
 from uploader.config import MiB, Settings
-from uploader.engine import Engine, SaveRequest
-from uploader.errors import CheckpointError, StorageAccessError
-from uploader.layout import CheckpointKeys, Scope, new_checkpoint_id
+from uploader.errors import StorageAccessError
 from uploader.retry import RetryPolicy
 
 T = TypeVar("T")

@@ -280,11 +280,13 @@ class Engine:
         snapshot_dir: str,
         log: Callable[[str], None] = print,
         on_commit: Callable[[CheckpointHandle], None] | None = None,
-        hasher: Callable[[str], str] = sha256_file,
+        hasher: Callable[[str], str] | None = None,
     ) -> None:
         """``on_commit(handle)`` runs on the engine's loop thread each time a checkpoint is
         committed (its stats are final then); it must not block. ``hasher(path)`` returns
-        a file's SHA-256 hex digest, to tell an unchanged file from a changed one."""
+        a file's SHA-256 hex digest, to tell an unchanged file from a changed one; by
+        default the backend's ``digest_file`` reads it where its uploads are read (the
+        S3 backend's worker process), else a thread of this process does."""
         self.settings = settings
         self._backend_factory = backend_factory
         self._snapshot_dir = snapshot_dir
@@ -614,6 +616,15 @@ class Engine:
             finally:
                 tg.cancel_scope.cancel()
 
+    async def _digest(self, backend: Backend, f: SnapshotFile) -> str:
+        """The SHA-256 of a snapshot file, for the unchanged check: read where the
+        backend reads its uploads when it says where (``digest_file``), else in a thread."""
+        on_backend = getattr(backend, "digest_file", None)
+        if self._hasher is None and on_backend is not None:
+            digest: str = await on_backend(f.path, f.size)
+            return digest
+        return await anyio.to_thread.run_sync(self._hasher or sha256_file, f.path)
+
     async def _upload_one(self, handle: CheckpointHandle, req: SaveRequest, snap: Snapshot,
                           events: dict[str, object], lease: SaveLease) -> None:
         backend, ctx = self._backend, self._ctx
@@ -642,7 +653,7 @@ class Engine:
                 check(f)
                 try:
                     async with ctx.limiter:  # bounds open files and buffers, as uploads do
-                        digest = await anyio.to_thread.run_sync(self._hasher, f.path)
+                        digest = await self._digest(backend, f)
                 except OSError:
                     check(f)
                     return None  # the upload reads it again, and explains what is wrong

@@ -70,6 +70,12 @@ def _small_save(quick: bool, tmp: str | None) -> list[Row]:
     return small_save.measure(3 if quick else 20, ["process", "thread"], tmpdir=tmp)
 
 
+def _small_files(quick: bool, tmp: str | None) -> list[Row]:
+    import small_files
+
+    return small_files.measure(1000 if quick else 10000, 1 if quick else 5, tmpdir=tmp)
+
+
 def _upload_throughput(quick: bool, tmp: str | None) -> list[Row]:
     import upload_throughput
 
@@ -100,6 +106,7 @@ BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "upload_throughput": _upload_throughput,
     "load_throughput": _load_throughput,
     "listing": _listing,
+    "small_files": _small_files,
 }
 
 

@@ -94,7 +94,10 @@ def _load_throughput(quick: bool, tmp: str | None) -> list[Row]:
 def _listing(quick: bool, tmp: str | None) -> list[Row]:
     import listing
 
-    return listing.measure(100 if quick else 1000, 20, 1 if quick else 3, tmpdir=tmp)
+    if quick:
+        return listing.measure(100, 20, 1, tmpdir=tmp)
+    return [r for n in (10, 100, 1000, 10000)
+            for r in listing.measure(n, 20, 3, tmpdir=tmp)]
 
 
 BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {

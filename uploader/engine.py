@@ -61,6 +61,7 @@ from .mappings import shared_writable_files
 from .retry import RetryPolicy
 from .rewrites import RewriteTracker
 from .snapshot import Snapshot, SnapshotFile, take_snapshot
+from .written import WrittenManifests
 
 __all__ = ["BackendFactory", "CommitListener", "DrainProgress", "DrainReport", "Engine",
            "SaveRequest"]
@@ -328,6 +329,7 @@ class Engine:
         self._ctx: TransferContext | None = None
         self._bases = Bases()  # touched only on the loop thread
         self._refs = References()
+        self._written = WrittenManifests()  # the manifests this engine committed
         # Held on the loop from a save's check that the objects it points at exist until
         # its manifest is written, and by delete_unreferenced(): see there.
         self._pointing: anyio.Lock | None = None
@@ -788,10 +790,12 @@ class Engine:
             )
 
         async def write_manifest(manifest: Manifest) -> None:
+            data = manifest.to_json()
             try:
-                await backend.put_bytes(keys.manifest, manifest.to_json())
+                await backend.put_bytes(keys.manifest, data)
             except UploadError as e:
                 raise _naming(e, req, "writing its manifest", keys.manifest) from e
+            self._written.put(keys.manifest, data)
 
         async def missing(files: list[SnapshotFile]) -> list[SnapshotFile]:
             # One listing per checkpoint pointed into, not a request per file.
@@ -862,6 +866,7 @@ class Engine:
                     manifest = build()
                     await write_manifest(manifest)
                 except BaseException:
+                    self._written.forget([keys.manifest])
                     with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                         await backend.delete_keys([keys.manifest])
                     raise
@@ -1021,16 +1026,22 @@ class Engine:
         data = portal.call(self.backend.get_bytes, keys.manifest)
         return None if data is None else Manifest.from_json(data)
 
-    def read_manifests(self, keys: Sequence[CheckpointKeys]
+    def read_manifests(self, keys: Sequence[CheckpointKeys], *, remembered: bool = False
                        ) -> list[Manifest | ManifestError | None]:
         """The manifest at each of ``keys``, in that order: None where there is none, and
         the :class:`ManifestError` where one cannot be read (so a listing can skip it).
 
         Read concurrently, each GET bounded by the backend: on S3 a round trip costs
         20-50 ms, and 1,000 checkpoints read one at a time took tens of seconds.
+        ``remembered``: the keys were just listed in the store, and a manifest this
+        engine committed is taken as it wrote it rather than read again (see
+        :mod:`uploader.written`); what retention and repairs read is always the store's.
         """
         out: list[Manifest | ManifestError | None] = []
-        for data in self.read_objects([k.manifest for k in keys]):
+        kept = [self._written.get(k.manifest) if remembered else None for k in keys]
+        read = iter(self.read_objects([k.manifest for k, b in zip(keys, kept, strict=True)
+                                       if b is None]))
+        for data in (next(read) if b is None else b for b in kept):
             try:
                 out.append(None if data is None else Manifest.from_json(data))
             except ManifestError as e:

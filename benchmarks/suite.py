@@ -42,6 +42,13 @@ def _interference(quick: bool, tmp: str | None) -> list[Row]:
     return interference.measure(512 * MiB, 5, ["thread", "process"], tmpdir=tmp)
 
 
+def _unchanged_check(quick: bool, tmp: str | None) -> list[Row]:
+    import unchanged_check
+
+    return unchanged_check.measure((64 if quick else 512) * MiB, 1 if quick else 5,
+                                   ["process", "thread"], tmpdir=tmp)
+
+
 def _save_scaling(quick: bool, tmp: str | None) -> list[Row]:
     import save_scaling
 
@@ -102,6 +109,7 @@ def _listing(quick: bool, tmp: str | None) -> list[Row]:
 
 BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "interference": _interference,
+    "unchanged_check": _unchanged_check,
     "save_scaling": _save_scaling,
     "memory_peak": _memory_peak,
     "teardown": _teardown,

@@ -317,8 +317,8 @@ class ProcessPlane:
                 digest, self.hashed_by = await asyncio.shield(fut)
                 return str(digest)
             if not fut.done():
-                target.kill(f"left the hash of a file of {size} bytes unanswered for "
-                            f"{limit:.3g} s")
+                target.kill(f"left a request to hash a file of {size} bytes unanswered "
+                            f"for {limit:.3g} s")
             digest, self.hashed_by = await fut
             return str(digest)
         except WorkerGone:

@@ -42,6 +42,13 @@ def _interference(quick: bool, tmp: str | None) -> list[Row]:
     return interference.measure(512 * MiB, 5, ["thread", "process"], tmpdir=tmp)
 
 
+def _unchanged_check(quick: bool, tmp: str | None) -> list[Row]:
+    import unchanged_check
+
+    return unchanged_check.measure((64 if quick else 512) * MiB, 1 if quick else 5,
+                                   ["process", "thread"], tmpdir=tmp)
+
+
 def _save_scaling(quick: bool, tmp: str | None) -> list[Row]:
     import save_scaling
 
@@ -70,6 +77,12 @@ def _small_save(quick: bool, tmp: str | None) -> list[Row]:
     return small_save.measure(3 if quick else 20, ["process", "thread"], tmpdir=tmp)
 
 
+def _small_files(quick: bool, tmp: str | None) -> list[Row]:
+    import small_files
+
+    return small_files.measure(1000 if quick else 10000, 1 if quick else 5, tmpdir=tmp)
+
+
 def _upload_throughput(quick: bool, tmp: str | None) -> list[Row]:
     import upload_throughput
 
@@ -95,7 +108,10 @@ def _gcs_throughput(quick: bool, tmp: str | None) -> list[Row]:
 def _listing(quick: bool, tmp: str | None) -> list[Row]:
     import listing
 
-    return listing.measure(100 if quick else 1000, 20, 1 if quick else 3, tmpdir=tmp)
+    if quick:
+        return listing.measure(100, 20, 1, tmpdir=tmp)
+    return [r for n in (10, 100, 1000, 10000)
+            for r in listing.measure(n, 20, 3, tmpdir=tmp)]
 
 
 def _azure_emulator(quick: bool, tmp: str | None) -> list[Row]:
@@ -107,6 +123,7 @@ def _azure_emulator(quick: bool, tmp: str | None) -> list[Row]:
 
 BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "interference": _interference,
+    "unchanged_check": _unchanged_check,
     "save_scaling": _save_scaling,
     "memory_peak": _memory_peak,
     "teardown": _teardown,
@@ -116,6 +133,7 @@ BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "listing": _listing,
     "gcs_throughput": _gcs_throughput,
     "azure_emulator": _azure_emulator,
+    "small_files": _small_files,
 }
 
 

@@ -55,3 +55,46 @@ def test_choosing_the_newest_reads_a_few_manifests_of_many(tmp_path: Path) -> No
     assert [e.keys for e in lazy] == [e.keys for e in everything]
     assert len(reads) == 301
     eng.close()
+
+
+def counting_reads(catalog: Catalog) -> list[str]:
+    reads: list[str] = []
+    backend = catalog.engine.backend
+    real = backend.get_bytes
+
+    async def counting(key: str) -> bytes | None:
+        reads.append(key)
+        return await real(key)
+
+    backend.get_bytes = counting  # type: ignore[method-assign]
+    return reads
+
+
+def test_a_listing_reads_no_manifest_its_own_engine_committed(tmp_path: Path) -> None:
+    """The task that saved them lists its checkpoints with a LIST and no GET each; the
+    store still decides what exists, and a reader elsewhere reads every manifest."""
+    eng = make_engine(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / "w.bin").write_bytes(b"w%d" % i)
+        eng.save(request(src)).wait()
+    own = Catalog(eng, remembered=True)  # as current.checkpoint.list() reads
+    reads = counting_reads(own)
+    listed = own.entries(SCOPE.prefix)
+    assert len(listed) == 3 and reads == []
+    # What a caller does to what it was given changes nothing the next listing gives.
+    listed[0].manifest.metadata["epoch"] = 99
+    assert [e.manifest.metadata for e in own.entries(SCOPE.prefix)] == [{"epoch": 1}] * 3
+    # A manifest deleted from the store is not listed, whatever the engine remembers.
+    eng.run(eng.backend.delete_keys, [listed[1].keys.manifest])
+    assert [e.keys for e in own.entries(SCOPE.prefix)] == [listed[0].keys, listed[2].keys]
+    assert reads == []
+    # Where the store is read whole (retention, a reader elsewhere), every manifest is.
+    assert len(Catalog(eng).entries(SCOPE.prefix)) == 2 and len(reads) == 2
+    reads.clear()
+    other = Catalog(make_engine(tmp_path), remembered=True)  # another process
+    reads = counting_reads(other)
+    assert len(other.entries(SCOPE.prefix)) == 2 and len(reads) == 2
+    other.engine.close()
+    eng.close()

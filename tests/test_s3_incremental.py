@@ -251,3 +251,30 @@ def test_a_base_loaded_at_start_is_confirmed_from_the_local_bytes(s3: Any, tmp_p
         assert objects_under(s3, f"{PREFIX}/{second.data_prefix}") == {"step.txt": 1}
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("mode", [UploaderMode.PROCESS, UploaderMode.THREAD])
+def test_unchanged_files_are_hashed_where_uploads_are_read(s3: Any, tmp_path: Path,
+                                                           mode: UploaderMode) -> None:
+    """The unchanged check reads its bytes in the upload worker process when there is
+    one, off the task's GIL; in threads of this process when uploads run there."""
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "frozen.bin").write_bytes(os.urandom(3 * MiB))
+    (src / "step.json").write_bytes(b'{"step": 1}')
+    logs: list[str] = []
+    engine = engine_on(s3.endpoint, tmp_path, logs, uploader=mode)
+    try:
+        save(engine, src)
+        plane = engine.backend._plane  # type: ignore[attr-defined]
+        assert plane is not None
+        replace(src / "step.json", b'{"step": 2}')
+        _, h = save(engine, src)
+        assert h.stats.files_skipped == 1 and h.stats.bytes_skipped == 3 * MiB
+        if mode is UploaderMode.PROCESS:
+            assert plane.worker is not None
+            assert plane.hashed_by == plane.worker.pid != os.getpid()
+        else:
+            assert not hasattr(plane, "hashed_by")
+    finally:
+        engine.close()

@@ -49,8 +49,12 @@ class Entry:
 class Catalog:
     """Committed checkpoints of a store, read through ``engine``."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, remembered: bool = False) -> None:
+        """``remembered``: listings take the manifests ``engine`` committed itself as it
+        wrote them, rather than read them again (the listings of the task that saved
+        them; what exists is still what the store lists)."""
         self.engine = engine
+        self.remembered = remembered
 
     def entries(self, scope_prefix: str, *, run_id: str | None = None,
                 incomplete: bool = False) -> list[Entry]:
@@ -63,7 +67,8 @@ class Catalog:
         found = self.engine.list_manifest_keys(scope.manifests_prefix(run_id))
         out = []
         # Read all at once: on S3, one at a time costs a round trip per checkpoint.
-        for keys, m in zip(found, self.engine.read_manifests(found), strict=True):
+        read = self.engine.read_manifests(found, remembered=self.remembered)
+        for keys, m in zip(found, read, strict=True):
             if isinstance(m, ManifestError):
                 self._skip(keys, m)
             elif m is not None:
@@ -139,7 +144,7 @@ class Catalog:
         i, batch = 0, _FIRST_BATCH
         while i < len(found):
             chunk = found[i:i + batch]
-            read = self.engine.read_manifests(chunk)
+            read = self.engine.read_manifests(chunk, remembered=self.remembered)
             if any(isinstance(m, Manifest) and GangPart.of(m) for m in read):
                 for e in self.select(scope_prefix, run_id=run_id, task_id=task_id,
                                      latest_only=latest_only):

@@ -287,9 +287,10 @@ def _same_bytes(a: str, b: str) -> bool:
                 return True
 
 
-def _read_checked(src: str, st: os.stat_result, clock: Clock) -> tuple[bytes, bool]:
-    """A small file's bytes, and whether they are the file whole as the walk saw it."""
-    fp = fingerprint_of(st)
+def _read_checked(src: str, st: os.stat_result, fp: Fingerprint, clock: Clock
+                  ) -> tuple[bytes, bool]:
+    """A small file's bytes, and whether they are the file whole as the walk saw it
+    (``st``, whose fingerprint is ``fp``)."""
     data, after = _read_small(src, st.st_size)
     whole = _whole(fp, len(data), after)
     if whole and clock.unsettled(st.st_dev, st.st_mtime_ns):
@@ -546,7 +547,7 @@ def take_snapshot(
         for rel, src, st in entries:
             fp = fingerprint_of(st)
             if budget is not None and st.st_size <= budget:
-                data, whole = _read_checked(src, st, clock)
+                data, whole = _read_checked(src, st, fp, clock)
                 budget -= len(data)
                 files.append(SnapshotFile(rel, "", len(data), fp, Freeze.MEMORY, src, data,
                                           whole=whole))

@@ -317,6 +317,13 @@ class S3Backend:
                 return await self._put_single(key, path, size)
             return await self._put_multipart(key, path, size)
 
+    async def digest_file(self, path: str, size: int) -> str:
+        """The SHA-256 of a local file an incremental save may find unchanged, read by the
+        data plane (the worker process, by default) rather than under the task's GIL."""
+        await self._get_client()  # the plane comes with the client
+        assert self._plane is not None
+        return await self._plane.hash_file(path, size)
+
     def _job(self, okey: str, path: str, offset: int, length: int, **kw: Any) -> PartJob:
         return PartJob(job_id=0, creds=Creds("", "", None), bucket=self.bucket, key=okey,
                        path=path, offset=offset, length=length, **kw)

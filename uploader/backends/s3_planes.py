@@ -10,6 +10,10 @@ The coordinator (the S3 backend, on the engine's event loop) hands each request 
   task's process then spends one pipe write and one read per request, and the bytes never
   cross its GIL.
 
+The plane that reads a save's uploads also reads the files an incremental save finds
+unchanged (:meth:`Plane.hash_file`): their bytes are hashed, never sent, and a worker
+process keeps that off the task's GIL as it does for uploads.
+
 Either way retries, aborts and the commit stay with the coordinator. The worker process is
 not a single point of failure: one that exits or is killed (the out-of-memory killer) is
 reaped and replaced, and the requests it held fail with the transient
@@ -40,6 +44,7 @@ import anyio
 import anyio.to_thread
 
 from ..config import MiB
+from ..incremental import sha256_file
 from .s3_dataplane import ClientSpec, DataPlane, Outcome, PartJob
 from .s3_errors import WorkerGone
 from .s3_parts import digest_of_parts
@@ -74,6 +79,10 @@ class Plane(Protocol):
         ...
 
     async def drop_file(self, file_id: int) -> None: ...
+
+    async def hash_file(self, path: str, size: int) -> str:
+        """The SHA-256 of the file at ``path`` (``size`` bytes), read where uploads are."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -121,6 +130,9 @@ class ThreadPlane:
     async def drop_file(self, file_id: int) -> None:
         self.plane.drop_file(file_id)
 
+    async def hash_file(self, path: str, size: int) -> str:
+        return await anyio.to_thread.run_sync(sha256_file, path, limiter=self._threads)
+
     async def aclose(self) -> None:
         self.plane.close()
 
@@ -147,6 +159,8 @@ class ProcessPlane:
         # Which plane holds each multipart file's running digest (see the module docstring).
         self._owner: dict[int, WorkerProcess | ThreadPlane] = {}
         self.deaths = 0
+        # The pid of the process that read the last file hashed by hash_file().
+        self.hashed_by: int | None = None
         self._lock = anyio.Lock()
         self._closed = False
         _planes.add(self)
@@ -290,6 +304,28 @@ class ProcessPlane:
         elif owner is not None and owner.alive:
             with contextlib.suppress(WorkerGone):
                 await self._call(owner, "drop", file_id)
+
+    async def hash_file(self, path: str, size: int) -> str:
+        target = await self._target()
+        if isinstance(target, ThreadPlane):
+            self.hashed_by = os.getpid()
+            return await target.hash_file(path, size)
+        limit = self.deadline(size)
+        fut = target.submit("hash", path)
+        try:
+            with anyio.move_on_after(limit):
+                digest, self.hashed_by = await asyncio.shield(fut)
+                return str(digest)
+            if not fut.done():
+                target.kill(f"left a request to hash a file of {size} bytes unanswered "
+                            f"for {limit:.3g} s")
+            digest, self.hashed_by = await fut
+            return str(digest)
+        except WorkerGone:
+            # A worker that died while reading it: the check is read here instead (a
+            # new worker starts with the next request).
+            self.hashed_by = os.getpid()
+            return await anyio.to_thread.run_sync(sha256_file, path)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -43,6 +43,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from ..incremental import sha256_file
 from .s3_dataplane import ClientSpec, DataPlane, PartJob
 from .s3_errors import WorkerGone
 
@@ -350,6 +351,14 @@ def _run_and_reply(plane: DataPlane, reply: Any, req_id: int, job: PartJob) -> N
     reply(req_id, True, plane.run(job))
 
 
+def _hash_and_reply(reply: Any, req_id: int, path: str) -> None:
+    # An unchanged file's check: (its SHA-256, the pid that read it), or the OSError.
+    try:
+        reply(req_id, True, (sha256_file(path), os.getpid()))
+    except Exception as e:
+        reply(req_id, False, e)
+
+
 def serve(in_fd: int, out_fd: int) -> None:
     """Answer requests from ``in_fd`` until it closes; then return at once, leaving the
     requests still running to be dropped with the process."""
@@ -382,6 +391,8 @@ def serve(in_fd: int, out_fd: int) -> None:
             assert plane is not None and pool is not None, "init comes first"
             if op == "run":
                 pool.submit(_run_and_reply, plane, reply, req_id, arg)
+            elif op == "hash":
+                pool.submit(_hash_and_reply, reply, req_id, arg)
             elif op == "cancel":
                 plane.cancel(arg)
             else:

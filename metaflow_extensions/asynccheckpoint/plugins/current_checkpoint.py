@@ -328,7 +328,8 @@ class CurrentCheckpoint:
     def _list_committed(self, name: str | None, attempt: int | None,
                         full_namespace: bool) -> list[dict[str, Any]]:
         i = self._identity
-        catalog = self._reader.home()
+        # What this task saved is listed as its engine wrote it: one LIST, no GET each.
+        catalog = Catalog(self._reader.home().engine, remembered=True)
         if full_namespace:
             found = catalog.select(self._scope.prefix, name=name, attempt=attempt,
                                    rank=None if i.gang is None else i.gang.rank)

@@ -91,6 +91,24 @@ def _listing(quick: bool, tmp: str | None) -> list[Row]:
     return listing.measure(100 if quick else 1000, 20, 1 if quick else 3, tmpdir=tmp)
 
 
+def _wan(quick: bool, tmp: str | None) -> list[Row]:
+    import wan
+
+    if quick:
+        return wan.measure(64 * MiB, 300, 4096, 1, loop_sample=30, tmpdir=tmp)
+    return wan.measure(GiB, 10_000, 4096, 2, loop_sample=300, tmpdir=tmp)
+
+
+def _train_overhead(quick: bool, tmp: str | None) -> list[Row]:
+    import train_overhead
+
+    if quick:
+        return train_overhead.measure(width=256, layers=2, steps=6, every=3, repeat=1,
+                                      tmpdir=tmp)
+    return train_overhead.measure(width=4096, layers=2, steps=40, every=10, repeat=2,
+                                  tmpdir=tmp)
+
+
 BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "interference": _interference,
     "save_scaling": _save_scaling,
@@ -100,6 +118,8 @@ BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "upload_throughput": _upload_throughput,
     "load_throughput": _load_throughput,
     "listing": _listing,
+    "wan": _wan,
+    "train_overhead": _train_overhead,
 }
 
 

@@ -17,7 +17,8 @@ per request, 100 MB/s per connection):
 The figure is the training loop's wall time with checkpointing over the baseline's, minus
 one: what the library adds to training. Runs alternate; figures are medians.
 
-    python benchmarks/train_overhead.py [--width 4096] [--steps 40] [--every 10] [--repeat 2]
+    python benchmarks/train_overhead.py [--width 2048] [--layers 4] [--batch 128]
+        [--steps 36] [--every 12] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def run_flow(python: str, checkpoint: bool, params: list[str], env: dict[str, st
     return float(m[1]), int(m[2]), int(m[3]), float(m[4]), wall
 
 
-def measure(*, width: int, layers: int, steps: int, every: int, repeat: int,
+def measure(*, width: int, layers: int, steps: int, every: int, repeat: int, batch: int = 64,
             tmpdir: str | None = None, log: Callable[[str], None] = print) -> list[Row]:
     med = statistics.median
     legacy, why = legacy_python(log)
@@ -100,7 +101,7 @@ def measure(*, width: int, layers: int, steps: int, every: int, repeat: int,
     if legacy is not None:
         contenders["metaflow-checkpoint 0.2.14"] = legacy
     params = ["--steps", str(steps), "--every", str(every), "--width", str(width),
-              "--layers", str(layers)]
+              "--layers", str(layers), "--batch", str(batch)]
     profile = f"WAN: {WAN_DELAY_MS:g} ms per request, {WAN_BANDWIDTH_MBPS:g} MB/s per connection"
     loops: dict[tuple[str, bool], list[float]] = {}
     info: dict[str, tuple[int, int, float, float]] = {}
@@ -150,14 +151,15 @@ def measure(*, width: int, layers: int, steps: int, every: int, repeat: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--width", type=int, default=4096)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=36)
+    ap.add_argument("--every", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
-    for r in measure(width=args.width, layers=args.layers, steps=args.steps,
+    for r in measure(width=args.width, layers=args.layers, steps=args.steps, batch=args.batch,
                      every=args.every, repeat=args.repeat, tmpdir=args.dir):
         print(f"{r.benchmark}: {r.value:.1f}{r.unit} ({r.note}), target {r.target}")
 

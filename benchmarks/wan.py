@@ -14,7 +14,8 @@ client's CPU alone. Each contender runs with its own defaults, as a user would r
   parts, 10 threads). Small files also as a user would write it: a loop of
   ``upload_file``/``download_file`` calls (timed over the first ``--loop-sample`` files:
   a loop's rate does not change with the count, and all of them would take minutes), and
-  the same calls in a ``ThreadPoolExecutor`` of 32 threads (a client with 32 connections).
+  the same calls in a ``ThreadPoolExecutor`` of 32 threads (a client with 32 connections),
+  timed over the first 2,000 (its rate is steady once every thread is busy).
 * s5cmd: ``s5cmd cp`` of the file or of the directory (``'prefix/*'`` to load), with its
   defaults (256 workers, 5 parts of 50 MiB in flight per file).
 
@@ -62,6 +63,7 @@ from uploader.config import MiB, parse_size  # noqa: E402
 
 GiB = 1 << 30
 POOL_THREADS = 32
+POOL_SAMPLE = 2000  # files the pool is timed over: its rate is steady once 32 are busy
 BIG_VS_BOTO3, BIG_VS_S5CMD, SMALL_VS_S5CMD = 1.0, 0.9, 1.0
 
 
@@ -214,7 +216,7 @@ class Wan:
                 down = time.perf_counter() - t0
             else:
                 pool = name == "boto3 pool"
-                n = count if pool else min(count, sample)
+                n = min(count, POOL_SAMPLE if pool else sample)
                 client = self.pool_client if pool else self.client
                 prefix = "pool/" if pool else "loop/"
                 for d in {os.path.dirname(x) for x in names[:n]}:
@@ -305,7 +307,8 @@ def measure(size: int, files: int, file_size: int, repeat: int, *,
             ratio = med(ours) / med(theirs)
             judged = base == "s5cmd"
             what = {"s5cmd": "s5cmd cp of the directory",
-                    "boto3 pool": f"boto3, {POOL_THREADS} threads",
+                    "boto3 pool": f"boto3, {POOL_THREADS} threads (first "
+                                  f"{min(files, POOL_SAMPLE)} files)",
                     "boto3 loop": f"boto3 in a loop (first {min(files, loop_sample)} files)"}
             rows.append(Row(f"{way} of {files:,} files of {file_size:,} B over a WAN vs {base}",
                             med(ours), "files/s", what[base], med(theirs),

@@ -7,7 +7,7 @@ Writes ``results.md``, ``results.png`` and ``results.json`` to ``--out``
 ``benchmarks/results-quick`` (not tracked) unless ``--out`` says otherwise, so it never
 replaces the real figures; ``--only`` picks benchmarks by name.
 
-    tox -e bench                      # the full run, about 7 minutes on 2 cores
+    tox -e bench                      # the full run, about 18 minutes on 2 cores
     python benchmarks/suite.py --quick --only listing,small_save
 """
 

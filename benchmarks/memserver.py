@@ -9,9 +9,15 @@ system calls that release the GIL, so the server's threads barely compete.
 
 It speaks the part of S3 the benchmarks use: bucket create/list, Put/Get/Head/Delete
 object (ranged GETs too), the multipart calls and ListObjectsV2 (1,000 keys a page).
-``--delay-ms`` adds a fixed latency to every request, as a remote endpoint would.
+``--delay-ms`` adds a fixed latency to every request (after its body arrives, before the
+response starts), as a remote endpoint would; ``--bandwidth-mbps`` caps each connection at
+that many 10^6 bytes/s, paced on every body in both directions (request bodies are read,
+and response bodies sent, no faster). ``--wan`` sets both as a WAN profile: 30 ms and
+100 MB/s per connection, what one connection to S3 in another place sees. The environment
+variables ``MEMSERVER_DELAY_MS`` and ``MEMSERVER_BANDWIDTH_MBPS`` give the defaults.
 
-    python benchmarks/memserver.py [--port 0] [--delay-ms 0]  # prints "READY <url>"
+    python benchmarks/memserver.py [--port 0] [--delay-ms 0] [--bandwidth-mbps 0] [--wan]
+    # prints "READY <url>"
 """
 
 from __future__ import annotations
@@ -34,6 +40,29 @@ from xml.sax.saxutils import escape
 _PART_RE = re.compile(rb"<PartNumber>\s*(\d+)\s*</PartNumber>")
 _RANGE_RE = re.compile(r"bytes=(\d+)-(\d*)")
 _PAGE = 1000
+WAN_DELAY_MS = 30.0  # per request, before the response starts
+WAN_BANDWIDTH_MBPS = 100.0  # per connection, each direction
+
+
+class Pacer:
+    """One connection's bandwidth cap: bytes move no faster than ``rate`` bytes/s. Idle
+    time earns no credit (a connection that was quiet starts at the rate, not above it)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.due = 0.0
+        # Bytes moved between two checks: 10 ms at the rate, from 64 KiB to 1 MiB.
+        self.chunk = int(min(1 << 20, max(64 << 10, rate / 100))) if rate else 0
+
+    def start(self) -> float:
+        return time.monotonic()
+
+    def moved(self, began: float, nbytes: int) -> None:
+        """``nbytes`` moved since ``began``: wait until the rate allows them."""
+        self.due = max(self.due, began) + nbytes / self.rate
+        wait = self.due - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
 
 
 class Object:
@@ -93,16 +122,22 @@ def _read_head(rfile: BinaryIO) -> tuple[str, str, dict[str, str]] | None:
     return method, target, headers
 
 
-def _read_exact(rfile: BinaryIO, buf: bytearray) -> None:
+def _read_exact(rfile: BinaryIO, buf: bytearray, pacer: Pacer | None = None) -> None:
     view, got = memoryview(buf), 0
     while got < len(buf):
-        n = rfile.readinto(view[got:])  # type: ignore[attr-defined]
+        if pacer is None:
+            n = rfile.readinto(view[got:])  # type: ignore[attr-defined]
+        else:
+            began = pacer.start()
+            n = rfile.readinto(view[got:got + pacer.chunk])  # type: ignore[attr-defined]
+            if n:
+                pacer.moved(began, n)
         if not n:
             raise ConnectionResetError("client closed mid-body")
         got += n
 
 
-def _read_chunked(rfile: BinaryIO) -> bytearray:
+def _read_chunked(rfile: BinaryIO, pacer: Pacer | None = None) -> bytearray:
     """HTTP chunked framing, and aws-chunked (the same, with signature extensions)."""
     out = bytearray()
     while True:
@@ -112,17 +147,18 @@ def _read_chunked(rfile: BinaryIO) -> bytearray:
                 pass  # trailers
             return out
         chunk = bytearray(size)
-        _read_exact(rfile, chunk)
+        _read_exact(rfile, chunk, pacer)
         out += chunk
         rfile.readline(65537)
 
 
-def _read_body(rfile: BinaryIO, headers: dict[str, str]) -> bytearray:
+def _read_body(rfile: BinaryIO, headers: dict[str, str],
+               pacer: Pacer | None = None) -> bytearray:
     if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = _read_chunked(rfile)
+        body = _read_chunked(rfile, pacer)
     else:
         body = bytearray(int(headers.get("content-length", "0") or 0))
-        _read_exact(rfile, body)
+        _read_exact(rfile, body, pacer)
     if "aws-chunked" in headers.get("content-encoding", "") and body:
         import io
 
@@ -131,8 +167,22 @@ def _read_body(rfile: BinaryIO, headers: dict[str, str]) -> bytearray:
 
 
 class Handler:
-    def __init__(self, store: Store, sock: socket.socket, delay: float) -> None:
+    def __init__(self, store: Store, sock: socket.socket, delay: float,
+                 rate: float = 0.0) -> None:
         self.store, self.sock, self.delay = store, sock, delay
+        self.pacer = Pacer(rate) if rate else None
+
+    def send_paced(self, data: bytes | memoryview) -> None:
+        pacer = self.pacer
+        if pacer is None:
+            self.sock.sendall(data)
+            return
+        view = memoryview(data)
+        for pos in range(0, len(view), pacer.chunk):
+            began = pacer.start()
+            piece = view[pos:pos + pacer.chunk]
+            self.sock.sendall(piece)
+            pacer.moved(began, len(piece))
 
     def serve(self) -> None:
         rfile = self.sock.makefile("rb", buffering=256 * 1024)
@@ -144,7 +194,7 @@ class Handler:
                 method, target, headers = head
                 if headers.get("expect", "").lower() == "100-continue":
                     self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                body = _read_body(rfile, headers)
+                body = _read_body(rfile, headers, self.pacer)
                 if self.delay:
                     time.sleep(self.delay)
                 if not self.dispatch(Request(method, target, headers), body):
@@ -173,11 +223,11 @@ class Handler:
         if head_only:
             self.sock.sendall(head)
         elif payload is None:
-            self.sock.sendall(head + body)
+            self.send_paced(head + body)
         else:
             self.sock.sendall(head)
             for view in payload:
-                self.sock.sendall(view)
+                self.send_paced(view)
         return True
 
     def error(self, status: int, code: str) -> bool:
@@ -261,8 +311,20 @@ class Handler:
         prefix = r.query.get("prefix", "")
         after = r.query.get("continuation-token") or r.query.get("start-after", "")
         limit = min(int(r.query.get("max-keys", _PAGE)), _PAGE)
+        delimiter = r.query.get("delimiter", "")
         keys = sorted(k for k in list(objects) if k.startswith(prefix) and k > after)
+        if delimiter:  # keys below the next delimiter fold into one common prefix
+            folded: list[str] = []
+            for k in keys:
+                cut = k.find(delimiter, len(prefix))
+                name = k if cut < 0 else k[:cut + len(delimiter)]
+                if not folded or folded[-1] != name:
+                    folded.append(name)
+            keys = [k for k in folded if k > after]
         page, truncated = keys[:limit], len(keys) > limit
+        common = "".join(f"<CommonPrefixes><Prefix>{escape(k)}</Prefix></CommonPrefixes>"
+                         for k in page if delimiter and k.endswith(delimiter)
+                         and k not in objects)
         contents = "".join(
             f"<Contents><Key>{escape(k)}</Key><Size>{objects[k].size}</Size>"
             f"<ETag>{escape(objects[k].etag)}</ETag>"
@@ -275,10 +337,10 @@ class Handler:
             f'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>{r.bucket}</Name>'
             f"<Prefix>{escape(prefix)}</Prefix><KeyCount>{len(page)}</KeyCount>"
             f"<MaxKeys>{limit}</MaxKeys><IsTruncated>{str(truncated).lower()}</IsTruncated>"
-            f"{token}{contents}</ListBucketResult>").encode())
+            f"{token}{contents}{common}</ListBucketResult>").encode())
 
 
-def serve(port: int, delay: float, ready: BinaryIO | None = None) -> None:
+def serve(port: int, delay: float, ready: BinaryIO | None = None, rate: float = 0.0) -> None:
     store = Store()
     listener = socket.create_server(("127.0.0.1", port), backlog=256)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
@@ -288,15 +350,17 @@ def serve(port: int, delay: float, ready: BinaryIO | None = None) -> None:
     while True:
         sock, _ = listener.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=Handler(store, sock, delay).serve, daemon=True).start()
+        threading.Thread(target=Handler(store, sock, delay, rate).serve, daemon=True).start()
 
 
 class MemServer:
     """The endpoint in a child process (so it never shares this process's GIL)."""
 
-    def __init__(self, *, delay_ms: float = 0.0) -> None:
+    def __init__(self, *, delay_ms: float = 0.0, bandwidth_mbps: float = 0.0) -> None:
+        self.delay_ms, self.bandwidth_mbps = delay_ms, bandwidth_mbps
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--delay-ms", str(delay_ms)],
+            [sys.executable, os.path.abspath(__file__), "--delay-ms", str(delay_ms),
+             "--bandwidth-mbps", str(bandwidth_mbps)],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
@@ -322,10 +386,35 @@ class MemServer:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--delay-ms", type=float, default=0.0, help="added to every request")
+    ap.add_argument("--delay-ms", type=float,
+                    default=_env_float(ap, "MEMSERVER_DELAY_MS"),
+                    help="added to every request, before its response starts "
+                         "(default: $MEMSERVER_DELAY_MS or 0)")
+    ap.add_argument("--bandwidth-mbps", type=float,
+                    default=_env_float(ap, "MEMSERVER_BANDWIDTH_MBPS"),
+                    help="each connection's cap in 10^6 bytes/s, each direction; 0: none "
+                         "(default: $MEMSERVER_BANDWIDTH_MBPS or 0)")
+    ap.add_argument("--wan", action="store_true",
+                    help=f"a WAN profile: --delay-ms {WAN_DELAY_MS:g} --bandwidth-mbps "
+                         f"{WAN_BANDWIDTH_MBPS:g}")
     args = ap.parse_args()
+    if args.wan:
+        args.delay_ms, args.bandwidth_mbps = WAN_DELAY_MS, WAN_BANDWIDTH_MBPS
+    if args.delay_ms < 0 or args.bandwidth_mbps < 0:
+        ap.error("--delay-ms and --bandwidth-mbps must be 0 or more")
     with contextlib.suppress(KeyboardInterrupt):
-        serve(args.port, args.delay_ms / 1000, sys.stdout.buffer)
+        serve(args.port, args.delay_ms / 1000, sys.stdout.buffer,
+              rate=args.bandwidth_mbps * 1e6)
+
+
+def _env_float(ap: argparse.ArgumentParser, name: str) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return 0.0
+    try:
+        return float(text)
+    except ValueError:
+        ap.error(f"{name}={text!r} is not a number; set it to milliseconds or MB/s, or unset it")
 
 
 if __name__ == "__main__":

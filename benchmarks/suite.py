@@ -7,7 +7,7 @@ Writes ``results.md``, ``results.png`` and ``results.json`` to ``--out``
 ``benchmarks/results-quick`` (not tracked) unless ``--out`` says otherwise, so it never
 replaces the real figures; ``--only`` picks benchmarks by name.
 
-    tox -e bench                      # the full run, about 7 minutes on 2 cores
+    tox -e bench                      # the full run, about 18 minutes on 2 cores
     python benchmarks/suite.py --quick --only listing,small_save
 """
 
@@ -121,6 +121,25 @@ def _azure_emulator(quick: bool, tmp: str | None) -> list[Row]:
                                   tmpdir=tmp)
 
 
+def _wan(quick: bool, tmp: str | None) -> list[Row]:
+    import wan
+
+    if quick:
+        return wan.measure(64 * MiB, 300, 4096, 1, loop_sample=30, tmpdir=tmp)
+    return wan.measure(GiB, 10_000, 4096, 2, loop_sample=300, tmpdir=tmp)
+
+
+def _train_overhead(quick: bool, tmp: str | None) -> list[Row]:
+    import train_overhead
+
+    if quick:
+        return train_overhead.measure(width=256, layers=2, steps=6, every=3, repeat=1,
+                                      tmpdir=tmp)
+    # 192 MiB of model and Adam state saved every 12 steps (about 10 s here), 3 times a run.
+    return train_overhead.measure(width=2048, layers=4, batch=128, steps=36, every=12,
+                                  repeat=2, tmpdir=tmp)
+
+
 BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "interference": _interference,
     "unchanged_check": _unchanged_check,
@@ -134,6 +153,8 @@ BENCHMARKS: dict[str, Callable[[bool, str | None], list[Row]]] = {
     "gcs_throughput": _gcs_throughput,
     "azure_emulator": _azure_emulator,
     "small_files": _small_files,
+    "wan": _wan,
+    "train_overhead": _train_overhead,
 }
 
 

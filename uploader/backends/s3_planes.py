@@ -306,13 +306,14 @@ class ProcessPlane:
                 await self._call(owner, "drop", file_id)
 
     async def hash_file(self, path: str, size: int) -> str:
-        target = await self._target()
-        if isinstance(target, ThreadPlane):
-            self.hashed_by = os.getpid()
-            return await target.hash_file(path, size)
-        limit = self.deadline(size)
-        fut = target.submit("hash", path)
         try:
+            # Either raises for a worker that died starting, or already gone.
+            target = await self._target()
+            if isinstance(target, ThreadPlane):
+                self.hashed_by = os.getpid()
+                return await target.hash_file(path, size)
+            limit = self.deadline(size)
+            fut = target.submit("hash", path)
             with anyio.move_on_after(limit):
                 digest, self.hashed_by = await asyncio.shield(fut)
                 return str(digest)
@@ -322,8 +323,8 @@ class ProcessPlane:
             digest, self.hashed_by = await fut
             return str(digest)
         except WorkerGone:
-            # A worker that died while reading it: the check is read here instead (a
-            # new worker starts with the next request).
+            # A worker that died while starting or reading it: the check is read here
+            # instead (a new worker starts with the next request).
             self.hashed_by = os.getpid()
             return await anyio.to_thread.run_sync(sha256_file, path)
 

@@ -27,7 +27,7 @@ import functools
 import inspect
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -189,22 +189,12 @@ class AzureBackend:
         if client is not None:
             await client.close()
 
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        # A fresh borrower per request: one task may hold several slots (one per block).
-        token = object()
-        await self._ctx.limiter.acquire_on_behalf_of(token)
-        try:
-            yield
-        finally:
-            self._ctx.limiter.release_on_behalf_of(token)
-
     async def _retried(self, fn: Callable[[], Awaitable[T]]) -> T:
         return await self._ctx.retry.call(fn, is_transient=is_transient)
 
     async def _request(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One request, retried on its own, holding one limiter slot."""
-        async with self._slot():
+        async with self._ctx.slot():
             return await self._retried(fn)
 
     @contextlib.contextmanager
@@ -260,7 +250,7 @@ class AzureBackend:
     async def _put_single(self, key: str, path: str, size: int) -> str:
         client, name = await self._get_client(), self._name(key)
         hashes = FileHashes()
-        async with self._slot():  # the slot covers the open file and the bytes too
+        async with self._ctx.slot():  # the slot covers the open file and the bytes too
             data = await anyio.to_thread.run_sync(read_whole, path, size, hashes)
             md5 = hashes.md5.digest()
             await self._retried(functools.partial(self._put_blob, client, name, data, md5))
@@ -427,7 +417,7 @@ class AzureBackend:
                                           f"{offset}, got {len(data)}")
                 return data
 
-            async with self._slot():  # the range's bytes exist only while it holds a slot
+            async with self._ctx.slot():  # the range's bytes exist only while it holds a slot
                 try:
                     data = await self._retried(attempt)
                     await anyio.to_thread.run_sync(self._write_range, fd, data, offset, i,

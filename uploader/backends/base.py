@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import anyio
@@ -40,6 +41,17 @@ class TransferContext:
     # Where a backend says what the user should know of (a replaced upload worker, say):
     # the engine's log, so the task's log.
     log: Callable[[str], None] = print
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One :attr:`limiter` slot, for one request. A fresh borrower each time: one task
+        may hold several slots (one per part, block or range)."""
+        token = object()
+        await self.limiter.acquire_on_behalf_of(token)
+        try:
+            yield
+        finally:
+            self.limiter.release_on_behalf_of(token)
 
 
 class Backend(Protocol):

@@ -37,7 +37,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -195,19 +195,9 @@ class GCSBackend:
         if session is not None:
             await session.close()
 
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        # A fresh borrower per request: one task may hold several slots (one per range).
-        token = object()
-        await self._ctx.limiter.acquire_on_behalf_of(token)
-        try:
-            yield
-        finally:
-            self._ctx.limiter.release_on_behalf_of(token)
-
     async def _request(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One request, retried on its own, holding one limiter slot."""
-        async with self._slot():
+        async with self._ctx.slot():
             return await self._ctx.retry.call(fn, is_transient=is_transient)
 
     @contextlib.contextmanager
@@ -277,7 +267,7 @@ class GCSBackend:
                     os.close(fd)
                 return data, sha.hexdigest(), crc.b64()
 
-            async with self._slot():  # the file's bytes exist only while a slot is held
+            async with self._ctx.slot():  # the file's bytes exist only while a slot is held
                 data, sha256, crc = await anyio.to_thread.run_sync(read)
             await self._put_whole(okey, data, crc)
             return sha256
@@ -329,7 +319,7 @@ class GCSBackend:
                 offset = 0
                 while offset < size:
                     length = min(step, size - offset)
-                    async with self._slot():  # a chunk's buffer exists only under a slot
+                    async with self._ctx.slot():  # a chunk's buffer exists only under a slot
                         data = await anyio.to_thread.run_sync(read_chunk, fd, offset, length,
                                                               sha, crc)
                         last = offset + length == size
@@ -589,7 +579,7 @@ class GCSBackend:
                                       "the CRC32C GCS sent with them")
                 received = pos - offset
 
-            async with self._slot():  # the file is open only while the request holds a slot
+            async with self._ctx.slot():  # the file is open only while the request holds a slot
                 fd = await anyio.to_thread.run_sync(os.open, tmp, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
                     await self._ctx.retry.call(attempt, is_transient=is_transient)

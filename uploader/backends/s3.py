@@ -32,7 +32,7 @@ import functools
 import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import aioboto3
@@ -261,19 +261,9 @@ class S3Backend:
 
         return await self._ctx.retry.call(attempt, is_transient=is_transient)
 
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        # A fresh borrower per request: one task may hold several slots (one per part).
-        token = object()
-        await self._ctx.limiter.acquire_on_behalf_of(token)
-        try:
-            yield
-        finally:
-            self._ctx.limiter.release_on_behalf_of(token)
-
     async def _request(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One request, retried on its own, holding one limiter slot."""
-        async with self._slot():
+        async with self._ctx.slot():
             return await self._ctx.retry.call(fn, is_transient=is_transient)
 
     @contextlib.contextmanager
@@ -338,7 +328,7 @@ class S3Backend:
 
     async def _put_single(self, key: str, path: str, size: int) -> str:
         await self._get_client()
-        async with self._slot():  # the slot covers the open file and the buffer too
+        async with self._ctx.slot():  # the slot covers the open file and the buffer too
             out = await self._run(self._job(self._okey(key), path, 0, size))
         assert out.digest is not None
         self._remember_sent(self._okey(key), out.checksum)
@@ -663,7 +653,7 @@ class S3Backend:
                         pos += n
                 received[i] = pos - offset  # aiobotocore checked it against Content-Length
 
-            async with self._slot():  # the file is open only while the request holds a slot
+            async with self._ctx.slot():  # the file is open only while the request holds a slot
                 fd = await anyio.to_thread.run_sync(os.open, tmp, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
                     # Hashed in range order, by the thread that has the bytes (ours) or

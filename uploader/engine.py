@@ -20,13 +20,11 @@ import atexit
 import contextlib
 import dataclasses
 import datetime
-import errno
 import gc
 import hashlib
 import math
 import os
 import shutil
-import stat
 import tempfile
 import threading
 import time
@@ -58,6 +56,7 @@ from .layout import CheckpointKeys
 from .leases import SaveLease
 from .manifest import FileEntry, Manifest, checked_paths, freeze_metadata
 from .mappings import shared_writable_files
+from .placing import place
 from .retry import RetryPolicy
 from .rewrites import RewriteTracker
 from .snapshot import Snapshot, SnapshotFile, take_snapshot
@@ -203,61 +202,13 @@ def _load_staging(dest: str) -> str:
 
 
 def _place(staging: str, dest: str, paths: list[list[str]], who: str) -> None:
-    """Move verified files from ``staging`` (named by index) to their paths under ``dest``.
-
-    Never writes through a symlink already in ``dest``: a link where the checkpoint has a
-    directory is replaced by a directory, and one where it has a file by the file (the
-    link itself, never its target). Checks every path before moving any file, so a
-    conflict leaves ``dest`` as it was.
-    """
+    """Move verified files from ``staging`` (named by index) to their paths under ``dest``
+    (:func:`uploader.placing.place`); a conflict is a :class:`LoadError`."""
     def refuse(path: str, rel: str, what: str) -> LoadError:
         return LoadError(f"{who}: cannot load {rel!r} into {dest!r}: {path!r} is {what}. Load "
                          "into an empty directory, or remove it first.")
 
-    dirs: dict[str, str] = {}  # directory -> "dir", "link" or "missing"
-    for parts in paths:
-        rel = "/".join(parts)
-        d = dest
-        fresh = False  # below a link or a missing directory: everything is made anew
-        for comp in parts[:-1]:
-            d = os.path.join(d, comp)
-            if d not in dirs:
-                if fresh:
-                    dirs[d] = "missing"  # never looked at through the link above it
-                    continue
-                try:
-                    st = os.lstat(d)
-                except FileNotFoundError:
-                    dirs[d] = "missing"
-                else:
-                    if stat.S_ISLNK(st.st_mode):
-                        dirs[d] = "link"
-                    elif stat.S_ISDIR(st.st_mode):
-                        dirs[d] = "dir"
-                    else:
-                        raise refuse(d, rel, "a file where the checkpoint has a directory")
-            fresh = dirs[d] != "dir"
-        target = os.path.join(d, parts[-1])
-        if not fresh:
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISDIR(os.lstat(target).st_mode):
-                    raise refuse(target, rel, "a directory where the checkpoint has a file")
-    for d in sorted(dirs, key=len):  # parents first
-        if dirs[d] == "link":
-            os.unlink(d)  # the link, not what it points to
-        if dirs[d] != "dir":
-            os.mkdir(d)
-    for i, parts in enumerate(paths):
-        src, target = os.path.join(staging, str(i)), os.path.join(dest, *parts)
-        try:
-            os.replace(src, target)  # replaces a file or a link; never follows one
-        except OSError as e:
-            if e.errno != errno.EXDEV:
-                raise
-            # A mount point inside dest: copy next to the target, then rename.
-            tmp = os.path.join(os.path.dirname(target), f".ckpt-tmp-{os.urandom(16).hex()}")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, target)
+    place(staging, dest, paths, kind="checkpoint", refuse=refuse)
 
 
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import bz2
 import contextlib
-import errno
 import gzip
 import io
 import lzma
 import os
 import shutil
-import stat
 import tarfile
 import zlib
 from collections.abc import Iterator
 from typing import Any
+
+from uploader import placing
 
 from .exceptions import CheckpointException
 
@@ -199,40 +199,4 @@ def place(staging: str, dest: str, paths: list[list[str]], who: str) -> None:
             f"{who}: cannot load {rel!r} into {dest!r}: {path!r} is {what}. Nothing was "
             "placed; load into an empty directory, or remove it first.")
 
-    dirs: dict[str, str] = {}  # directory -> "dir", "link" or "missing"
-    for parts in paths:
-        rel, d, fresh = "/".join(parts), dest, False
-        for comp in parts[:-1]:
-            d = os.path.join(d, comp)
-            if d not in dirs:
-                dirs[d] = "missing" if fresh else _state(d)
-                if dirs[d] == "file":
-                    raise refuse(d, rel, "a file where the archive has a directory")
-            fresh = dirs[d] != "dir"  # below a link or a missing directory: all made anew
-        target = os.path.join(d, parts[-1])
-        if not fresh and _state(target) == "dir":
-            raise refuse(target, rel, "a directory where the archive has a file")
-    for d in sorted(dirs, key=len):  # parents first
-        if dirs[d] == "link":
-            os.unlink(d)  # the link, never what it points to
-        if dirs[d] != "dir":
-            os.mkdir(d)
-    for i, parts in enumerate(paths):
-        source, target = os.path.join(staging, str(i)), os.path.join(dest, *parts)
-        try:
-            os.replace(source, target)  # replaces a file or a link; never follows one
-        except OSError as e:
-            if e.errno != errno.EXDEV:
-                raise
-            # A mount point inside dest: copy next to the target, then rename.
-            tmp = os.path.join(os.path.dirname(target), f".ckpt-tmp-{os.urandom(16).hex()}")
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
-
-
-def _state(path: str) -> str:
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return "missing"
-    return "link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode) else "file"
+    placing.place(staging, dest, paths, kind="archive", refuse=refuse)

@@ -1,11 +1,12 @@
 """Moving from metaflow-checkpoint: what it wrote loads, and resumes, with this package.
 
 The published ``metaflow-checkpoint`` 0.2.14 is installed into a virtual environment of its
-own (once per session), and runs a flow in its published style against a datastore shared
-with this package's flows, locally and on the S3 server. Then, with this package, the same
-flow loads the references it returned (``@model(load=...)``, ``current.checkpoint.load``
-of a key, ``load_model``), resumes from its checkpoints with ``eager``, and lists them;
-and a notebook (a script here) lists and loads them too. Nothing is written in its layout.
+own (made once and kept in a cache directory, see ``published.py``), and runs a flow in its
+published style against a datastore shared with this package's flows, locally and on the
+S3 server. Then, with this package, the same flow loads the references it returned
+(``@model(load=...)``, ``current.checkpoint.load`` of a key, ``load_model``), resumes from
+its checkpoints with ``eager``, and lists them; and a notebook (a script here) lists and
+loads them too. Nothing is written in its layout.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import subprocess
 import sys
 import tarfile
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +25,15 @@ from storekit import results
 
 pytestmark = [pytest.mark.flow]
 
-PUBLISHED = "metaflow-checkpoint==0.2.14"
-_OFFLINE = ("Could not find a version", "No matching distribution", "Network is unreachable",
-            "Temporary failure in name resolution", "Failed to establish a new connection",
-            "Connection refused", "timed out", "ProxyError")
-
-
 @pytest.fixture(scope="session")
-def published_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def published_python() -> Path:
     """A Python with metaflow-checkpoint and the same Metaflow as ours, and not this package."""
-    venv = tmp_path_factory.mktemp("published") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    python = venv / "bin" / "python"
-    out = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", PUBLISHED,
-         f"metaflow=={version('metaflow')}", "boto3"],
-        capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        text = out.stdout + out.stderr
-        if any(s in text for s in _OFFLINE):
-            pytest.skip(f"cannot install {PUBLISHED} from the package index (no network?):\n"
-                        f"{text[-2000:]}")
-        raise AssertionError(f"installing {PUBLISHED} failed:\n{text}")
-    return python
+    from published import PublishedUnavailable, published_python
+
+    try:
+        return published_python()
+    except PublishedUnavailable as e:
+        pytest.skip(str(e))
 
 
 def _run_published(python: Path, env: dict[str, str], cwd: Path) -> dict[str, Any]:

@@ -85,6 +85,23 @@ def test_bad_setting_fails_naming_the_variable(run_flow: RunFlow) -> None:
         out.stdout + out.stderr)
 
 
+def test_log_level_quiet_keeps_warnings_and_a_bad_level_is_refused(run_flow: RunFlow) -> None:
+    out = run_flow("resume_flow.py", env={"METAFLOW_CHECKPOINT_LOG_LEVEL": "quiet"})
+    text = out.stdout + out.stderr
+    ours = [ln.partition("[@checkpoint] ")[2] for ln in text.splitlines()
+            if "[@checkpoint] " in ln]
+    # The odd metadata's warning is there; no commit line, note or summary is.
+    assert any("odd_metadata" in ln for ln in ours), text
+    assert all(ln.startswith(("WARNING", "ERROR")) for ln in ours), ours
+    loud = run_flow("resume_flow.py")
+    assert "[@checkpoint] committed 'mfchckpt' #1: " in loud.stdout + loud.stderr
+    assert "checkpoint(s) of this attempt committed" in loud.stdout + loud.stderr
+    bad = run_flow("resume_flow.py", check=False, env={"METAFLOW_CHECKPOINT_LOG_LEVEL": "loud"})
+    assert bad.returncode != 0
+    assert "METAFLOW_CHECKPOINT_LOG_LEVEL='loud' is not a log level: use one of quiet, info, " \
+           "debug" in bad.stdout + bad.stderr
+
+
 def test_in_place_rewrites_never_commit_torn_data(run_flow: RunFlow,
                                                   datastore_root: Path) -> None:
     out = run_flow("rewrite_flow.py", env={"METAFLOW_CHECKPOINT_COPY_BUDGET": "0",

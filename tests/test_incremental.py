@@ -375,23 +375,70 @@ def test_commit_and_drain_lines_say_what_was_skipped_and_what_is_left() -> None:
     s.files, s.bytes, s.files_skipped = 3, 257 << 20, 2
     s.bytes_skipped, s.bytes_uploaded = 256 << 20, 1 << 20
     s.upload_s, s.blocked_s = 0.5, 0.0012
-    assert commit_line(h) == (
-        "committed 'mfchckpt' (save 3): 257.0 MiB in 3 files, 256.0 MiB unchanged (not "
+    # The default: one short line.
+    assert commit_line(h) == "committed 'mfchckpt' #3: 257.0 MiB, 1.0 MiB uploaded in 500.0 ms"
+    # The debug level: every figure.
+    assert commit_line(h, detail=True) == (
+        "committed 'mfchckpt' #3: 257.0 MiB in 3 files, 256.0 MiB unchanged (not "
         "uploaded); uploaded 1.0 MiB in 500.0 ms (2.00 MiB/s); save() blocked 1.2 ms")
     s.bytes_uploaded = 3000  # a small upload's rate in units that read
-    assert "; uploaded 2.9 KiB in 500.0 ms (5.86 KiB/s); save()" in commit_line(h)
+    assert "; uploaded 2.9 KiB in 500.0 ms (5.86 KiB/s); save()" in commit_line(h, detail=True)
     s.bytes_uploaded = 0  # nothing uploaded: no rate to speak of
-    assert "; uploaded 0 B in 500.0 ms; save()" in commit_line(h)
+    assert "; uploaded 0 B in 500.0 ms; save()" in commit_line(h, detail=True)
+    assert commit_line(h) == "committed 'mfchckpt' #3: 257.0 MiB, 0 B uploaded in 500.0 ms"
+    s.bytes_skipped, s.bytes_uploaded = 0, 257 << 20
+    assert commit_line(h) == "committed 'mfchckpt' #3: 257.0 MiB, all uploaded in 500.0 ms"
     assert drain_line(DrainProgress(pending=2, bytes_left=300 << 20, waited_s=10.0)) == (
         "waiting for 2 pending uploads: 300.0 MiB left, 10.00 s so far")
     assert drain_line(DrainProgress(pending=1, bytes_left=5, waited_s=0.5)).startswith(
         "waiting for 1 pending upload: 5 B left")
 
 
+def test_commit_lines_come_out_in_save_order() -> None:
+    from metaflow_extensions.asynccheckpoint.plugins.report import InSaveOrder
+
+    handles = []
+    for n in range(1, 6):
+        h = CheckpointHandle(f"id{n}", "mfchckpt", {}, "/src")
+        h.number = n
+        handles.append(h)
+    out: list[str] = []
+    order = InSaveOrder(out.append, lambda: handles, lambda h: f"line {h.number}")
+
+    def final(h: CheckpointHandle, state: CheckpointState) -> None:
+        h._transition(CheckpointState.UPLOADING)
+        h._transition(state)
+
+    # As the engine does: the state is final when the listener is called.
+    final(handles[1], CheckpointState.COMMITTED)
+    order.committed(handles[1])  # save 2 commits while save 1 still uploads: held
+    assert out == []
+    final(handles[0], CheckpointState.COMMITTED)
+    order.committed(handles[0])
+    assert out == ["line 1", "line 2"]
+    final(handles[3], CheckpointState.COMMITTED)
+    order.committed(handles[3])  # save 4 before save 3, which then fails
+    assert out == ["line 1", "line 2"]
+    final(handles[2], CheckpointState.FAILED)
+    final(handles[4], CheckpointState.COMMITTED)
+    order.committed(handles[4])  # the next commit lets save 4's line out, then its own
+    assert out == ["line 1", "line 2", "line 4", "line 5"]
+    # What still waits at the end of the task is printed by flush().
+    for n in (6, 7):
+        handles.append(CheckpointHandle(f"id{n}", "mfchckpt", {}, "/src"))
+        handles[-1].number = n
+    final(handles[6], CheckpointState.COMMITTED)
+    order.committed(handles[6])  # save 6 still uploads (the drain gave up on it)
+    assert out[-1] == "line 5"
+    order.flush()
+    assert out[-1] == "line 7"
+
+
 @pytest.mark.flow
 def test_a_flow_skips_unchanged_files_and_its_retry_skips_what_it_loaded(
         run_flow: RunFlow, datastore_root: Path) -> None:
-    out = run_flow("incremental_flow.py")
+    # At the debug level, each commit's line gives every figure.
+    out = run_flow("incremental_flow.py", env={"METAFLOW_CHECKPOINT_LOG_LEVEL": "debug"})
     text = out.stdout + out.stderr
     r = results(text)
     assert r["loaded"] == "True" and r["state"] == "committed"
@@ -400,14 +447,14 @@ def test_a_flow_skips_unchanged_files_and_its_retry_skips_what_it_loaded(
     # Attempt 0: the first save uploads everything, the second only step.txt; attempt 1's
     # first save skips what it loaded.
     assert len(lines) == 3, text
-    assert f"(save 1): {frozen} in 2 files, 0 B unchanged (not uploaded); uploaded " \
+    assert f"#1: {frozen} in 2 files, 0 B unchanged (not uploaded); uploaded " \
            f"{frozen} in" in lines[0]
     for line in lines[1:]:
-        assert f"(save {1 if line is lines[2] else 2}): {frozen} in 2 files, {frozen} " \
+        assert f"#{1 if line is lines[2] else 2}: {frozen} in 2 files, {frozen} " \
                "unchanged (not uploaded); uploaded 1 B in " in line, line
         assert "save() blocked " in line
     # Printed before the waiting save() returns, so before what the task did next.
-    assert text.index("(save 2): ") < text.index("2 of 2 checkpoint(s) of this attempt")
+    assert text.index("#2: ") < text.index("2 of 2 checkpoint(s) of this attempt")
     found = sorted(manifests(datastore_root), key=lambda km: (km[1].identity["attempt"],
                                                               km[0].order))
     assert [m.metadata["epoch"] for _, m in found] == [0, 1, 2]

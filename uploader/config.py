@@ -15,7 +15,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["SETTING_NAMES", "Settings", "SnapshotMode", "UploaderMode", "parse_settings",
-           "parse_size"]
+           "parse_size", "size_text"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -102,6 +102,18 @@ class _Field:
 
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True,
           "false": False, "0": False, "no": False, "off": False}
+
+
+def size_text(n: float | None) -> str:
+    """The one way sizes are written in logs: ``1000 B``, ``2.0 KiB``, ``257.0 MiB``, and
+    ``-`` for an unknown size. The inverse of :func:`parse_size` to a tenth of a unit."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def _parse_bool(text: str) -> bool:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from .catalog import Catalog
+from .config import size_text
 from .engine import Engine
 from .handle import CheckpointHandle
 from .retention import DEFAULT_GRACE_S, ManifestCache, PruneReport, RetentionPolicy, prune
@@ -21,13 +22,6 @@ __all__ = ["PRUNE_DRAIN_S", "Pruner"]
 
 # A task's teardown waits at most this long for the prune in flight.
 PRUNE_DRAIN_S = 60.0
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
 
 
 class Pruner:
@@ -111,7 +105,7 @@ class Pruner:
                 f", {report.uploads_aborted} incomplete upload(s) aborted"
                 if report.uploads_aborted else ""])
             self._log(f"Retention: deleted {report.checkpoints_deleted} old checkpoint(s)"
-                      f"{extra}, {_size(report.bytes_freed)} freed.")
+                      f"{extra}, {size_text(report.bytes_freed)} freed.")
         for err in report.errors[:5]:
             # Once per message: the same refusal would otherwise be logged at every commit.
             self._warn(f"WARNING: retention: {err}")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 import anyio
@@ -12,7 +13,31 @@ import anyio
 from ..config import Settings
 from ..retry import RetryPolicy
 
-__all__ = ["Backend", "StoredObject", "TransferContext", "Upload"]
+__all__ = ["Backend", "StoredObject", "TransferContext", "Upload", "reporting_progress",
+           "stored"]
+
+# Who counts the bytes of the file being uploaded as the store takes them (set by the
+# engine around one file's put_file; tasks and threads started inside inherit it).
+_progress: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar(
+    "upload_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting_progress(count: Callable[[int], None]) -> Iterator[None]:
+    """Within this block, :func:`stored` calls ``count``."""
+    token = _progress.set(count)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
+def stored(n: int) -> None:
+    """A backend stored ``n`` more bytes of the file it is uploading (a part, a block, a
+    chunk): the drain's progress moves with them, not only once a whole file is done."""
+    count = _progress.get()
+    if count is not None:
+        count(n)
 
 
 class StoredObject(NamedTuple):

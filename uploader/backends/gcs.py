@@ -46,7 +46,7 @@ import anyio
 import anyio.to_thread
 
 from ..errors import CheckpointError, first_error
-from .base import StoredObject, TransferContext, Upload
+from .base import StoredObject, TransferContext, Upload, stored
 from .gcs_auth import CredentialsToken
 from .gcs_checksums import Crc32c, crc32c_of, crc32c_of_file, read_chunk
 from .gcs_errors import (
@@ -326,6 +326,7 @@ class GCSBackend:
                         result = await self._send_chunk(uri, data, offset, size,
                                                         crc.b64() if last else None)
                         del data  # freed before the next chunk is read
+                    stored(length)
                     offset += length
             finally:
                 os.close(fd)

@@ -46,7 +46,7 @@ from botocore.exceptions import (
 
 from ..config import MIN_PART_SIZE, MiB, UploaderMode
 from ..errors import CheckpointError, StorageAccessError, UploadError, first_error
-from .base import StoredObject, TransferContext, Upload
+from .base import StoredObject, TransferContext, Upload, stored
 from .s3_checksums import check_stored, composite_checksum
 from .s3_dataplane import ClientSpec, Creds, Outcome, PartJob
 from .s3_errors import (
@@ -355,6 +355,7 @@ class S3Backend:
                         file_id=file_id))
                     done[number] = {"PartNumber": number, "ETag": out.etag,
                                     "ChecksumCRC32": out.checksum}
+                    stored(length)
                 finally:
                     limiter.release_on_behalf_of(token)
 

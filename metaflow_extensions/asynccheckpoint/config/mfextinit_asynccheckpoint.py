@@ -71,6 +71,9 @@ CHECKPOINT_SIGTERM_GRACE = _from_conf("CHECKPOINT_SIGTERM_GRACE", "25")
 # Whether a file the newest checkpoint of its scope already stored is pointed at instead of
 # uploaded again ("true"), or every checkpoint stores all of its bytes ("false").
 CHECKPOINT_INCREMENTAL = _from_conf("CHECKPOINT_INCREMENTAL", "true")
+# What a task prints about its checkpoints: "quiet" (warnings and errors only), "info"
+# (one line per commit, notes, the drain's progress) or "debug" (each commit's figures too).
+CHECKPOINT_LOG_LEVEL = _from_conf("CHECKPOINT_LOG_LEVEL", "info")
 # Seconds between progress lines while the end of a task waits for pending uploads.
 CHECKPOINT_PROGRESS_INTERVAL = _from_conf("CHECKPOINT_PROGRESS_INTERVAL", "5")
 # Where S3 upload bytes are read, hashed and sent: "process" (a spawned worker process, so

@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -37,9 +36,10 @@ from uploader.manifest import PLACEHOLDER, freeze_metadata
 from uploader.sequence import SaveSequence
 
 from .exceptions import CheckpointException, CheckpointPathNotFound, CheckpointUploadException
+from .logs import is_debug, say
 from .reader import Reader
 from .reference import CheckpointReference, local_now, reference_fields
-from .report import commit_line, drain_line
+from .report import InSaveOrder, commit_line, drain_line
 from .storage import backend_factory
 
 DEFAULT_NAME = "mfchckpt"
@@ -60,8 +60,7 @@ def _holders(key: Any, artifacts: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _log(msg: str) -> None:
-    print(f"[@checkpoint] {msg}", file=sys.stderr, flush=True)
+_log = say  # stderr, prefixed [@checkpoint], as METAFLOW_CHECKPOINT_LOG_LEVEL lets through
 
 
 
@@ -120,10 +119,13 @@ class CurrentCheckpoint:
         # be hardlinks.
         self._snapshot_dir = tempfile.mkdtemp(prefix="metaflow_checkpoint_snapshots_",
                                               dir=os.path.dirname(self._directory))
-        # One line per commit, printed by the engine's loop thread as the commit happens.
+        # One line per commit, printed by the engine's loop thread in the order of the saves.
+        detail = is_debug()
+        self._commits = InSaveOrder(log, lambda: self._engine.handles,
+                                    lambda h: commit_line(h, detail=detail))
         self._engine = Engine(backend_factory(datastore, datastore_root), settings,
                               snapshot_dir=self._snapshot_dir, log=log,
-                              on_commit=lambda h: log(commit_line(h)))
+                              on_commit=self._commits.committed)
         self._reader = Reader(settings=settings, log=log,
                               home=(datastore, datastore_root, self._engine))
         self._loaded: CheckpointReference | None = None
@@ -643,6 +645,7 @@ class CurrentCheckpoint:
                         self._log(f"ERROR: saving again failed: {e}")
                     report = self._engine.drain(max(0.0, deadline - time.monotonic()),
                                                 progress=self._report_drain)
+        self._commits.flush()
         if self._pruner is not None:
             self._pruner.request()  # what processes the task started committed
         if self._pruner is not None and not self._pruner.drain():
@@ -678,6 +681,7 @@ class CurrentCheckpoint:
     def _drain_for_signal(self, grace: float) -> None:
         """Commit what is pending within ``grace`` seconds; safe inside a signal handler."""
         report = self._engine.drain_for_signal(grace)
+        self._commits.flush(blocking=False)
         if report.pending:
             self._log(
                 "ERROR: %d checkpoint(s) were still uploading after "

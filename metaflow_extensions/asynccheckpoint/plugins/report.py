@@ -1,25 +1,20 @@
 """What the task prints about its checkpoints: one line per commit, and the drain's progress.
 
-Both are plain functions of the engine's figures, so the wording is tested without a task;
-``current.checkpoint`` prints them through its log (stderr, prefixed ``[@checkpoint]``).
+The lines are plain functions of the engine's figures, so the wording is tested without a
+task; ``current.checkpoint`` prints them through its log (:mod:`.logs`), commit lines in the
+order of the saves (:class:`InSaveOrder`).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Sequence
+
 from uploader import CheckpointHandle, DrainProgress
+from uploader.config import size_text
 
-__all__ = ["commit_line", "drain_line", "duration_text", "rate_text", "size_text"]
-
-
-def size_text(n: float | None) -> str:
-    """``1000 B``, ``2.0 KiB``, ``257.0 MiB``; ``-`` for an unknown size."""
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+__all__ = ["InSaveOrder", "commit_line", "drain_line", "duration_text", "rate_text",
+           "size_text"]
 
 
 def rate_text(bytes_per_s: float) -> str:
@@ -46,16 +41,24 @@ def _files(n: int) -> str:
     return f"{n} file{'' if n == 1 else 's'}"
 
 
-def commit_line(handle: CheckpointHandle) -> str:
-    """E.g. ``committed 'mfchckpt' (save 3): 257.0 MiB in 3 files, 256.0 MiB unchanged (not
-    uploaded); uploaded 1.0 MiB in 0.41 s (2.44 MiB/s); save() blocked 1.2 ms``."""
+def commit_line(handle: CheckpointHandle, *, detail: bool = False) -> str:
+    """E.g. ``committed 'mfchckpt' #3: 257.0 MiB, 1.0 MiB uploaded in 410.0 ms`` (the rest
+    was unchanged), or ``... #1: 257.0 MiB, all uploaded in 2.10 s``.
+
+    ``detail`` (the debug level) gives every figure: ``committed 'mfchckpt' #3: 257.0 MiB
+    in 3 files, 256.0 MiB unchanged (not uploaded); uploaded 1.0 MiB in 410.0 ms (2.44
+    MiB/s); save() blocked 1.2 ms``."""
     s = handle.stats
-    number = f" (save {handle.number})" if handle.number else ""
-    speed = f" ({rate_text(s.throughput)})" if s.throughput else ""
-    return (f"committed {handle.name!r}{number}: {size_text(s.bytes)} in {_files(s.files)}, "
-            f"{size_text(s.bytes_skipped)} unchanged (not uploaded); uploaded "
-            f"{size_text(s.bytes_uploaded)} in {duration_text(s.upload_s)}{speed}; save() "
-            f"blocked {duration_text(s.blocked_s)}")
+    head = f"committed {handle.name!r}{f' #{handle.number}' if handle.number else ''}: " \
+           f"{size_text(s.bytes)}"
+    if detail:
+        speed = f" ({rate_text(s.throughput)})" if s.throughput else ""
+        return (f"{head} in {_files(s.files)}, {size_text(s.bytes_skipped)} unchanged (not "
+                f"uploaded); uploaded {size_text(s.bytes_uploaded)} in "
+                f"{duration_text(s.upload_s)}{speed}; save() blocked "
+                f"{duration_text(s.blocked_s)}")
+    sent = "all" if s.bytes_uploaded >= s.bytes else size_text(s.bytes_uploaded)
+    return f"{head}, {sent} uploaded in {duration_text(s.upload_s)}"
 
 
 def drain_line(progress: DrainProgress) -> str:
@@ -63,3 +66,43 @@ def drain_line(progress: DrainProgress) -> str:
     uploads = "upload" if progress.pending == 1 else "uploads"
     return (f"waiting for {progress.pending} pending {uploads}: "
             f"{size_text(progress.bytes_left)} left, {duration_text(progress.waited_s)} so far")
+
+
+class InSaveOrder:
+    """Commit lines in the order of the saves, whatever order their uploads finish in.
+
+    Two uploads run at once, and a small save commits before the big one made before it:
+    its line waits until every earlier save of the engine is final (committed, torn or
+    failed; a failure says so itself) and then goes out. :meth:`flush` prints whatever
+    still waits (the end of the task). ``handles`` gives the engine's saves in save order;
+    a forked child's engine starts its own.
+    """
+
+    def __init__(self, emit: Callable[[str], None],
+                 handles: Callable[[], Sequence[CheckpointHandle]],
+                 line: Callable[[CheckpointHandle], str]) -> None:
+        self._emit, self._handles, self._line = emit, handles, line
+        self._held: list[tuple[CheckpointHandle, str]] = []
+        self._lock = threading.Lock()
+
+    def committed(self, handle: CheckpointHandle) -> None:
+        """Called as ``handle`` commits (its state may not say so yet)."""
+        with self._lock:
+            self._held.append((handle, self._line(handle)))
+            waiting = next((h for h in self._handles()
+                            if h is not handle and not h.state.is_final), None)
+            self._release(lambda h: waiting is None or h.number < waiting.number)
+
+    def flush(self, *, blocking: bool = True) -> None:
+        """Print every line still waiting. ``blocking=False`` (a signal handler, which may
+        have interrupted a holder of the lock) gives up instead of waiting."""
+        if self._lock.acquire(blocking=blocking):
+            try:
+                self._release(lambda h: True)
+            finally:
+                self._lock.release()
+
+    def _release(self, ready: Callable[[CheckpointHandle], bool]) -> None:
+        self._held.sort(key=lambda held: held[0].number)
+        while self._held and ready(self._held[0][0]):
+            self._emit(self._held.pop(0)[1])

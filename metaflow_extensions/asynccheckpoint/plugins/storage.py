@@ -18,6 +18,9 @@ def engine_settings() -> Settings:
     """Settings from ``METAFLOW_CHECKPOINT_*`` (environment or Metaflow config file)."""
     from metaflow import metaflow_config
 
+    from .logs import log_level
+
+    log_level()  # a bad METAFLOW_CHECKPOINT_LOG_LEVEL fails the step as it starts, too
     raw = {n: getattr(metaflow_config, "CHECKPOINT_" + n, None) for n in SETTING_NAMES}
     try:
         return parse_settings(raw, prefix="METAFLOW_CHECKPOINT_")

@@ -5,10 +5,9 @@ records are made and written there, one block after another, and that thread als
 the loop. Measured on the emulator (128 MiB in 16 MiB blocks, 16 in flight), that took about
 1.7 times as long as the SDK's own threaded ``upload_blob`` and half a CPU-second more; the
 same Put Block requests made by the synchronous client, each in the worker thread that
-holds the block, took as long as ``upload_blob``, checksums included. So block bodies go
-out here, and everything else (small blobs, the commit, listings, loads) through the
-asyncio client. One connection per request in flight: the pool is sized to the
-transfer concurrency.
+holds the block, took as long as ``upload_blob``, checksums included. So the data plane
+(:mod:`.azure_dataplane`, in the upload worker process or in threads) sends block bodies
+here. One connection per request in flight: the pool is sized to the transfer concurrency.
 """
 
 from __future__ import annotations

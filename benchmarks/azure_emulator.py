@@ -7,7 +7,9 @@ One file of random bytes is uploaded, in interleaved rounds, by:
 
 * ours: an ``Engine`` with an ``AzureBackend`` (Put Block with a per-block MD5 the service
   checks, then Put Block List setting the blob's Content-MD5; the file's SHA-256 computed
-  while reading; a manifest written last), timed from ``save()`` to the commit;
+  while reading; a manifest written last), timed from ``save()`` to the commit; blocks go
+  out from the upload worker process, or with ``--uploader thread`` from threads of this
+  process;
 * the SDK: azure-storage-blob's synchronous ``upload_blob`` with the same block size and
   concurrency (no checksum of its own unless asked).
 
@@ -17,7 +19,7 @@ while ours uploads, over its speed while the same upload is done by another proc
 own interpreter: the part of the slowdown that sharing this process's GIL causes); the loop
 alone on CPU 0, everything else on CPU 1.
 
-    python benchmarks/azure_emulator.py [--size 256MiB] [--repeat 3]
+    python benchmarks/azure_emulator.py [--size 256MiB] [--repeat 3] [--uploader thread]
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def emulator(tmp: str) -> Iterator[Any]:
         yield az
 
 
-def _engine(az: Any, tmp: str, concurrency: int, block: int) -> Engine:
+def _engine(az: Any, tmp: str, concurrency: int, block: int, uploader: UploaderMode
+            ) -> Engine:
     from uploader.backends.azure import AzureBackend
 
     def factory(ctx: TransferContext) -> AzureBackend:
@@ -71,7 +74,7 @@ def _engine(az: Any, tmp: str, concurrency: int, block: int) -> Engine:
                             prefix="ours", credential=az.credential(), verify=az.ca_bundle)
 
     settings = Settings(upload_concurrency=concurrency, part_size=block,
-                        multipart_threshold=2 * block, uploader=UploaderMode.THREAD,
+                        multipart_threshold=2 * block, uploader=uploader,
                         incremental=False)  # every save sends its bytes
     return Engine(factory, settings, snapshot_dir=os.path.join(tmp, "snap"), log=print)
 
@@ -140,20 +143,22 @@ def _loop_rate(while_running: Callable[[], None]) -> float:
 
 
 def measure(size: int, repeat: int, *, concurrency: int = 16, block: int = 16 * MiB,
-            tmpdir: str | None = None, log: Callable[[str], None] = print) -> list[Row]:
+            uploader: UploaderMode = Settings().uploader, tmpdir: str | None = None,
+            log: Callable[[str], None] = print) -> list[Row]:
     med = statistics.median
     before = os.sched_getaffinity(0) if _PINNED else None
     if before is not None:
         os.sched_setaffinity(0, {1})  # inherited by every thread and child started below
     try:
-        return _measure(size, repeat, concurrency=concurrency, block=block, tmpdir=tmpdir,
-                        log=log, med=med)
+        return _measure(size, repeat, concurrency=concurrency, block=block,
+                        uploader=uploader, tmpdir=tmpdir, log=log, med=med)
     finally:
         if before is not None:
             os.sched_setaffinity(0, before)
 
 
-def _measure(size: int, repeat: int, *, concurrency: int, block: int, tmpdir: str | None,
+def _measure(size: int, repeat: int, *, concurrency: int, block: int,
+             uploader: UploaderMode, tmpdir: str | None,
              log: Callable[[str], None], med: Callable[[list[float]], float]) -> list[Row]:
     with tempfile.TemporaryDirectory(dir=tmpdir, prefix="azure-bench-") as tmp, \
             emulator(tmp) as az:
@@ -161,7 +166,7 @@ def _measure(size: int, repeat: int, *, concurrency: int, block: int, tmpdir: st
         os.makedirs(staging)
         src = os.path.join(staging, "model.bin")
         make_file(src, size)
-        engine = _engine(az, tmp, concurrency, block)
+        engine = _engine(az, tmp, concurrency, block, uploader)
         up_ours: list[float] = []
         up_sdk: list[float] = []
         down_ours: list[float] = []
@@ -216,6 +221,8 @@ def _measure(size: int, repeat: int, *, concurrency: int, block: int, tmpdir: st
         return mb / med(ts)
 
     label = f"{size // MiB} MiB, {NOTE}"
+    if uploader is not Settings().uploader:
+        label += f", uploader={uploader.value}"
     return [
         Row(f"Azure upload throughput ({label})", rate(up_ours), "MB/s",
             "azure-storage-blob upload_blob", rate(up_sdk), ">= the SDK's", None,
@@ -238,9 +245,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--block-size", default="16MiB")
+    ap.add_argument("--uploader", choices=[m.value for m in UploaderMode],
+                    default=Settings().uploader.value,
+                    help="where blocks are read, hashed and sent (METAFLOW_CHECKPOINT_UPLOADER)")
     args = ap.parse_args()
     for r in measure(parse_size(args.size), args.repeat, concurrency=args.concurrency,
-                     block=parse_size(args.block_size)):
+                     block=parse_size(args.block_size), uploader=UploaderMode(args.uploader)):
         print(f"{r.benchmark}: {r.value:.3g} {r.unit} vs {r.baseline_name} "
               f"{r.baseline:.3g} ({r.ratio:.2f}x)")
 

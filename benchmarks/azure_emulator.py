@@ -54,6 +54,7 @@ CONTAINER = "bench"
 # GIL couples the loop to an upload in its own process.
 _PINNED = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
 NOTE = "Azurite emulator on this machine"
+DEFAULT_UPLOADER = Settings().uploader  # METAFLOW_CHECKPOINT_UPLOADER's default
 
 
 @contextlib.contextmanager
@@ -143,7 +144,7 @@ def _loop_rate(while_running: Callable[[], None]) -> float:
 
 
 def measure(size: int, repeat: int, *, concurrency: int = 16, block: int = 16 * MiB,
-            uploader: UploaderMode = Settings().uploader, tmpdir: str | None = None,
+            uploader: UploaderMode = DEFAULT_UPLOADER, tmpdir: str | None = None,
             log: Callable[[str], None] = print) -> list[Row]:
     med = statistics.median
     before = os.sched_getaffinity(0) if _PINNED else None
@@ -221,7 +222,7 @@ def _measure(size: int, repeat: int, *, concurrency: int, block: int,
         return mb / med(ts)
 
     label = f"{size // MiB} MiB, {NOTE}"
-    if uploader is not Settings().uploader:
+    if uploader is not DEFAULT_UPLOADER:
         label += f", uploader={uploader.value}"
     return [
         Row(f"Azure upload throughput ({label})", rate(up_ours), "MB/s",
@@ -246,7 +247,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--block-size", default="16MiB")
     ap.add_argument("--uploader", choices=[m.value for m in UploaderMode],
-                    default=Settings().uploader.value,
+                    default=DEFAULT_UPLOADER.value,
                     help="where blocks are read, hashed and sent (METAFLOW_CHECKPOINT_UPLOADER)")
     args = ap.parse_args()
     for r in measure(parse_size(args.size), args.repeat, concurrency=args.concurrency,

@@ -48,7 +48,7 @@ from azure.storage.blob.aio import ContainerClient
 
 from ..config import MiB, UploaderMode
 from ..errors import CheckpointError, UploadError, first_error
-from .azure_blocks import FileHashes, b64md5, md5_of_file, read_whole
+from .azure_blocks import FileHashes, b64md5, md5_of_file
 from .azure_dataplane import AzureSpec, BlockJob, portable_credential, split_digests
 from .azure_errors import NOT_FOUND, error_code, explain, is_storage_error, is_transient
 from .base import StoredObject, TransferContext, Upload
@@ -306,14 +306,15 @@ class AzureBackend:
             return await self._put_blocks(key, path, size)
 
     async def _put_single(self, key: str, path: str, size: int) -> str:
-        client, name = await self._get_client(), self._name(key)
-        hashes = FileHashes()
+        name = self._name(key)
+        await self._get_client()
         async with self._ctx.slot():  # the slot covers the open file and the bytes too
-            data = await anyio.to_thread.run_sync(read_whole, path, size, hashes)
-            md5 = hashes.md5.digest()
-            await self._retried(functools.partial(self._put_blob, client, name, data, md5))
-        self._remember_sent(name, hashes.md5.digest())
-        return hashes.sha256.hexdigest()
+            out = await self._run(BlockJob(job_id=0, blob=name, block_id="", path=path,
+                                           offset=0, length=size, index=0))
+        assert out.digest is not None
+        sha256, md5 = split_digests(out.digest)
+        self._remember_sent(name, md5)
+        return sha256
 
     async def _put_blocks(self, key: str, path: str, size: int) -> str:
         client, name = await self._get_client(), self._name(key)

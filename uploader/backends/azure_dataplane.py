@@ -1,10 +1,11 @@
-"""The data plane of an Azure block blob upload: read, hash and send one block.
+"""The data plane of an Azure block blob upload: read, hash and send one block or blob.
 
 One :meth:`AzureDataPlane.run` call does the whole per-byte path of a Put Block in the
 calling (worker) thread: read the block once into a pooled buffer, take its MD5 (sent as
 ``Content-MD5``, which the service checks), feed it in block order to the file's running
 SHA-256 (what the manifest records) and MD5 (the blob's own Content-MD5, set at the
-commit), and send it through the SDK's synchronous client (:mod:`.azure_sender`).
+commit), and send it through the SDK's synchronous client (:mod:`.azure_sender`). A file
+below the block threshold is one job too: one Put Blob, with the file's digests.
 
 It runs where the S3 data plane runs (:mod:`.s3_planes`): in worker threads of the
 task's process, or in the spawned upload worker process (:mod:`.s3_worker`), so that a
@@ -32,7 +33,7 @@ from typing import Any
 from azure.core.credentials import AccessToken, AzureNamedKeyCredential, AzureSasCredential
 from azure.core.exceptions import AzureError, HttpResponseError
 
-from .azure_blocks import Block, b64md5, read_block
+from .azure_blocks import Block, FileHashes, b64md5, read_block, read_whole
 from .azure_sender import BlockSender
 from .s3_dataplane import Outcome
 from .s3_parts import BufferPool
@@ -117,7 +118,8 @@ class AzureSpec:
 
 @dataclasses.dataclass(frozen=True)
 class BlockJob:
-    """One Put Block: block ``index`` of a file, ``length`` bytes at ``offset``."""
+    """One Put Block: block ``index`` of a file, ``length`` bytes at ``offset``; or, with
+    ``block_id`` empty, one Put Blob of a whole file of ``length`` bytes."""
 
     job_id: int
     blob: str  # the blob's name, prefix included
@@ -198,6 +200,8 @@ class AzureDataPlane:
                     raise Cancelled(f"request {job.job_id} was cancelled")
             if job.token is not None:
                 self._tokens.update(job.token)
+            if not job.block_id:
+                return self._put_whole(job)
             try:
                 block = read_block(job.path, job.offset, job.length, self._pool)
             except BaseException as e:
@@ -220,6 +224,21 @@ class AzureDataPlane:
                 block.release()
             with self._lock:
                 self._cancelled.discard(job.job_id)
+
+    def _put_whole(self, job: BlockJob) -> Outcome:
+        hashes = FileHashes()
+        data = read_whole(job.path, job.length, hashes)
+        md5 = hashes.md5.digest()
+        checksum = b64md5(md5)
+        if job.expect is not None and checksum != job.expect:
+            raise EOFError(f"{job.path} changed between two attempts to upload it: was it "
+                           "rewritten while being uploaded?")
+        try:
+            self._get_sender().put(job.blob, data, md5)
+        except BaseException as e:
+            return Outcome(checksum=checksum, error=_portable(e))
+        return Outcome(checksum=checksum,
+                       digest=join_digests(hashes.sha256.hexdigest(), md5))
 
     def _feed(self, job: BlockJob, block: Block) -> None:
         with self._order:

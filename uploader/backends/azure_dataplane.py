@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import pickle
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -298,18 +299,34 @@ class AzureDataPlane:
 
 def _portable(e: BaseException) -> BaseException:
     """``e`` in a form that pickles and keeps what the retry predicate and the error
-    messages look at (the type, status, error code and message)."""
+    messages look at (the type, status, error code and message).
+
+    An ``AzureError`` keeps the exception being handled when it was made (``exc_value``,
+    with its traceback) and the SDK's transport error, whose request holds the block's
+    buffer: neither crosses to the coordinator."""
+    portable: BaseException
     if isinstance(e, HttpResponseError):
-        portable = type(e)(message=str(e))
-        portable.status_code = e.status_code
-        portable.error_code = getattr(e, "error_code", None)  # type: ignore[attr-defined]
-        portable.reason = e.reason
-        return portable
-    if isinstance(e, AzureError):
+        http = type(e)(message=str(e))
+        http.status_code = e.status_code
+        http.error_code = getattr(e, "error_code", None)  # type: ignore[attr-defined]
+        http.reason = e.reason
+        portable = http
+    elif isinstance(e, AzureError):
         try:
-            return type(e)(str(e))
+            portable = type(e)(str(e))
         except Exception:
-            return RuntimeError(f"{type(e).__name__}: {e}")
-    if isinstance(e, (OSError, EOFError, Cancelled)):
-        return e
-    return RuntimeError(f"{type(e).__name__}: {e}")
+            portable = RuntimeError(f"{type(e).__name__}: {e}")
+    elif isinstance(e, (OSError, EOFError, Cancelled)):
+        portable = e
+    else:
+        portable = RuntimeError(f"{type(e).__name__}: {e}")
+    if isinstance(portable, AzureError):
+        portable.exc_type = portable.exc_value = portable.exc_traceback = None
+        portable.inner_exception = None
+    try:
+        pickle.dumps(portable)
+    except Exception:  # a network library's OSError carrying its request, say
+        if isinstance(e, OSError):
+            return ConnectionError(f"{type(e).__name__}: {e}")
+        return RuntimeError(f"{type(e).__name__}: {e}")
+    return portable

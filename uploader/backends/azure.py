@@ -13,12 +13,13 @@ blocks were read, so :meth:`AzureBackend.confirm` compares what the service keep
 buffer exists, and its file is open, only while its request holds a limiter slot, taken
 before the block is read.
 
-Each Put Block goes to a data plane (:mod:`.azure_dataplane`), in the upload worker process
-or in worker threads as ``Settings.uploader`` says (:mod:`.s3_planes`, shared with S3),
-which reads the block, hashes it and sends it with the SDK's synchronous client, so that
-its bytes stay off the training loop's GIL. This event loop coordinates: which blocks,
-retries, the commit, the clean-up. Everything else (small blobs, the commit, listings,
-loads) goes through the asyncio client here.
+Each Put Block, and the one Put Blob of a file below the threshold, goes to a data plane
+(:mod:`.azure_dataplane`), in the upload worker process or in worker threads as
+``Settings.uploader`` says (:mod:`.s3_planes`, shared with S3), which reads the bytes,
+hashes them and sends them with the SDK's synchronous client, so that they stay off the
+training loop's GIL. This event loop coordinates: which blocks, retries, the commit, the
+clean-up. Everything else (manifests, the commit, listings, loads) goes through the
+asyncio client here.
 
 Blocks staged for a blob that was never committed stay in the account, invisible to plain
 listings, for up to 7 days. :meth:`AzureBackend.list_uploads` reports such blobs (a listing

@@ -32,6 +32,7 @@ from uploader import Engine, RetentionPolicy, Scope
 from uploader.backends import TransferContext
 from uploader.backends.azure import UNCOMMITTED, AzureBackend, block_size_for
 from uploader.backends.azure_errors import is_transient
+from uploader.backends.s3_planes import ProcessPlane, ThreadPlane
 from uploader.catalog import Catalog
 from uploader.config import MiB, Settings, UploaderMode
 from uploader.errors import StorageAccessError, UploadError
@@ -65,22 +66,24 @@ class CountingPolicy(RetryPolicy):
         return await super().call(counted, is_transient=is_transient)
 
 
-def make_ctx(policy: RetryPolicy | None = None) -> TransferContext:
+def make_ctx(policy: RetryPolicy | None = None,
+             uploader: UploaderMode = UploaderMode.THREAD) -> TransferContext:
     return TransferContext(
         settings=Settings(part_size=5 * MiB, multipart_threshold=5 * MiB, upload_concurrency=4,
-                          uploader=UploaderMode.THREAD),
+                          uploader=uploader),
         limiter=anyio.CapacityLimiter(4),
         retry=policy or RetryPolicy(max_attempts=3, deadline=30, initial_backoff=0.01),
         log=lambda _: None)
 
 
 @contextlib.asynccontextmanager
-async def opened(azure: Any, policy: RetryPolicy | None = None, **kw: Any
+async def opened(azure: Any, policy: RetryPolicy | None = None, *,
+                 uploader: UploaderMode = UploaderMode.THREAD, **kw: Any
                  ) -> AsyncIterator[AzureBackend]:
     args = {"account_url": azure.azurite.account_url, "container": azure.container,
             "prefix": "metaflow", "credential": azure.azurite.credential(),
             "verify": azure.azurite.ca_bundle, **kw}
-    b = AzureBackend(make_ctx(policy), **args)
+    b = AzureBackend(make_ctx(policy, uploader), **args)
     try:
         yield b
     finally:
@@ -94,7 +97,7 @@ def write_random(path: Path, size: int) -> bytes:
 
 
 class BlobSpy:
-    """Wraps the backend's block sender: records (and can fail) Put Block requests."""
+    """Wraps the backend's data plane (in threads): records (and can fail) Put Blocks."""
 
     def __init__(self, backend: AzureBackend,
                  fail: Callable[[str, int], BaseException | None] = lambda b, n: None
@@ -105,18 +108,19 @@ class BlobSpy:
 
     async def install(self) -> None:
         await self._backend._get_client()
-        sender = self._backend._sender
-        assert sender is not None  # a shared key serves the synchronous client too
-        real = sender.stage
+        plane = self._backend._plane
+        assert isinstance(plane, ThreadPlane)  # the tests' settings: in this process
+        data_plane = plane.plane
+        real = data_plane._send  # type: ignore[attr-defined]
 
-        def stage(name: str, block_id: str, body: memoryview, md5: bytes) -> None:
+        def send(name: str, block_id: str, body: memoryview, md5: bytes) -> None:
             self.calls.append((block_id, bytes(body), md5))
             exc = self._fail(block_id, sum(c[0] == block_id for c in self.calls))
             if exc is not None:
                 raise exc
             real(name, block_id, body, md5)
 
-        sender.stage = stage  # type: ignore[method-assign]
+        data_plane._send = send  # type: ignore[attr-defined]
 
 
 # -- without a server ------------------------------------------------------------------
@@ -390,16 +394,24 @@ class SyncTokens:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("uploader", [UploaderMode.THREAD, UploaderMode.PROCESS])
 @pytest.mark.parametrize("tokens", [AsyncTokens, SyncTokens])
 async def test_token_credentials_of_either_kind(azure: Any, tmp_path: Path,
-                                                tokens: type[Any]) -> None:
+                                                tokens: type[Any],
+                                                uploader: UploaderMode) -> None:
+    """A token credential does not pickle: the data plane, wherever it runs, sends each
+    block with a bearer token the backend asked the credential for."""
     size = 12 * MiB
     data = write_random(tmp_path / "f", size)
     credential = tokens()
-    async with opened(azure, credential=credential) as b:
+    async with opened(azure, credential=credential, uploader=uploader) as b:
         assert await b.put_file("ck/f", str(tmp_path / "f"), size) == \
             hashlib.sha256(data).hexdigest()
-        assert (b._sender is None) == (tokens is AsyncTokens)
+        plane = b._plane
+        assert isinstance(plane, ProcessPlane if uploader is UploaderMode.PROCESS
+                          else ThreadPlane)
+        if isinstance(plane, ProcessPlane):
+            assert plane.worker is not None and plane.deaths == 0
         assert await b.get_file("ck/f", str(tmp_path / "g"), size) == \
             hashlib.sha256(data).hexdigest()
     if isinstance(credential, SyncTokens):

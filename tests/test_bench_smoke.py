@@ -77,7 +77,8 @@ def test_azure_emulator_quick_run(tmp_path: Path, store_kits: Any) -> None:
     assert isinstance(rows, list)
     assert [r["benchmark"].split(" (")[0] for r in rows] == [
         "Azure upload throughput", "Azure load throughput",
-        "Python loop speed while an Azure upload runs"]
+        "Python loop speed while an Azure upload runs",
+        "Task CPU outside the loop while an Azure upload runs"]
     for r in rows:
         assert r["baseline"] and r["value"] > 0 and "emulator" in r["note"], r
 

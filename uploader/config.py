@@ -36,7 +36,7 @@ class SnapshotMode(enum.Enum):
 
 
 class UploaderMode(enum.Enum):
-    """Where the bytes of S3 parts are read, hashed and sent from."""
+    """Where the bytes of S3 parts and Azure blocks are read, hashed and sent from."""
 
     THREAD = "thread"  # worker threads of the task's own process, in blocking system calls
     PROCESS = "process"  # a spawned worker process; the event-loop thread still coordinates

@@ -11,7 +11,15 @@ carries its MD5 as ``Content-MD5``, which the service verifies before it keeps t
 commit sets the blob's own ``Content-MD5`` to the MD5 of the whole file, computed while the
 blocks were read, so :meth:`AzureBackend.confirm` compares what the service keeps. A block's
 buffer exists, and its file is open, only while its request holds a limiter slot, taken
-before the block is read (:mod:`.azure_blocks`).
+before the block is read.
+
+Each Put Block, and the one Put Blob of a file below the threshold, goes to a data plane
+(:mod:`.azure_dataplane`), in the upload worker process or in worker threads as
+``Settings.uploader`` says (:mod:`.s3_planes`, shared with S3), which reads the bytes,
+hashes them and sends them with the SDK's synchronous client, so that they stay off the
+training loop's GIL. This event loop coordinates: which blocks, retries, the commit, the
+clean-up. Everything else (manifests, the commit, listings, loads) goes through the
+asyncio client here.
 
 Blocks staged for a blob that was never committed stay in the account, invisible to plain
 listings, for up to 7 days. :meth:`AzureBackend.list_uploads` reports such blobs (a listing
@@ -23,9 +31,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import inspect
+import itertools
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -36,13 +47,14 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.storage.blob import BlobBlock, ContentSettings
 from azure.storage.blob.aio import ContainerClient
 
-from ..config import MiB
+from ..config import MiB, UploaderMode
 from ..errors import CheckpointError, UploadError, first_error
-from .azure_blocks import FileHashes, b64md5, md5_of_file, read_block, read_whole
+from .azure_blocks import FileHashes, b64md5, md5_of_file
+from .azure_dataplane import AzureSpec, BlockJob, portable_credential, split_digests
 from .azure_errors import NOT_FOUND, error_code, explain, is_storage_error, is_transient
-from .azure_sender import BlockSender
 from .base import StoredObject, TransferContext, Upload
-from .s3_parts import BufferPool
+from .s3_dataplane import Outcome
+from .s3_planes import Plane, ProcessPlane, ThreadPlane
 
 __all__ = ["AzureBackend", "block_size_for"]
 
@@ -55,6 +67,8 @@ _SMALL_READS = 64  # manifests read at once, beside the transfer limiter
 _READ_BLOCK = 1 * MiB
 _SENT_REMEMBERED = 16384  # blobs whose MD5 is remembered as sent (see confirm())
 UNCOMMITTED = "uncommitted-blocks"  # the upload id list_uploads gives a never-committed blob
+_SCOPE = "https://storage.azure.com/.default"
+_TOKEN_MARGIN = 600  # seconds of life a token handed to the data plane has left at least
 
 
 def block_size_for(size: int, configured: int) -> int:
@@ -121,9 +135,10 @@ class AzureBackend:
     """Blobs under ``container/prefix`` of the storage account at ``account_url``.
 
     ``credential``: an ``AzureNamedKeyCredential``, a SAS token, or a token credential.
-    A synchronous token credential (what Metaflow's Azure client providers make) serves
-    both clients, asked from a worker thread by the asyncio one; with an asyncio-only one,
-    block bodies go out through the asyncio client too (see :mod:`.azure_sender`).
+    A synchronous token credential (what Metaflow's Azure client providers make) is asked
+    from a worker thread. A key or a SAS is handed to the data plane once; a token
+    credential does not pickle, so the data plane gets a bearer token from it with each
+    block instead (:mod:`.azure_dataplane`).
     ``verify``: True, False, or the path of a CA bundle for the endpoint's certificate.
     """
 
@@ -139,12 +154,12 @@ class AzureBackend:
         self._credential = credential
         self._verify = verify
         self._client: ContainerClient | None = None
-        self._sender: BlockSender | None = None
-        self._send_threads = anyio.CapacityLimiter(ctx.settings.upload_concurrency)
-        self._feed_threads = anyio.CapacityLimiter(ctx.settings.upload_concurrency)
+        self._plane: Plane | None = None
+        self._ids = itertools.count(1)  # request and file ids for the data plane
+        self._token: tuple[str, int] | None = None  # the newest bearer token, if any
+        self._token_lock = anyio.Lock()
         self._client_lock = anyio.Lock()
         self._small_reads = anyio.CapacityLimiter(_SMALL_READS)
-        self._pool = BufferPool()
         self._sent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
 
     # -- plumbing ------------------------------------------------------------------
@@ -165,11 +180,7 @@ class AzureBackend:
                     credential = self._credential
                     if _is_sync_token(credential):
                         credential = ThreadedTokenCredential(credential)
-                    if not _is_async_token(self._credential):
-                        self._sender = BlockSender(
-                            self.account_url, self.container, credential=self._credential,
-                            verify=self._verify,
-                            connections=self._ctx.settings.upload_concurrency)
+                    self._plane = self._new_plane()
                     self._client = ContainerClient(
                         self.account_url, self.container, credential=credential,
                         connection_verify=self._verify, retry_total=0,
@@ -181,13 +192,61 @@ class AzureBackend:
                         max_single_put_size=whole)
         return self._client
 
+    def _new_plane(self) -> Plane:
+        settings = self._ctx.settings
+        portable = portable_credential(self._credential)
+        spec = AzureSpec(self.account_url, self.container, self._verify,
+                         settings.upload_concurrency, credential=portable,
+                         bearer=portable is None and self._credential is not None)
+        threads = settings.upload_concurrency
+        if settings.uploader is UploaderMode.PROCESS:
+            return ProcessPlane(spec, threads, timeout=settings.worker_timeout,
+                                min_rate=settings.worker_min_rate, log=self._ctx.log)
+        return ThreadPlane(spec, threads)
+
     async def aclose(self) -> None:
         client, self._client = self._client, None
-        sender, self._sender = self._sender, None
-        if sender is not None:
-            await anyio.to_thread.run_sync(sender.close)
-        if client is not None:
-            await client.close()
+        plane, self._plane = self._plane, None
+        try:
+            if client is not None:
+                await client.close()
+        finally:
+            if plane is not None:
+                await plane.aclose()
+
+    async def _bearer(self) -> tuple[str, int] | None:
+        """A token for the data plane, where the credential is a token credential: the
+        last one while it has :data:`_TOKEN_MARGIN` seconds left, else a new one."""
+        if portable_credential(self._credential) is not None or self._credential is None:
+            return None
+        if self._token is not None and self._token[1] - time.time() > _TOKEN_MARGIN:
+            return self._token
+        async with self._token_lock:
+            if self._token is None or self._token[1] - time.time() <= _TOKEN_MARGIN:
+                credential = self._credential
+                if _is_async_token(credential):
+                    got = await credential.get_token(_SCOPE)
+                else:
+                    got = await anyio.to_thread.run_sync(credential.get_token, _SCOPE)
+                self._token = (str(got.token), int(got.expires_on))
+            return self._token
+
+    async def _run(self, job: BlockJob) -> Outcome:
+        """Send ``job`` through the data plane, retried as one request. A retry must read
+        the same bytes as the first attempt (the file's digests already have them)."""
+        assert self._plane is not None
+        plane, expect = self._plane, None
+
+        async def attempt() -> Outcome:
+            nonlocal expect
+            out = await plane.run(dataclasses.replace(
+                job, job_id=next(self._ids), token=await self._bearer(), expect=expect))
+            expect = expect or out.checksum
+            if out.error is not None:
+                raise out.error
+            return out
+
+        return await self._retried(attempt)
 
     async def _retried(self, fn: Callable[[], Awaitable[T]]) -> T:
         return await self._ctx.retry.call(fn, is_transient=is_transient)
@@ -248,44 +307,34 @@ class AzureBackend:
             return await self._put_blocks(key, path, size)
 
     async def _put_single(self, key: str, path: str, size: int) -> str:
-        client, name = await self._get_client(), self._name(key)
-        hashes = FileHashes()
+        name = self._name(key)
+        await self._get_client()
         async with self._ctx.slot():  # the slot covers the open file and the bytes too
-            data = await anyio.to_thread.run_sync(read_whole, path, size, hashes)
-            md5 = hashes.md5.digest()
-            await self._retried(functools.partial(self._put_blob, client, name, data, md5))
-        self._remember_sent(name, hashes.md5.digest())
-        return hashes.sha256.hexdigest()
+            out = await self._run(BlockJob(job_id=0, blob=name, block_id="", path=path,
+                                           offset=0, length=size, index=0))
+        assert out.digest is not None
+        sha256, md5 = split_digests(out.digest)
+        self._remember_sent(name, md5)
+        return sha256
 
     async def _put_blocks(self, key: str, path: str, size: int) -> str:
         client, name = await self._get_client(), self._name(key)
+        assert self._plane is not None
+        plane = self._plane
         blob = client.get_blob_client(name)
         step = block_size_for(size, self._ctx.settings.part_size)
-        hashes = FileHashes()
         limiter = self._ctx.limiter
+        file_id = next(self._ids)
         ids: list[str] = []
+        sums: dict[int, str] = {}  # block index -> the base64 MD5 it was sent with
 
         async def send(index: int, offset: int, length: int, token: object) -> None:
             try:
-                try:
-                    block = await anyio.to_thread.run_sync(
-                        read_block, path, offset, length, self._pool)
-                except BaseException as e:
-                    hashes.fail(f"block {index}: {type(e).__name__}: {e}")
-                    raise
-                try:
-                    async with anyio.create_task_group() as both:
-                        # The file's hashes in block order, while the block is sent.
-                        both.start_soon(functools.partial(
-                            anyio.to_thread.run_sync, hashes.feed, index, block.view,
-                            limiter=self._feed_threads))
-                        await self._retried(functools.partial(self._stage, blob, ids[index],
-                                                              block.view, block.md5))
-                except BaseException as e:
-                    hashes.fail(f"block {index}: {type(e).__name__}")
-                    raise
-                finally:
-                    block.release()
+                out = await self._run(BlockJob(
+                    job_id=0, blob=name, block_id=ids[index], path=path, offset=offset,
+                    length=length, index=index, file_id=file_id))
+                assert out.checksum is not None
+                sums[index] = out.checksum
             finally:
                 limiter.release_on_behalf_of(token)
 
@@ -296,14 +345,13 @@ class AzureBackend:
                         ids.append(_block_id(index))
                         token = object()
                         # Taken in block order, before the block is read: bounds memory and
-                        # open files, and the file's hashes are fed in this order.
+                        # open files, and the data plane hashes blocks in this order.
                         await limiter.acquire_on_behalf_of(token)
                         tg.start_soon(send, index, offset, min(step, size - offset), token)
             except BaseExceptionGroup as eg:
                 raise first_error(eg) from None
-            if hashes.fed != len(ids):
-                raise AssertionError(f"hashed {hashes.fed} of {len(ids)} blocks of {key}")
-            md5 = hashes.md5.digest()
+            sha256, md5 = split_digests(await plane.file_digest(file_id, path=path, parts=[
+                (i * step, min(step, size - i * step), sums[i]) for i in range(len(ids))]))
             # Committing the same list again after a lost answer commits it again: blocks
             # already committed are found by their ids ("latest" looks at both lists).
             await self._request(lambda: blob.commit_block_list(
@@ -311,22 +359,19 @@ class AzureBackend:
                 content_settings=ContentSettings(content_md5=bytearray(md5))))
         except BaseException:
             with anyio.move_on_after(60, shield=True):
+                await plane.drop_file(file_id)
                 with contextlib.suppress(Exception):
                     await self.abort_upload(key, UNCOMMITTED)
             raise
         self._remember_sent(name, md5)
-        return hashes.sha256.hexdigest()
+        return sha256
 
-    async def _stage(self, blob: Any, block_id: str, body: memoryview, md5: bytes) -> None:
-        """One Put Block: from a worker thread where there is a synchronous client."""
-        if self._sender is not None:
-            await anyio.to_thread.run_sync(self._sender.stage, blob.blob_name, block_id, body,
-                                           md5, limiter=self._send_threads)
-            return
-        # The view goes out as the body, with no copy (aiohttp takes any buffer; the SDK's
-        # annotation names only bytes).
-        await blob.stage_block(block_id, body, length=len(body),
-                               transactional_content_md5=bytearray(md5))
+    async def digest_file(self, path: str, size: int) -> str:
+        """The SHA-256 of a local file an incremental save may find unchanged, read by the
+        data plane (the worker process, by default) rather than under the task's GIL."""
+        await self._get_client()  # the plane comes with the client
+        assert self._plane is not None
+        return await self._plane.hash_file(path, size)
 
     # -- reading -------------------------------------------------------------------
 

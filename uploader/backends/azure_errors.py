@@ -16,6 +16,7 @@ from azure.core.exceptions import (
 )
 
 from ..errors import CheckpointError, StorageAccessError, UploadError
+from .s3_errors import WorkerGone  # the upload worker process is shared with S3
 
 __all__ = ["NOT_FOUND", "error_code", "explain", "is_storage_error", "is_transient"]
 
@@ -59,7 +60,7 @@ def is_transient(exc: BaseException) -> bool:
     connections, timeouts. False for refusals (4xx) and for programming errors."""
     if isinstance(exc, ClientAuthenticationError):
         return False
-    if isinstance(exc, IncompleteReadError):
+    if isinstance(exc, (IncompleteReadError, WorkerGone)):
         return True
     if isinstance(exc, HttpResponseError):
         return error_code(exc) in _TRANSIENT_CODES or _status(exc) in _TRANSIENT_STATUS
@@ -75,7 +76,7 @@ def is_storage_error(exc: BaseException) -> bool:
     # Errors from talking to the store; anything else (a local file shrinking, a bug)
     # propagates as it is, so the engine can tell a torn file from a failed upload.
     return isinstance(exc, (AzureError, aiohttp.ClientError, TimeoutError,
-                            asyncio.TimeoutError, ConnectionError))
+                            asyncio.TimeoutError, ConnectionError, WorkerGone))
 
 
 def explain(exc: BaseException, *, container: str, key: str, where: str, doing: str,

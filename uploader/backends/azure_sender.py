@@ -5,10 +5,10 @@ records are made and written there, one block after another, and that thread als
 the loop. Measured on the emulator (128 MiB in 16 MiB blocks, 16 in flight), that took about
 1.7 times as long as the SDK's own threaded ``upload_blob`` and half a CPU-second more; the
 same Put Block requests made by the synchronous client, each in the worker thread that
-holds the block, took as long as ``upload_blob``, checksums included. So block bodies go
-out here, and everything else (small blobs, the commit, listings, loads) through the
-asyncio client. One connection per request in flight: the pool is sized to the
-transfer concurrency.
+holds the block, took as long as ``upload_blob``, checksums included. So the data plane
+(:mod:`.azure_dataplane`, in the upload worker process or in threads) sends file bodies
+here, a block or a whole small blob. One connection per request in flight: the pool is
+sized to the transfer concurrency.
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ from typing import Any
 
 import requests
 from azure.core.pipeline.transport import RequestsTransport
-from azure.storage.blob import ContainerClient
+from azure.storage.blob import ContainerClient, ContentSettings
+
+from .azure_blocks import b64md5
 
 __all__ = ["BlockSender"]
 
 
 class BlockSender:
-    """Put Block requests from worker threads; safe to call from many at once."""
+    """Put Block and Put Blob requests from worker threads; safe to call from many at once."""
 
     def __init__(self, account_url: str, container: str, *, credential: Any,
                  verify: bool | str, connections: int) -> None:
@@ -44,6 +46,14 @@ class BlockSender:
         self._client.get_blob_client(name).stage_block(
             block_id, body, length=len(body),  # type: ignore[arg-type]
             transactional_content_md5=bytearray(md5))
+
+    def put(self, name: str, data: bytes, md5: bytes) -> None:
+        """One Put Blob (blocking): atomic. Content-MD5 is verified by the service on
+        arrival, and the same MD5 is kept as the blob's own (x-ms-blob-content-md5)."""
+        self._client.get_blob_client(name).upload_blob(
+            data, length=len(data), overwrite=True, blob_type="BlockBlob",
+            content_settings=ContentSettings(content_md5=bytearray(md5)),
+            headers={"Content-MD5": b64md5(md5)})
 
     def close(self) -> None:
         with self._lock:

@@ -13,6 +13,10 @@ process (:mod:`.s3_worker`); either way the event-loop thread stays the coordina
 decides what to send, retries failed requests (a retry sends the same part again, and the
 re-read bytes must have the checksum of the first read) and owns the commit protocol.
 Everything crossing to a worker process is a plain picklable value.
+
+The planes and the worker process run any data plane that keeps the same shape
+(:class:`Spec`, :class:`Job`, :class:`Runner`): the Azure one is
+:mod:`.azure_dataplane`. A spec says which data plane it makes.
 """
 
 from __future__ import annotations
@@ -20,16 +24,68 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .s3_parts import BufferPool, PartBody, read_part
+from .s3_parts import BufferPool, PartBody, digest_of_parts, read_part
 from .s3_sender import BlockingSender, Cancelled, sync_hook
 from .s3_transport import ClientCert
 
-__all__ = ["ClientSpec", "Creds", "DataPlane", "Outcome", "PartJob"]
+__all__ = ["ClientSpec", "Creds", "DataPlane", "Job", "Outcome", "PartJob", "Runner", "Spec"]
+
+Spans = Sequence[tuple[int, int, str]]  # (offset, length, checksum) of each part sent
+
+
+class Runner(Protocol):
+    """A data plane: runs jobs, keeps files' running digests (thread-safe)."""
+
+    def run(self, job: Any) -> Outcome: ...
+
+    def file_digest(self, file_id: int) -> str: ...
+
+    def drop_file(self, file_id: int) -> None: ...
+
+    def cancel(self, job_id: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Spec(Protocol):
+    """How a data plane reaches its store (picklable): it makes the data plane."""
+
+    @property
+    def connect_timeout(self) -> float: ...
+
+    @property
+    def read_timeout(self) -> float: ...
+
+    def plane(self) -> Runner: ...
+
+    def digest_again(self, path: str, parts: Spans) -> str:
+        """A file's digest (as ``Runner.file_digest`` gives it), read again from disk,
+        each part checked against the checksum it was sent with."""
+        ...
+
+
+class Job(Protocol):
+    """One request of a data plane (a frozen dataclass)."""
+
+    @property
+    def job_id(self) -> int: ...
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def file_id(self) -> int: ...
+
+    @property
+    def first_in_file(self) -> bool:
+        """Whether this attempt feeds its file's running digest in the plane running it."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +103,12 @@ class ClientSpec:
     proxies_config: dict[str, Any] | None = None
     client_cert: ClientCert = None
     direct: bool = True  # bodies go through the blocking sender, else botocore's own stack
+
+    def plane(self) -> DataPlane:
+        return DataPlane(self)
+
+    def digest_again(self, path: str, parts: Spans) -> str:
+        return digest_of_parts(path, parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +136,10 @@ class PartJob:
     # hashes that file again, from the part checksums, once its parts are sent).
     file_id: int = 0
     expect: str | None = None  # the checksum an earlier attempt read: a retry must match it
+
+    @property
+    def first_in_file(self) -> bool:
+        return bool(self.file_id) and self.upload_id is not None and self.expect is None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Where the data plane runs: worker threads of this process, or a worker process.
 
-The coordinator (the S3 backend, on the engine's event loop) hands each request to a
+The coordinator (the S3 or Azure backend, on the engine's event loop) hands each request to a
 *plane* and awaits its :class:`~.s3_dataplane.Outcome`:
 
-- :class:`ThreadPlane` runs :class:`~.s3_dataplane.DataPlane` in worker threads of the
+- :class:`ThreadPlane` runs :class:`~.s3_dataplane.DataPlane` (or for Azure,
+  :class:`~.azure_dataplane.AzureDataPlane`: the spec says which) in worker threads of the
   task's process. Each part costs the GIL a handful of times (a thread hop, the read, two
   hashes, the send, the reply).
 - :class:`ProcessPlane` runs it in a spawned worker process (:mod:`.s3_worker`). The
@@ -45,9 +46,8 @@ import anyio.to_thread
 
 from ..config import MiB
 from ..incremental import sha256_file
-from .s3_dataplane import ClientSpec, DataPlane, Outcome, PartJob
+from .s3_dataplane import Job, Outcome, Spec
 from .s3_errors import WorkerGone
-from .s3_parts import digest_of_parts
 from .s3_sender import Cancelled
 from .s3_worker import WorkerProcess
 
@@ -72,7 +72,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Plane(Protocol):
-    async def run(self, job: PartJob) -> Outcome: ...
+    async def run(self, job: Job) -> Outcome: ...
 
     async def file_digest(self, file_id: int, *, path: str, parts: Parts) -> str:
         """The SHA-256 of the file whose parts, ``parts``, were sent as ``file_id``."""
@@ -90,11 +90,11 @@ class Plane(Protocol):
 class ThreadPlane:
     """The data plane in worker threads of this process (at most ``threads`` at once)."""
 
-    def __init__(self, spec: ClientSpec, threads: int) -> None:
-        self.plane = DataPlane(spec)
+    def __init__(self, spec: Spec, threads: int) -> None:
+        self.plane = spec.plane()
         self._threads = anyio.CapacityLimiter(threads)
 
-    async def run(self, job: PartJob) -> Outcome:
+    async def run(self, job: Job) -> Outcome:
         lock, finished = threading.Lock(), threading.Event()
         phase = "queued"
 
@@ -146,7 +146,7 @@ class ProcessPlane:
     by ``threads`` requests kills the worker. ``log`` hears of each death.
     """
 
-    def __init__(self, spec: ClientSpec, threads: int, *, timeout: float = 0.0,
+    def __init__(self, spec: Spec, threads: int, *, timeout: float = 0.0,
                  min_rate: int = 2 * MiB, log: Callable[[str], None] = print) -> None:
         self._spec = spec
         self._threads = threads
@@ -241,18 +241,17 @@ class ProcessPlane:
 
     # -- requests ----------------------------------------------------------------------
 
-    async def run(self, job: PartJob) -> Outcome:
+    async def run(self, job: Job) -> Outcome:
         target = await self._target()
         # A part's first attempt is hashed into its file's digest if the plane holding that
         # digest is this one; else the file is hashed again at the end.
-        first = job.file_id and job.upload_id is not None and job.expect is None
-        if first and self._owner.setdefault(job.file_id, target) is not target:
-            job = dataclasses.replace(job, file_id=0)
+        if job.first_in_file and self._owner.setdefault(job.file_id, target) is not target:
+            job = dataclasses.replace(job, file_id=0)  # type: ignore[type-var]
         if isinstance(target, ThreadPlane):
             return await target.run(job)
         return await self._run_on(target, job)
 
-    async def _run_on(self, worker: WorkerProcess, job: PartJob) -> Outcome:
+    async def _run_on(self, worker: WorkerProcess, job: Job) -> Outcome:
         limit = self.deadline(job.length)
         until = anyio.current_time() + limit
         fut = worker.submit("run", job)
@@ -295,7 +294,7 @@ class ProcessPlane:
                 digest: str = await self._call(owner, "digest", file_id)
                 return digest
         # Its digest died with a worker process: hash the stored bytes again from disk.
-        return await anyio.to_thread.run_sync(digest_of_parts, path, parts)
+        return await anyio.to_thread.run_sync(self._spec.digest_again, path, parts)
 
     async def drop_file(self, file_id: int) -> None:
         owner = self._owner.pop(file_id, None)

@@ -2,7 +2,8 @@
 
 A worker is a fresh interpreter started with ``subprocess`` (never a fork of the task: no
 copy of the training state, of CUDA, or of locks held by other threads). It runs
-:class:`~.s3_dataplane.DataPlane` in a thread pool, reads requests from one pipe and
+:class:`~.s3_dataplane.DataPlane` (or the data plane its spec makes: Azure's,
+:mod:`.azure_dataplane`) in a thread pool, reads requests from one pipe and
 answers on another, in pickled frames. :class:`WorkerProcess` is the task's side of one
 such process, on the engine's event loop; :class:`~.s3_planes.ProcessPlane` replaces it
 when it dies or stops answering.
@@ -44,7 +45,7 @@ import anyio
 import anyio.to_thread
 
 from ..incremental import sha256_file
-from .s3_dataplane import ClientSpec, DataPlane, PartJob
+from .s3_dataplane import Runner, Spec
 from .s3_errors import WorkerGone
 
 __all__ = ["WorkerGone", "WorkerProcess", "describe_exit"]
@@ -161,7 +162,7 @@ class WorkerProcess:
         self.ready: asyncio.Future[Any]  # settles once the worker has set itself up
 
     @classmethod
-    async def start(cls, spec: ClientSpec, threads: int, *, log: Callable[[str], None],
+    async def start(cls, spec: Spec, threads: int, *, log: Callable[[str], None],
                     on_exit: ExitHook) -> WorkerProcess:
         """Start a worker process for ``spec`` with ``threads`` request threads."""
         req_r, req_w = os.pipe()
@@ -347,7 +348,7 @@ def _read_exact(fd: int, n: int) -> bytes | None:
     return bytes(buf)
 
 
-def _run_and_reply(plane: DataPlane, reply: Any, req_id: int, job: PartJob) -> None:
+def _run_and_reply(plane: Runner, reply: Any, req_id: int, job: object) -> None:
     reply(req_id, True, plane.run(job))
 
 
@@ -374,7 +375,7 @@ def serve(in_fd: int, out_fd: int) -> None:
             while view:
                 view = view[os.write(out_fd, view):]
 
-    plane: DataPlane | None = None
+    plane: Runner | None = None
     pool: concurrent.futures.ThreadPoolExecutor | None = None
     try:
         while (head := _read_exact(in_fd, _HEADER.size)) is not None:
@@ -384,7 +385,7 @@ def serve(in_fd: int, out_fd: int) -> None:
             op, req_id, arg = pickle.loads(body)
             if op == "init":
                 spec, threads = arg
-                plane = DataPlane(spec)
+                plane = spec.plane()  # the S3 or Azure data plane, as the spec says
                 pool = concurrent.futures.ThreadPoolExecutor(threads + 2, "s3-part")
                 reply(req_id, True, None)
                 continue

@@ -76,7 +76,7 @@ CHECKPOINT_INCREMENTAL = _from_conf("CHECKPOINT_INCREMENTAL", "true")
 CHECKPOINT_LOG_LEVEL = _from_conf("CHECKPOINT_LOG_LEVEL", "info")
 # Seconds between progress lines while the end of a task waits for pending uploads.
 CHECKPOINT_PROGRESS_INTERVAL = _from_conf("CHECKPOINT_PROGRESS_INTERVAL", "5")
-# Where S3 upload bytes are read, hashed and sent: "process" (a spawned worker process, so
+# Where S3 and Azure upload bytes are read, hashed and sent: "process" (a spawned worker process, so
 # the training loop's GIL is not shared with the upload) or "thread" (threads of the task).
 CHECKPOINT_UPLOADER = _from_conf("CHECKPOINT_UPLOADER", "process")
 # Seconds the upload worker process may leave a request unanswered, beyond the time its

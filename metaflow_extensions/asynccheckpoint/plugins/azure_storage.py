@@ -4,9 +4,9 @@ The container and prefix come from the datastore root (``METAFLOW_DATASTORE_SYSR
 ``container/prefix``), the account from ``METAFLOW_AZURE_STORAGE_BLOB_SERVICE_ENDPOINT``,
 and the credential from the Azure client provider Metaflow is configured with
 (``METAFLOW_DEFAULT_AZURE_CLIENT_PROVIDER``; by default azure.identity's
-DefaultAzureCredential). That provider's credential is synchronous: block bodies go out
-through the SDK's synchronous client, which uses it as it is, and the asyncio client asks
-it for tokens from a worker thread; the SDK caches each token until it nears its expiry.
+DefaultAzureCredential). That provider's credential is synchronous and asked for tokens from
+a worker thread; the SDK caches each token until it nears its expiry. Block bodies go out
+from the upload worker process with a bearer token from it handed along with each block.
 A CA bundle named by ``REQUESTS_CA_BUNDLE`` (or ``CURL_CA_BUNDLE``), which Metaflow's own
 (requests-based) client honours, is used here too.
 """

@@ -52,7 +52,7 @@ from ..errors import CheckpointError, UploadError, first_error
 from .azure_blocks import FileHashes, b64md5, md5_of_file
 from .azure_dataplane import AzureSpec, BlockJob, portable_credential, split_digests
 from .azure_errors import NOT_FOUND, error_code, explain, is_storage_error, is_transient
-from .base import StoredObject, TransferContext, Upload
+from .base import StoredObject, TransferContext, Upload, stored
 from .s3_dataplane import Outcome
 from .s3_planes import Plane, ProcessPlane, ThreadPlane
 
@@ -335,6 +335,7 @@ class AzureBackend:
                     length=length, index=index, file_id=file_id))
                 assert out.checksum is not None
                 sums[index] = out.checksum
+                stored(length)
             finally:
                 limiter.release_on_behalf_of(token)
 

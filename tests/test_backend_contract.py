@@ -20,6 +20,7 @@ import anyio
 import pytest
 
 from uploader.backends import Backend, TransferContext
+from uploader.backends.base import reporting_progress
 from uploader.config import MiB, Settings, UploaderMode
 from uploader.engine import Engine, SaveRequest
 from uploader.errors import CheckpointError
@@ -92,8 +93,15 @@ async def test_multipart_round_trip(store: Any, tmp_path: Path) -> None:
     size = 23 * MiB + 12_345  # five parts or blocks of 5 MiB, the last one short
     src = tmp_path / "big.bin"
     want = write_random(src, size)
+    counted: list[int] = []
     async with opened(store) as b:
-        assert await b.put_file("ck/big.bin", str(src), size) == want
+        with reporting_progress(counted.append):
+            assert await b.put_file("ck/big.bin", str(src), size) == want
+        # The bytes count as stored as the store takes them: part by part (block, chunk)
+        # where there are parts, so a drain's progress moves during one big file.
+        assert sum(counted) == size, counted
+        if store.kind != "local":
+            assert sorted(counted) == sorted([5 * MiB] * 4 + [3 * MiB + 12_345]), counted
         assert await b.stat("ck/big.bin") == size
         dest = tmp_path / "restored" / "big.bin"
         assert await b.get_file("ck/big.bin", str(dest), size) == want

@@ -25,7 +25,7 @@ import anyio
 import anyio.to_thread
 
 from ..errors import CheckpointError, LoadError, SourceReadError, StorageAccessError, UploadError
-from .base import StoredObject, TransferContext, Upload
+from .base import StoredObject, TransferContext, Upload, stored
 from .digests import DigestCache
 
 __all__ = ["LocalBackend"]
@@ -349,8 +349,10 @@ class LocalBackend:
         return digest
 
     async def put_file(self, key: str, path: str, size: int) -> str:
-        return await self._store(key, lambda dst: self._remembered(
+        digest = await self._store(key, lambda dst: self._remembered(
             dst, _copy_hashing(path, dst, durable=True)), "writing")
+        stored(size)  # a copy is durable as a whole: counted once, on this loop
+        return digest
 
     async def put_bytes(self, key: str, data: bytes) -> None:
         def write(dst: str) -> None:

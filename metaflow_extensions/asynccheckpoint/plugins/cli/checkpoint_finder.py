@@ -23,9 +23,9 @@ from uploader.gang import Gang
 from uploader.inventory import Inventory, Uncommitted, take_inventory
 from uploader.layout import ROOT_PREFIX, safe_component
 
-from .exceptions import CheckpointException
-from .reader import Reader
-from .storage import SUPPORTED_DATASTORES, engine_settings
+from ..shared.exceptions import CheckpointException
+from ..shared.reader import Reader
+from ..shared.storage import SUPPORTED_DATASTORES, engine_settings
 
 __all__ = ["CheckpointNotFoundException", "Session", "Target", "is_one_checkpoint"]
 

@@ -98,7 +98,7 @@ def _gang(flow: Any, ubf_context: Any, task_id: str) -> Any:
 
 
 def _legacy_identifier(flow: Any, step_name: str) -> str | None:
-    """The task identifier ``metaflow-checkpoint`` gives this task (see :mod:`.legacy`)."""
+    """The task identifier ``metaflow-checkpoint`` gives this task (see :mod:`..shared.legacy`)."""
     from ..shared.legacy import task_identifier
 
     if getattr(flow, "index", None) is None:

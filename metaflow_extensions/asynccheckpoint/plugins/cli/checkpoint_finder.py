@@ -1,7 +1,7 @@
 """Finding the checkpoints a ``checkpoint`` command names, in the flow's datastore.
 
 A thin adapter over :class:`uploader.catalog.Catalog`, read through the engine
-:class:`.reader.Reader` builds for the flow's datastore (as ``current.checkpoint`` and
+:class:`..shared.reader.Reader` builds for the flow's datastore (as ``current.checkpoint`` and
 ``Checkpoint`` read); a flow's scopes, and data no manifest commits, come from
 :func:`uploader.inventory.take_inventory`. It turns what users type (a pathspec, a
 checkpoint id, a manifest key) into catalog entries, and entries into rows.

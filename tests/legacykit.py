@@ -1,7 +1,7 @@
 """Checkpoints in ``metaflow-checkpoint`` 0.2.14's layout, written by hand, with archives
 of any shape: what a damaged store, or an archive made or changed by hand, leaves behind.
 
-The layout is that package's, as :mod:`metaflow_extensions.asynccheckpoint.plugins.legacy`
+The layout is that package's, as :mod:`metaflow_extensions.asynccheckpoint.plugins.shared.legacy`
 describes it (computed here independently): the data at ``mf.checkpoints/checkpoints/
 artifacts/<flow>/<step>/<scope>/<task identifier>/<leaf>``, the reference as JSON at the
 same path under ``artifact_metadata/`` (``.metadata``) and under ``metadata/<pathspec>/``,

@@ -26,8 +26,8 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from metaflow_extensions.asynccheckpoint.plugins.azure_storage import split_azure_root
-from metaflow_extensions.asynccheckpoint.plugins.exceptions import CheckpointConfigException
+from metaflow_extensions.asynccheckpoint.plugins.shared.azure_storage import split_azure_root
+from metaflow_extensions.asynccheckpoint.plugins.shared.exceptions import CheckpointConfigException
 from uploader import Engine, RetentionPolicy, Scope
 from uploader.backends import TransferContext
 from uploader.backends.azure import UNCOMMITTED, AzureBackend, block_size_for
@@ -336,7 +336,7 @@ async def test_exhausted_retries_name_container_and_key(azure: Any) -> None:
 def test_the_factory_needs_the_blob_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     from metaflow import metaflow_config
 
-    from metaflow_extensions.asynccheckpoint.plugins.storage import backend_factory
+    from metaflow_extensions.asynccheckpoint.plugins.shared.storage import backend_factory
 
     monkeypatch.setattr(metaflow_config, "AZURE_STORAGE_BLOB_SERVICE_ENDPOINT", None)
     with pytest.raises(CheckpointConfigException,
@@ -347,7 +347,7 @@ def test_the_factory_needs_the_blob_endpoint(monkeypatch: pytest.MonkeyPatch) ->
 def test_a_missing_extra_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     from metaflow import metaflow_config
 
-    from metaflow_extensions.asynccheckpoint.plugins.storage import backend_factory
+    from metaflow_extensions.asynccheckpoint.plugins.shared.storage import backend_factory
 
     monkeypatch.setattr(metaflow_config, "AZURE_STORAGE_BLOB_SERVICE_ENDPOINT",
                         "https://account.blob.core.windows.net/")
@@ -358,7 +358,7 @@ def test_a_missing_extra_names_the_install_command(monkeypatch: pytest.MonkeyPat
 
 
 def test_an_unknown_datastore_lists_the_supported_ones() -> None:
-    from metaflow_extensions.asynccheckpoint.plugins.storage import backend_factory
+    from metaflow_extensions.asynccheckpoint.plugins.shared.storage import backend_factory
 
     with pytest.raises(CheckpointConfigException, match="--datastore=azure"):
         backend_factory("gopher", "x")

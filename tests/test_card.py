@@ -18,8 +18,8 @@ from cardkit import by_id, card_payload, components, png_colours, read_cards
 from conftest import FLOWS, RunFlow
 from storekit import results
 
-from metaflow_extensions.asynccheckpoint.plugins import card as card_mod
-from metaflow_extensions.asynccheckpoint.plugins.card import (
+from metaflow_extensions.asynccheckpoint.plugins.card import checkpoint_card as card_mod
+from metaflow_extensions.asynccheckpoint.plugins.card.checkpoint_card import (
     CARD_ID,
     NBSP,
     CheckpointCard,

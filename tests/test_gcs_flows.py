@@ -86,10 +86,10 @@ def test_a_missing_bucket_fails_the_task_and_says_what_to_check(
 def test_gs_factory_reads_metaflow_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     import metaflow  # noqa: F401  the extension's modules import through it
 
-    from metaflow_extensions.asynccheckpoint.plugins.exceptions import (
+    from metaflow_extensions.asynccheckpoint.plugins.shared.exceptions import (
         CheckpointConfigException,
     )
-    from metaflow_extensions.asynccheckpoint.plugins.gs_storage import (
+    from metaflow_extensions.asynccheckpoint.plugins.shared.gs_storage import (
         emulator_endpoint,
         split_gs_url,
     )

@@ -572,7 +572,7 @@ def make_current(tmp: Path, logs: list[str], *, attempt: int = 0, root: str = "d
                  **settings: Any) -> Any:
     import metaflow  # noqa: F401  the extension's modules import through it
 
-    from metaflow_extensions.asynccheckpoint.plugins.current_checkpoint import (
+    from metaflow_extensions.asynccheckpoint.plugins.checkpoint.current import (
         CurrentCheckpoint,
         TaskIdentity,
     )
@@ -672,7 +672,7 @@ def test_when_no_checkpoint_loads_the_task_starts_without_one(tmp_path: Path) ->
 def test_a_reference_from_another_datastore_root_loads_only_when_named(tmp_path: Path) -> None:
     import metaflow  # noqa: F401  first: the extension's modules import through it
 
-    from metaflow_extensions.asynccheckpoint.plugins.exceptions import (
+    from metaflow_extensions.asynccheckpoint.plugins.shared.exceptions import (
         CheckpointReferenceError,
     )
 
@@ -705,7 +705,7 @@ def test_a_reference_from_another_datastore_root_loads_only_when_named(tmp_path:
 def test_load_errors_reach_the_user_as_checkpoint_exceptions(tmp_path: Path) -> None:
     import metaflow  # noqa: F401  first: the extension's modules import through it
 
-    from metaflow_extensions.asynccheckpoint.plugins.exceptions import CheckpointException
+    from metaflow_extensions.asynccheckpoint.plugins.shared.exceptions import CheckpointException
 
     logs: list[str] = []
     cc = make_current(tmp_path, logs)
@@ -727,7 +727,7 @@ def gated_current(tmp: Path, logs: list[str], monkeypatch: pytest.MonkeyPatch,
                   **settings: Any) -> Any:
     import metaflow  # noqa: F401  first: the extension's modules import through it
 
-    from metaflow_extensions.asynccheckpoint.plugins import current_checkpoint
+    from metaflow_extensions.asynccheckpoint.plugins.checkpoint import current as current_checkpoint
 
     def factory(datastore: str, root: str) -> Any:
         return lambda ctx: GatedBackend(root, ctx)
@@ -762,7 +762,7 @@ def test_the_end_of_task_drain_and_its_resave_end_within_the_drain_timeout(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import metaflow  # noqa: F401  first: the extension's modules import through it
 
-    from metaflow_extensions.asynccheckpoint.plugins.exceptions import (
+    from metaflow_extensions.asynccheckpoint.plugins.shared.exceptions import (
         CheckpointUploadException,
     )
 

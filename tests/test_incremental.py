@@ -367,7 +367,7 @@ def test_drain_reports_progress_while_uploads_are_pending(tmp_path: Path) -> Non
 # -- what the task prints --------------------------------------------------------------
 
 def test_commit_and_drain_lines_say_what_was_skipped_and_what_is_left() -> None:
-    from metaflow_extensions.asynccheckpoint.plugins.report import commit_line, drain_line
+    from metaflow_extensions.asynccheckpoint.plugins.shared.report import commit_line, drain_line
 
     h = CheckpointHandle("id", "mfchckpt", {}, "/src")
     h.number = 3
@@ -395,7 +395,7 @@ def test_commit_and_drain_lines_say_what_was_skipped_and_what_is_left() -> None:
 
 
 def test_commit_lines_come_out_in_save_order() -> None:
-    from metaflow_extensions.asynccheckpoint.plugins.report import InSaveOrder
+    from metaflow_extensions.asynccheckpoint.plugins.shared.report import InSaveOrder
 
     handles = []
     for n in range(1, 6):

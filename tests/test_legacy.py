@@ -70,9 +70,9 @@ with Checkpoint() as cp:
     cp.load(listed[-1], os.path.join(dest, "ckpt"))
     out["ckpt"] = tree(os.path.join(dest, "ckpt"))
 # What `fresh` falls back to for a task metaflow-checkpoint ran: its newest latest=True save.
-from metaflow_extensions.asynccheckpoint.plugins import legacy
-from metaflow_extensions.asynccheckpoint.plugins.checkpoint_api import _reader
-from metaflow_extensions.asynccheckpoint.plugins.reader import default_location
+from metaflow_extensions.asynccheckpoint.plugins.shared import legacy
+from metaflow_extensions.asynccheckpoint.plugins.checkpoint.api import _reader
+from metaflow_extensions.asynccheckpoint.plugins.shared.reader import default_location
 fresh = legacy.latest_for_task(_reader().catalog(*default_location()).engine, refs["task"])
 out["fresh"] = [fresh.reference["name"], fresh.reference["source"], fresh.key]
 bad = dict(refs["ckpt"], version_id=7)

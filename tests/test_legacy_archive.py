@@ -21,8 +21,8 @@ from enginekit import make_engine
 from legacykit import tar_archive, write_checkpoint
 from storekit import results
 
-from metaflow_extensions.asynccheckpoint.plugins import legacy, legacy_archive
-from metaflow_extensions.asynccheckpoint.plugins.exceptions import CheckpointException
+from metaflow_extensions.asynccheckpoint.plugins.shared import legacy, legacy_archive
+from metaflow_extensions.asynccheckpoint.plugins.shared.exceptions import CheckpointException
 from uploader import Engine
 
 

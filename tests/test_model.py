@@ -132,7 +132,7 @@ def test_bad_load_argument_names_the_step_and_the_entry(run_flow: RunFlow) -> No
 def test_a_missing_artifact_fails_unless_best_effort(run_flow: RunFlow) -> None:
     import metaflow  # noqa: F401  (first: it loads the extension's plugins)
 
-    from metaflow_extensions.asynccheckpoint.plugins.model_decorator import parse_load
+    from metaflow_extensions.asynccheckpoint.plugins.model.decorator import parse_load
 
     assert parse_load("m", "w") == [("m", None)]
     assert parse_load(["a", ("b", "/x"), ("c", None)], "w") == [

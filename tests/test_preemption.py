@@ -18,7 +18,7 @@ from conftest import RunFlow
 from enginekit import make_engine, request
 from storekit import manifests, results, verify_all
 
-from metaflow_extensions.asynccheckpoint.plugins import preemption
+from metaflow_extensions.asynccheckpoint.plugins.shared import preemption
 from uploader import CheckpointState, Engine
 
 GRACE = 120.0  # far longer than any wait below: a drain in the wrong place shows as a hang
@@ -28,7 +28,7 @@ GRACE = 120.0  # far longer than any wait below: a drain in the wrong place show
 
 PRELUDE = """
 import os, signal, sys
-from metaflow_extensions.asynccheckpoint.plugins import preemption
+from metaflow_extensions.asynccheckpoint.plugins.shared import preemption
 
 def say(msg):
     print(msg, flush=True)

@@ -78,10 +78,10 @@ def test_retention_arguments_are_validated_and_win_over_the_environment(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from metaflow import metaflow_config
 
-    from metaflow_extensions.asynccheckpoint.plugins.exceptions import (
+    from metaflow_extensions.asynccheckpoint.plugins.shared.exceptions import (
         CheckpointConfigException,
     )
-    from metaflow_extensions.asynccheckpoint.plugins.storage import retention_settings
+    from metaflow_extensions.asynccheckpoint.plugins.shared.storage import retention_settings
 
     where = "@checkpoint on step 'train'"
     for var in ("KEEP_LAST", "KEEP_BEST", "BEST_METRIC", "BEST_MODE"):

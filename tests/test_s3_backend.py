@@ -681,6 +681,44 @@ def test_listing_reads_manifests_concurrently(s3: S3Server, proxy: FaultProxy,
 
 
 @pytest.mark.s3
+def test_the_drain_progress_moves_part_by_part_within_one_file(
+        s3: S3Server, proxy: FaultProxy, mode: UploaderMode, tmp_path: Any) -> None:
+    """One 20 MiB file in 5 MiB parts, one request at a time, its third part held: the
+    drain's first progress report counts the two parts already stored."""
+    from uploader.engine import DrainProgress
+
+    src = tmp_path / "staging"
+    src.mkdir()
+    write_random(src / "weights.bin", 20 * MiB)
+    engine = Engine(lambda ctx: S3Backend(ctx, bucket=BUCKET, prefix="metaflow",
+                                          endpoint_url=proxy.endpoint),
+                    Settings(part_size=5 * MiB, multipart_threshold=5 * MiB,
+                             upload_concurrency=1, progress_interval=0.01, uploader=mode),
+                    snapshot_dir=str(tmp_path / "snapshots"), log=lambda _: None)
+    hold = proxy.hold(method="PUT", query_contains="partNumber=3")
+    reports: list[DrainProgress] = []
+
+    def progress(p: DrainProgress) -> None:
+        reports.append(p)
+        hold.release()  # the first report is made while the third part is held
+
+    try:
+        keys = CheckpointKeys(Scope("TrainFlow", "user:me", "train").prefix, "42",
+                              new_checkpoint_id("7", 0))
+        h = engine.save(SaveRequest(source=str(src), keys=keys, name="mfchckpt", latest=True,
+                                    metadata={}, identity={}, reference={}))
+        assert hold.wait_held(1, timeout=60)
+        report = engine.drain(60, progress=progress)
+    finally:
+        hold.release()
+        engine.close()
+    assert report.committed == [h]
+    assert reports and reports[0].pending == 1
+    assert reports[0].bytes_left == 10 * MiB, reports[0]
+    assert h.stats.bytes_uploaded == 20 * MiB and h.stats.bytes_left == 0
+
+
+@pytest.mark.s3
 @pytest.mark.anyio
 async def test_small_reads_are_signed_here_and_errors_go_through_botocore(
         s3: S3Server, proxy: FaultProxy) -> None:

@@ -100,7 +100,7 @@ def test_an_unchanged_256_mib_file_is_not_sent_again(s3: Any, proxy: FaultProxy,
         heads = proxy.count(method="HEAD", path_regex=CKPT)
     finally:
         engine.close()
-    from metaflow_extensions.asynccheckpoint.plugins.report import commit_line
+    from metaflow_extensions.asynccheckpoint.plugins.shared.report import commit_line
 
     print(f"bytes sent: first save {sent_first}, second save {sent_second}")
     print(commit_line(h))  # what the task's log says of it

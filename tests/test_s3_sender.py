@@ -31,8 +31,8 @@ from faultproxy import FaultProxy, PartialReply, cut, stall
 from metaflow import metaflow_config
 from s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, running_s3_server
 
-from metaflow_extensions.asynccheckpoint.plugins.exceptions import CheckpointConfigException
-from metaflow_extensions.asynccheckpoint.plugins.s3_storage import s3_backend_factory
+from metaflow_extensions.asynccheckpoint.plugins.shared.exceptions import CheckpointConfigException
+from metaflow_extensions.asynccheckpoint.plugins.shared.s3_storage import s3_backend_factory
 from uploader.backends import S3Backend, TransferContext
 from uploader.backends.s3_sender import BlockingSender, SignedGets
 from uploader.config import MiB, Settings, UploaderMode

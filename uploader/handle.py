@@ -60,7 +60,8 @@ class SaveStats:
     # manifest points at that object instead of uploading them again.
     files_skipped: int = 0
     bytes_skipped: int = 0
-    # Bytes uploaded so far, counted per file as each one is stored (the drain's progress).
+    # Bytes uploaded so far, counted per part (block, chunk) as the store takes it, for the
+    # drain's progress.
     bytes_uploaded: int = 0
     upload_s: float | None = None  # from the start of the upload to its final state
     finished_at: float | None = None  # when it was committed, torn or failed

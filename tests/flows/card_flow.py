@@ -17,7 +17,7 @@ FAIL_FIRST = os.environ.get("CARD_FLOW_FAIL_FIRST") == "1"
 TRAIN_SECONDS = float(os.environ.get("CARD_FLOW_TRAIN_SECONDS", "0"))
 
 if os.environ.get("CARD_FLOW_TIME_FINISH") == "1":
-    from metaflow_extensions.asynccheckpoint.plugins import card as _card
+    from metaflow_extensions.asynccheckpoint.plugins.card import checkpoint_card as _card
 
     _finish = _card.CheckpointCard.finish
 

@@ -6,14 +6,14 @@ or when ``python flow.py checkpoint ...`` runs.
 """
 
 STEP_DECORATORS_DESC = [
-    ("checkpoint", ".checkpoint_decorator.CheckpointDecorator"),
-    ("model", ".model_decorator.ModelDecorator"),
+    ("checkpoint", ".checkpoint.decorator.CheckpointDecorator"),
+    ("model", ".model.decorator.ModelDecorator"),
 ]
 
 # `python flow.py checkpoint list|show|download|verify|prune`, next to Metaflow's own
 # `card`, `logs` and `tag`: the flow's datastore options and namespace apply to it.
 CLIS_DESC = [
-    ("checkpoint", ".checkpoint_cli.cli"),
+    ("checkpoint", ".cli.checkpoint_cli.cli"),
 ]
 
 __mf_promote_submodules__: list[str] = []

@@ -24,7 +24,7 @@ def load_model(reference: Any, path: str | os.PathLike[str], *,
     them). Files are verified and copied, never linked. A reference saved under another
     datastore root loads only from the root passed as ``datastore_root``.
     """
-    from .exceptions import CheckpointReferenceError
+    from ..shared.exceptions import CheckpointReferenceError
 
     if reference is None:
         raise CheckpointReferenceError("load_model() needs a reference: what "
@@ -38,7 +38,7 @@ def load_model(reference: Any, path: str | os.PathLike[str], *,
         here = getattr(current, face, None)
         if here is not None:
             return str(here.load(reference, dest, datastore_root=datastore_root))
-    from .checkpoint_api import _reader
+    from ..checkpoint.api import _reader
 
     reader = _reader()
     catalog, entry = reader.resolve(reference, datastore_root=datastore_root)

@@ -17,9 +17,9 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .current_checkpoint import CurrentCheckpoint
-from .exceptions import CheckpointException, CheckpointReferenceError
-from .reference import CheckpointReference
+from ..checkpoint.current import CurrentCheckpoint
+from ..shared.exceptions import CheckpointException, CheckpointReferenceError
+from ..shared.reference import CheckpointReference
 
 STORAGE_FORMATS = ("tar", "files")
 

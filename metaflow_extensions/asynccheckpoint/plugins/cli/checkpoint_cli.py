@@ -95,7 +95,7 @@ _WHICH_HELP = (
               help="Where to write the card's HTML.")
 @click.pass_obj
 def card(obj: Any, pathspec: str, attempt: int | None, path: str | None) -> None:
-    from .card_view import card_html
+    from ..card.view import card_html
 
     html, attempt, task = card_html(obj.flow.name, pathspec, attempt)
     if path is None:

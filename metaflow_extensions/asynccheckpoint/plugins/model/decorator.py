@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .exceptions import CheckpointConfigException
-from .lifecycle import DrainingDecorator
+from ..shared.exceptions import CheckpointConfigException
+from ..shared.lifecycle import DrainingDecorator
 
 
 def _from_command_line(value: Any) -> Any:
@@ -79,7 +79,7 @@ class ModelDecorator(DrainingDecorator):
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore,
                   logger):  # type: ignore[no-untyped-def]
-        from .storage import SUPPORTED_DATASTORES, engine_settings
+        from ..shared.storage import SUPPORTED_DATASTORES, engine_settings
 
         where = f"@model on step '{step_name}'"
         self._where = where
@@ -100,8 +100,8 @@ class ModelDecorator(DrainingDecorator):
                 f"{' or '.join(SUPPORTED_DATASTORES)}.")
         self._settings = engine_settings()
         self._flow_datastore = flow_datastore
-        from .card import attach
-        from .model_card import CARD_ID
+        from ..card.checkpoint_card import attach
+        from .card import CARD_ID
 
         attach(decorators, card_id=CARD_ID)
         self._current: Any = None
@@ -117,10 +117,10 @@ class ModelDecorator(DrainingDecorator):
 
         from uploader import MODELS_PREFIX, Scope
 
-        from .checkpoint_decorator import _foreach_tokens
-        from .current_checkpoint import CurrentCheckpoint, TaskIdentity
-        from .current_model import CurrentModel, _log
-        from .model_card import ModelCard, models_markdown
+        from ..checkpoint.current import CurrentCheckpoint, TaskIdentity
+        from ..checkpoint.decorator import _foreach_tokens
+        from .card import ModelCard, models_markdown
+        from .current import CurrentModel, _log
 
         started = time.time()
         namespace = current.namespace or f"user:{current.username}"

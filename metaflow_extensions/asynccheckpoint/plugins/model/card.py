@@ -12,7 +12,7 @@ from typing import Any
 
 from uploader import CheckpointHandle
 
-from .card import NBSP, _md, _size, save_rows
+from ..card.checkpoint_card import NBSP, _md, _size, save_rows
 
 CARD_ID = "model"
 

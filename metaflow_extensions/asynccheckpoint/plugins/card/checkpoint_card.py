@@ -30,9 +30,9 @@ from typing import Any
 
 from uploader import CheckpointHandle, CheckpointState
 
-from .report import duration_text as _duration
-from .report import rate_text as _rate
-from .report import size_text as _size
+from ..shared.report import duration_text as _duration
+from ..shared.report import rate_text as _rate
+from ..shared.report import size_text as _size
 
 CARD_ID = "checkpoint"
 REFRESH_INTERVAL = 5.0  # seconds; Metaflow's default for realtime cards

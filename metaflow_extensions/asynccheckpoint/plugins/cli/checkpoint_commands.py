@@ -35,8 +35,8 @@ from uploader.retention import (
     plan_prune,
 )
 
+from ..shared.exceptions import CheckpointConfigException, CheckpointException
 from .checkpoint_finder import CheckpointNotFoundException, Session, Target
-from .exceptions import CheckpointConfigException, CheckpointException
 
 __all__ = ["download", "list_checkpoints", "prune", "show", "verify"]
 

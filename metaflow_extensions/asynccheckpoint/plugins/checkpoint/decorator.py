@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .exceptions import CheckpointConfigException
-from .lifecycle import DrainingDecorator
+from ..shared.exceptions import CheckpointConfigException
+from ..shared.lifecycle import DrainingDecorator
 
 LOAD_POLICIES = ("fresh", "eager", "none")
 
@@ -42,7 +42,7 @@ def _foreach_tokens(flow: Any) -> tuple[str, ...]:
         except (AttributeError, TypeError, IndexError):
             token, by_index = f"i{index}", True
         if by_index:
-            from .current_checkpoint import _log
+            from .current import _log
 
             _log(f"note: the value of foreach branch {index} over '{frame.var}' has no stable "
                  "fingerprint (only JSON-like values do), so its checkpoints are matched to "
@@ -98,8 +98,8 @@ def _gang(flow: Any, ubf_context: Any, task_id: str) -> Any:
 
 
 def _legacy_identifier(flow: Any, step_name: str) -> str | None:
-    """The task identifier ``metaflow-checkpoint`` gives this task (see :mod:`.legacy`)."""
-    from .legacy import task_identifier
+    """The task identifier ``metaflow-checkpoint`` gives this task (see :mod:`..shared.legacy`)."""
+    from ..shared.legacy import task_identifier
 
     if getattr(flow, "index", None) is None:
         return task_identifier(step_name, None)
@@ -155,7 +155,7 @@ class CheckpointDecorator(DrainingDecorator):
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore,
                   logger):  # type: ignore[no-untyped-def]
-        from .storage import SUPPORTED_DATASTORES, engine_settings, retention_settings
+        from ..shared.storage import SUPPORTED_DATASTORES, engine_settings, retention_settings
 
         where = f"@checkpoint on step '{step_name}'"
         policy = self.attributes["load_policy"]
@@ -172,7 +172,7 @@ class CheckpointDecorator(DrainingDecorator):
                 f"{where}: show_card={show_card!r} must be True or False.")
         self._card_interval: float | None = None
         if show_card:
-            from .card import attach
+            from ..card.checkpoint_card import attach
 
             self._card_interval = attach(decorators)
         self._card: Any = None
@@ -197,7 +197,7 @@ class CheckpointDecorator(DrainingDecorator):
 
         from uploader import Scope
 
-        from .current_checkpoint import CurrentCheckpoint, TaskIdentity, _log
+        from .current import CurrentCheckpoint, TaskIdentity, _log
 
         namespace = current.namespace or f"user:{current.username}"
         scope = Scope(flow.name, _scope_namespace(namespace, _log), step_name,
@@ -226,12 +226,12 @@ class CheckpointDecorator(DrainingDecorator):
         # Processes the step starts (torchrun workers, subprocesses) save for this task.
         import os
 
-        from .checkpoint_api import ENV_TASK
+        from .api import ENV_TASK
 
         self._previous_env = os.environ.get(ENV_TASK)
         os.environ[ENV_TASK] = self._current.environment()
         if self._card_interval is not None:
-            from .card import CheckpointCard
+            from ..card.checkpoint_card import CheckpointCard
 
             self._card = CheckpointCard(
                 handles=self._current._handles, started_at=started,
@@ -243,7 +243,7 @@ class CheckpointDecorator(DrainingDecorator):
     def _released(self) -> None:
         import os
 
-        from .checkpoint_api import ENV_TASK
+        from .api import ENV_TASK
 
         if getattr(self, "_previous_env", None) is None:
             os.environ.pop(ENV_TASK, None)

@@ -35,12 +35,16 @@ from uploader.gang import GANG_FIELD, GangMember, GangPart, Resume, decision_key
 from uploader.manifest import PLACEHOLDER, freeze_metadata
 from uploader.sequence import SaveSequence
 
-from .exceptions import CheckpointException, CheckpointPathNotFound, CheckpointUploadException
-from .logs import is_debug, say
-from .reader import Reader
-from .reference import CheckpointReference, local_now, reference_fields
-from .report import InSaveOrder, commit_line, drain_line
-from .storage import backend_factory
+from ..shared.exceptions import (
+    CheckpointException,
+    CheckpointPathNotFound,
+    CheckpointUploadException,
+)
+from ..shared.logs import is_debug, say
+from ..shared.reader import Reader
+from ..shared.reference import CheckpointReference, local_now, reference_fields
+from ..shared.report import InSaveOrder, commit_line, drain_line
+from ..shared.storage import backend_factory
 
 DEFAULT_NAME = "mfchckpt"
 
@@ -158,7 +162,7 @@ class CurrentCheckpoint:
     @classmethod
     def from_environment(cls, spec: str) -> CurrentCheckpoint:
         """The checkpoint API of a task, in a process that task started."""
-        from .storage import engine_settings
+        from ..shared.storage import engine_settings
 
         try:
             d = json.loads(spec)
@@ -574,7 +578,7 @@ class CurrentCheckpoint:
         return own + self._inherited_protect
 
     def _load_legacy_on_start(self, policy: str, identifier: str | None) -> None:
-        from . import legacy
+        from ..shared import legacy
 
         i, engine = self._identity, self._engine
         candidates: list[tuple[str, Callable[[], legacy.LegacyEntry | None]]] = [
@@ -697,7 +701,7 @@ class CurrentCheckpoint:
 
     def _gang_card(self) -> str:
         """The card's table of this attempt's gang checkpoints, each rank's part's state."""
-        from .card import gang_markdown
+        from ..card.checkpoint_card import gang_markdown
 
         i, member = self._identity, self._identity.gang
         assert member is not None

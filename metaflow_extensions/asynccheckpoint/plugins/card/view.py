@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from .exceptions import CheckpointException
+from ..shared.exceptions import CheckpointException
 
 CARD_ID = "checkpoint"
 _DATA = re.compile(r'window\.__MF_DATA__\["[^"]+"\] = "([A-Za-z0-9+/=]+)"')

@@ -43,7 +43,7 @@ def _writer() -> Any:
         return None
     with _lock:
         if _subprocess_writer is None:
-            from .current_checkpoint import CurrentCheckpoint
+            from .current import CurrentCheckpoint
 
             _subprocess_writer = CurrentCheckpoint.from_environment(spec)
             atexit.register(_drain_subprocess_writer)
@@ -64,9 +64,9 @@ def _reader() -> Any:
     global _notebook_reader
     with _lock:
         if _notebook_reader is None:
-            from .current_checkpoint import _log
-            from .reader import Reader
-            from .storage import engine_settings
+            from ..shared.reader import Reader
+            from ..shared.storage import engine_settings
+            from .current import _log
 
             _notebook_reader = Reader(settings=engine_settings(), log=_log)
         return _notebook_reader
@@ -133,7 +133,7 @@ class Checkpoint:
         upload runs behind. ``wait=True`` returns once it is durable. Works inside a
         task using ``@checkpoint`` and in processes it started; raises elsewhere.
         """
-        from .exceptions import CheckpointException
+        from ..shared.exceptions import CheckpointException
 
         path = self._path_or_directory(path, "save")
         writer = _writer()
@@ -152,7 +152,7 @@ class Checkpoint:
         """Checkpoints, newest first: of ``task`` (a pathspec or a ``metaflow.Task``; its
         latest attempt, ``attempt=N`` another, ``attempt="all"`` every one), else of the
         running task (its saves still in flight first). [] for a task that saved none."""
-        from .exceptions import CheckpointReferenceError
+        from ..shared.exceptions import CheckpointReferenceError
 
         if task is not None:
             writer = _writer()
@@ -189,7 +189,7 @@ class Checkpoint:
         return [] if writer is None else list(writer.wait(timeout))
 
     def _path_or_directory(self, path: str | os.PathLike[str] | None, what: str) -> str:
-        from .exceptions import CheckpointReferenceError
+        from ..shared.exceptions import CheckpointReferenceError
 
         if path is not None:
             return os.path.abspath(os.fspath(path))

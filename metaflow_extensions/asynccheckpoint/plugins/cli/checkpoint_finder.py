@@ -1,7 +1,7 @@
 """Finding the checkpoints a ``checkpoint`` command names, in the flow's datastore.
 
 A thin adapter over :class:`uploader.catalog.Catalog`, read through the engine
-:class:`.reader.Reader` builds for the flow's datastore (as ``current.checkpoint`` and
+:class:`..shared.reader.Reader` builds for the flow's datastore (as ``current.checkpoint`` and
 ``Checkpoint`` read); a flow's scopes, and data no manifest commits, come from
 :func:`uploader.inventory.take_inventory`. It turns what users type (a pathspec, a
 checkpoint id, a manifest key) into catalog entries, and entries into rows.
@@ -23,9 +23,9 @@ from uploader.gang import Gang
 from uploader.inventory import Inventory, Uncommitted, take_inventory
 from uploader.layout import ROOT_PREFIX, safe_component
 
-from .exceptions import CheckpointException
-from .reader import Reader
-from .storage import SUPPORTED_DATASTORES, engine_settings
+from ..shared.exceptions import CheckpointException
+from ..shared.reader import Reader
+from ..shared.storage import SUPPORTED_DATASTORES, engine_settings
 
 __all__ = ["CheckpointNotFoundException", "Session", "Target", "is_one_checkpoint"]
 

@@ -30,9 +30,9 @@ from metaflow_extensions.asynccheckpoint.plugins.shared.azure_storage import spl
 from metaflow_extensions.asynccheckpoint.plugins.shared.exceptions import CheckpointConfigException
 from uploader import Engine, RetentionPolicy, Scope
 from uploader.backends import TransferContext
-from uploader.backends.azure import UNCOMMITTED, AzureBackend, block_size_for
-from uploader.backends.azure_errors import is_transient
-from uploader.backends.s3_planes import ProcessPlane, ThreadPlane
+from uploader.backends.azure.backend import UNCOMMITTED, AzureBackend, block_size_for
+from uploader.backends.azure.errors import is_transient
+from uploader.backends.plane.planes import ProcessPlane, ThreadPlane
 from uploader.catalog import Catalog
 from uploader.config import MiB, Settings, UploaderMode
 from uploader.errors import StorageAccessError, UploadError

@@ -28,9 +28,9 @@ from workerkit import alive
 
 from uploader.backends import TransferContext
 from uploader.backends.azure import AzureBackend
-from uploader.backends.azure_dataplane import _portable
-from uploader.backends.azure_errors import is_transient
-from uploader.backends.s3_planes import ProcessPlane
+from uploader.backends.azure.dataplane import _portable
+from uploader.backends.azure.errors import is_transient
+from uploader.backends.plane.planes import ProcessPlane
 from uploader.config import MiB, Settings, UploaderMode
 from uploader.retry import RetryPolicy
 

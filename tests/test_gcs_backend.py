@@ -160,7 +160,7 @@ async def test_resumable_chunks_are_whole_multiples_of_256_kib(store: Any, tmp_p
 
 @given(configured=st.integers(1, 5 * 1024 * MiB))
 def test_chunk_size_is_a_multiple_of_256_kib(configured: int) -> None:
-    from uploader.backends.gcs import QUANTUM, chunk_size_for
+    from uploader.backends.gcs.backend import QUANTUM, chunk_size_for
 
     step = chunk_size_for(configured)
     assert step % QUANTUM == 0 and step >= QUANTUM
@@ -253,7 +253,7 @@ def _response_error(status: int) -> aiohttp.ClientResponseError:
     (FileNotFoundError("gone"), False),
 ])
 def test_is_transient(exc: BaseException, transient: bool) -> None:
-    from uploader.backends.gcs_errors import is_transient
+    from uploader.backends.gcs.errors import is_transient
 
     assert is_transient(exc) is transient
 

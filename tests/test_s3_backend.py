@@ -38,9 +38,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from s3server import S3Server, running_s3_server
 
-import uploader.backends.s3_dataplane as dataplane_mod
+import uploader.backends.s3.dataplane as dataplane_mod
 from uploader.backends import S3Backend, TransferContext
-from uploader.backends.s3 import MAX_PARTS, is_transient, part_size_for
+from uploader.backends.s3.backend import MAX_PARTS, is_transient, part_size_for
 from uploader.config import GiB, MiB, Settings, UploaderMode
 from uploader.engine import Engine, SaveRequest
 from uploader.errors import StorageAccessError, UploadError
@@ -617,7 +617,7 @@ class RawServer:
 
 
 def test_blocking_sender_sends_head_and_body_as_signed() -> None:
-    from uploader.backends.s3_sender import BlockingSender
+    from uploader.backends.s3.sender import BlockingSender
 
     ok = b"HTTP/1.1 200 OK\r\nETag: \"abc\"\r\nContent-Length: 2\r\n\r\nok"
     srv = RawServer([ok, ok, ok], close_after=2)
@@ -790,7 +790,7 @@ async def test_a_part_is_one_buffer_never_copied(s3: S3Server, tmp_path: Any) ->
 
 
 def test_part_buffers_are_reused_while_busy_and_dropped_when_idle(tmp_path: Any) -> None:
-    from uploader.backends.s3_parts import BufferPool, read_part
+    from uploader.backends.plane.parts import BufferPool, read_part
 
     data = os.urandom(3000)
     (tmp_path / "f").write_bytes(data)

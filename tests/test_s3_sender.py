@@ -34,7 +34,7 @@ from s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, running_s3_server
 from metaflow_extensions.asynccheckpoint.plugins.shared.exceptions import CheckpointConfigException
 from metaflow_extensions.asynccheckpoint.plugins.shared.s3_storage import s3_backend_factory
 from uploader.backends import S3Backend, TransferContext
-from uploader.backends.s3_sender import BlockingSender, SignedGets
+from uploader.backends.s3.sender import BlockingSender, SignedGets
 from uploader.config import MiB, Settings, UploaderMode
 from uploader.engine import Engine, SaveRequest
 from uploader.errors import StorageAccessError, UploadError

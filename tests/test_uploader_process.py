@@ -25,7 +25,8 @@ from s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, running_s3_server
 from workerkit import descriptors, gone_within
 
 from uploader.backends import S3Backend, TransferContext
-from uploader.backends.s3_planes import ProcessPlane, WorkerGone
+from uploader.backends.plane.jobs import WorkerGone
+from uploader.backends.plane.planes import ProcessPlane
 from uploader.config import GiB, MiB, Settings, UploaderMode, parse_settings
 from uploader.engine import Engine, SaveRequest
 from uploader.errors import ConfigError, UploadError
@@ -57,7 +58,7 @@ def test_worker_deadline_settings() -> None:
 
 
 def test_deadline_grows_with_the_request_and_defaults_to_the_client_timeouts() -> None:
-    from uploader.backends.s3_dataplane import ClientSpec
+    from uploader.backends.s3.dataplane import ClientSpec
 
     spec = ClientSpec(endpoint_url=None, region=None, verify=True, s3_options={},
                       connect_timeout=10, read_timeout=120)
@@ -119,7 +120,7 @@ async def test_worker_is_a_fresh_interpreter_that_holds_none_of_the_tasks_descri
         with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
         assert argv[0] == sys.executable.encode()  # spawned: exec'd afresh, never a fork
-        assert argv[1:3] == [b"-m", b"uploader.backends.s3_worker"]
+        assert argv[1:3] == [b"-m", b"uploader.backends.plane.worker"]
         # Neither this process's stdout nor its stderr: a task that dies must close them.
         ours = {os.readlink(f"/proc/self/fd/{fd}") for fd in (1, 2)}
         assert not ours & descriptors(proc.pid)

@@ -24,7 +24,7 @@ from treekit import read_tree
 from workerkit import alive, gone_within, workers_of
 
 from uploader.backends import S3Backend, TransferContext
-from uploader.backends.s3_planes import MAX_DEATHS, ProcessPlane
+from uploader.backends.plane.planes import MAX_DEATHS, ProcessPlane
 from uploader.config import GiB, MiB, Settings, UploaderMode
 from uploader.engine import Engine, SaveRequest
 from uploader.handle import CheckpointState

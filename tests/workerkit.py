@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-WORKER_MODULE = b"uploader.backends.s3_worker"
+WORKER_MODULE = b"uploader.backends.plane.worker"
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:

@@ -7,19 +7,19 @@ own, so a failed part re-sends that part only and the two layers never multiply.
 
 Memory and file descriptors are bounded by the shared limiter: a part's buffer exists,
 and its file is open, only while its request holds a limiter slot, and the slot is taken
-*before* the part is read. Each request goes to a data plane (:mod:`.s3_dataplane`, in
-worker threads or a worker process, :mod:`.s3_planes`, as ``Settings.uploader`` says),
+*before* the part is read. Each request goes to a data plane (:mod:`.dataplane`, in
+worker threads or a worker process, :mod:`..plane.planes`, as ``Settings.uploader`` says),
 which reads the part once, feeds the file's running SHA-256 in part order, computes the
 part's CRC32 and sends it as ``ChecksumCRC32`` (S3 verifies it, so the body itself is not
 signed: ``UNSIGNED-PAYLOAD``), and writes the body with one system call
-(:mod:`.s3_sender`). This event loop coordinates: what to send, retries, aborts, commits.
+(:mod:`.sender`). This event loop coordinates: what to send, retries, aborts, commits.
 
 Small reads (manifests) and ranged downloads are signed here and received by worker
-threads (:class:`.s3_sender.SignedGets`), a range straight into the file's pages, hashed
+threads (:class:`.sender.SignedGets`), a range straight into the file's pages, hashed
 in range order; anything but a success goes through botocore, which retries and explains.
 
 The sender connects as the client would (its CA bundle, client certificate, timeouts), read
-from the client once it exists (:mod:`.s3_transport`); where it cannot (a proxy), every
+from the client once it exists (:mod:`.transport`); where it cannot (a proxy), every
 request goes through botocore's own HTTP stack.
 """
 
@@ -44,12 +44,15 @@ from botocore.exceptions import (
     NoCredentialsError,
 )
 
-from ..config import MIN_PART_SIZE, MiB, UploaderMode
-from ..errors import CheckpointError, StorageAccessError, UploadError, first_error
-from .base import StoredObject, TransferContext, Upload, stored
-from .s3_checksums import check_stored, composite_checksum
-from .s3_dataplane import ClientSpec, Creds, Outcome, PartJob
-from .s3_errors import (
+from ...config import MIN_PART_SIZE, MiB, UploaderMode
+from ...errors import CheckpointError, StorageAccessError, UploadError, first_error
+from ..base import StoredObject, TransferContext, Upload, stored
+from ..plane.jobs import Outcome
+from ..plane.parts import InOrderDigest, checksum_of
+from ..plane.planes import Plane, ProcessPlane, ThreadPlane
+from .checksums import check_stored, composite_checksum
+from .dataplane import ClientSpec, Creds, PartJob
+from .errors import (
     NOT_FOUND,
     TRANSIENT_CODES,
     error_code,
@@ -57,10 +60,8 @@ from .s3_errors import (
     is_storage_error,
     is_transient,
 )
-from .s3_parts import InOrderDigest, checksum_of
-from .s3_planes import Plane, ProcessPlane, ThreadPlane
-from .s3_sender import BlockingSender, SignedGets
-from .s3_transport import tls_context, transport_of
+from .sender import BlockingSender, SignedGets
+from .transport import tls_context, transport_of
 
 __all__ = ["S3Backend", "is_transient", "part_size_for"]
 

@@ -15,7 +15,7 @@ import hashlib
 import os
 import threading
 
-from .s3_parts import BufferPool
+from ..plane.parts import BufferPool
 
 __all__ = ["Block", "FileHashes", "b64md5", "md5_of_file", "read_block", "read_whole"]
 

@@ -15,8 +15,8 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from ..errors import CheckpointError, StorageAccessError, UploadError
-from .s3_errors import WorkerGone  # the upload worker process is shared with S3
+from ...errors import CheckpointError, StorageAccessError, UploadError
+from ..plane.jobs import WorkerGone  # the upload worker process is shared with S3
 
 __all__ = ["NOT_FOUND", "error_code", "explain", "is_storage_error", "is_transient"]
 

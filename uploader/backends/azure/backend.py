@@ -14,8 +14,8 @@ buffer exists, and its file is open, only while its request holds a limiter slot
 before the block is read.
 
 Each Put Block, and the one Put Blob of a file below the threshold, goes to a data plane
-(:mod:`.azure_dataplane`), in the upload worker process or in worker threads as
-``Settings.uploader`` says (:mod:`.s3_planes`, shared with S3), which reads the bytes,
+(:mod:`.dataplane`), in the upload worker process or in worker threads as
+``Settings.uploader`` says (:mod:`..plane.planes`, shared with S3), which reads the bytes,
 hashes them and sends them with the SDK's synchronous client, so that they stay off the
 training loop's GIL. This event loop coordinates: which blocks, retries, the commit, the
 clean-up. Everything else (manifests, the commit, listings, loads) goes through the
@@ -47,14 +47,14 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.storage.blob import BlobBlock, ContentSettings
 from azure.storage.blob.aio import ContainerClient
 
-from ..config import MiB, UploaderMode
-from ..errors import CheckpointError, UploadError, first_error
-from .azure_blocks import FileHashes, b64md5, md5_of_file
-from .azure_dataplane import AzureSpec, BlockJob, portable_credential, split_digests
-from .azure_errors import NOT_FOUND, error_code, explain, is_storage_error, is_transient
-from .base import StoredObject, TransferContext, Upload, stored
-from .s3_dataplane import Outcome
-from .s3_planes import Plane, ProcessPlane, ThreadPlane
+from ...config import MiB, UploaderMode
+from ...errors import CheckpointError, UploadError, first_error
+from ..base import StoredObject, TransferContext, Upload, stored
+from ..plane.jobs import Outcome
+from ..plane.planes import Plane, ProcessPlane, ThreadPlane
+from .blocks import FileHashes, b64md5, md5_of_file
+from .dataplane import AzureSpec, BlockJob, portable_credential, split_digests
+from .errors import NOT_FOUND, error_code, explain, is_storage_error, is_transient
 
 __all__ = ["AzureBackend", "block_size_for"]
 
@@ -138,7 +138,7 @@ class AzureBackend:
     A synchronous token credential (what Metaflow's Azure client providers make) is asked
     from a worker thread. A key or a SAS is handed to the data plane once; a token
     credential does not pickle, so the data plane gets a bearer token from it with each
-    block instead (:mod:`.azure_dataplane`).
+    block instead (:mod:`.dataplane`).
     ``verify``: True, False, or the path of a CA bundle for the endpoint's certificate.
     """
 

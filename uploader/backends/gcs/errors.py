@@ -12,7 +12,7 @@ import ssl
 
 import aiohttp
 
-from ..errors import CheckpointError, StorageAccessError, UploadError
+from ...errors import CheckpointError, StorageAccessError, UploadError
 
 __all__ = ["CREDENTIALS_ADVICE", "Mismatch", "SessionLost", "explain", "is_storage_error",
            "is_transient", "status_of"]

@@ -45,11 +45,12 @@ import aiohttp
 import anyio
 import anyio.to_thread
 
-from ..errors import CheckpointError, first_error
-from .base import StoredObject, TransferContext, Upload, stored
-from .gcs_auth import CredentialsToken
-from .gcs_checksums import Crc32c, crc32c_of, crc32c_of_file, read_chunk
-from .gcs_errors import (
+from ...errors import CheckpointError, first_error
+from ..base import StoredObject, TransferContext, Upload, stored
+from ..plane.parts import InOrderDigest
+from .auth import CredentialsToken
+from .checksums import Crc32c, crc32c_of, crc32c_of_file, read_chunk
+from .errors import (
     Mismatch,
     SessionLost,
     explain,
@@ -57,7 +58,6 @@ from .gcs_errors import (
     is_transient,
     status_of,
 )
-from .s3_parts import InOrderDigest
 
 __all__ = ["GCSBackend", "chunk_size_for"]
 

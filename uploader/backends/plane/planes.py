@@ -1,13 +1,13 @@
 """Where the data plane runs: worker threads of this process, or a worker process.
 
 The coordinator (the S3 or Azure backend, on the engine's event loop) hands each request to a
-*plane* and awaits its :class:`~.s3_dataplane.Outcome`:
+*plane* and awaits its :class:`~.jobs.Outcome`:
 
-- :class:`ThreadPlane` runs :class:`~.s3_dataplane.DataPlane` (or for Azure,
-  :class:`~.azure_dataplane.AzureDataPlane`: the spec says which) in worker threads of the
+- :class:`ThreadPlane` runs :class:`~..s3.dataplane.DataPlane` (or for Azure,
+  :class:`~..azure.dataplane.AzureDataPlane`: the spec says which) in worker threads of the
   task's process. Each part costs the GIL a handful of times (a thread hop, the read, two
   hashes, the send, the reply).
-- :class:`ProcessPlane` runs it in a spawned worker process (:mod:`.s3_worker`). The
+- :class:`ProcessPlane` runs it in a spawned worker process (:mod:`.worker`). The
   task's process then spends one pipe write and one read per request, and the bytes never
   cross its GIL.
 
@@ -18,7 +18,7 @@ process keeps that off the task's GIL as it does for uploads.
 Either way retries, aborts and the commit stay with the coordinator. The worker process is
 not a single point of failure: one that exits or is killed (the out-of-memory killer) is
 reaped and replaced, and the requests it held fail with the transient
-:class:`~.s3_errors.WorkerGone`, so the coordinator retries them under its retry policy. One
+:class:`~.jobs.WorkerGone`, so the coordinator retries them under its retry policy. One
 that leaves a request unanswered past a deadline (stopped, stuck in I/O) is killed and
 replaced the same way, so the limiter slots its requests hold are given back. After
 :data:`MAX_DEATHS` deaths in a task the rest of the task's uploads run in threads.
@@ -26,7 +26,7 @@ replaced the same way, so the limiter slots its requests hold are given back. Af
 A multipart file's running SHA-256 lives in the plane that reads its parts. When that
 plane is a worker process that died, the file's later parts are sent without it and the
 file is hashed again at the end, from disk, each part checked against the CRC32 it was
-uploaded with (:func:`~.s3_parts.digest_of_parts`), so the digest is still that of the
+uploaded with (:func:`~.parts.digest_of_parts`), so the digest is still that of the
 bytes stored.
 """
 
@@ -44,12 +44,10 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 
-from ..config import MiB
-from ..incremental import sha256_file
-from .s3_dataplane import Job, Outcome, Spec
-from .s3_errors import WorkerGone
-from .s3_sender import Cancelled
-from .s3_worker import WorkerProcess
+from ...config import MiB
+from ...incremental import sha256_file
+from .jobs import Cancelled, Job, Outcome, Spec, WorkerGone
+from .worker import WorkerProcess
 
 __all__ = ["MAX_DEATHS", "Plane", "ProcessPlane", "ThreadPlane", "WorkerGone"]
 

@@ -4,11 +4,11 @@ One :meth:`AzureDataPlane.run` call does the whole per-byte path of a Put Block 
 calling (worker) thread: read the block once into a pooled buffer, take its MD5 (sent as
 ``Content-MD5``, which the service checks), feed it in block order to the file's running
 SHA-256 (what the manifest records) and MD5 (the blob's own Content-MD5, set at the
-commit), and send it through the SDK's synchronous client (:mod:`.azure_sender`). A file
+commit), and send it through the SDK's synchronous client (:mod:`.sender`). A file
 below the block threshold is one job too: one Put Blob, with the file's digests.
 
-It runs where the S3 data plane runs (:mod:`.s3_planes`): in worker threads of the
-task's process, or in the spawned upload worker process (:mod:`.s3_worker`), so that a
+It runs where the S3 data plane runs (:mod:`..plane.planes`): in worker threads of the
+task's process, or in the spawned upload worker process (:mod:`..plane.worker`), so that a
 block's bytes never cross the training loop's GIL. The coordinator (the Azure backend, on
 the engine's event loop) keeps what is not per byte: which blocks to send, retries (a
 retry reads the block again and must find the MD5 of the first read), the commit with
@@ -34,11 +34,10 @@ from typing import Any
 from azure.core.credentials import AccessToken, AzureNamedKeyCredential, AzureSasCredential
 from azure.core.exceptions import AzureError, HttpResponseError
 
-from .azure_blocks import Block, FileHashes, b64md5, read_block, read_whole
-from .azure_sender import BlockSender
-from .s3_dataplane import Outcome
-from .s3_parts import BufferPool
-from .s3_sender import Cancelled
+from ..plane.jobs import Cancelled, Outcome
+from ..plane.parts import BufferPool
+from .blocks import Block, FileHashes, b64md5, read_block, read_whole
+from .sender import BlockSender
 
 __all__ = ["AzureDataPlane", "AzureSpec", "BlockJob", "digest_of_blocks", "join_digests",
            "portable_credential", "split_digests"]

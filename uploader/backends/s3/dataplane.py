@@ -4,19 +4,19 @@ One :meth:`DataPlane.run` call does the whole per-byte path of a request in the 
 (worker) thread: open the file, read the part once into its own buffer, feed it to the
 file's running SHA-256 (in part order) and to the part's own CRC32, sign the request
 with the part's checksum (the body itself is ``UNSIGNED-PAYLOAD``: S3 verifies the
-checksum) and send it with one system call (:mod:`.s3_sender`). No event loop is
+checksum) and send it with one system call (:mod:`.sender`). No event loop is
 involved, so the thread needs the GIL only a few times per part; that is what lets an
 upload keep its speed while a training loop holds the GIL.
 
 The same object runs in a thread pool of the task's own process or in a spawned worker
-process (:mod:`.s3_worker`); either way the event-loop thread stays the coordinator: it
+process (:mod:`..plane.worker`); either way the event-loop thread stays the coordinator: it
 decides what to send, retries failed requests (a retry sends the same part again, and the
 re-read bytes must have the checksum of the first read) and owns the commit protocol.
 Everything crossing to a worker process is a plain picklable value.
 
 The planes and the worker process run any data plane that keeps the same shape
-(:class:`Spec`, :class:`Job`, :class:`Runner`): the Azure one is
-:mod:`.azure_dataplane`. A spec says which data plane it makes.
+(:mod:`..plane.jobs`: a spec, its jobs, a runner): the Azure one is
+:mod:`..azure.dataplane`. A spec says which data plane it makes.
 """
 
 from __future__ import annotations
@@ -24,74 +24,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .s3_parts import BufferPool, PartBody, digest_of_parts, read_part
-from .s3_sender import BlockingSender, Cancelled, sync_hook
-from .s3_transport import ClientCert
+from ..plane.jobs import Cancelled, Outcome, Spans
+from ..plane.parts import BufferPool, PartBody, digest_of_parts, read_part
+from .sender import BlockingSender, sync_hook
+from .transport import ClientCert
 
-__all__ = ["ClientSpec", "Creds", "DataPlane", "Job", "Outcome", "PartJob", "Runner", "Spec"]
-
-Spans = Sequence[tuple[int, int, str]]  # (offset, length, checksum) of each part sent
-
-
-class Runner(Protocol):
-    """A data plane: runs jobs, keeps files' running digests (thread-safe)."""
-
-    def run(self, job: Any) -> Outcome: ...
-
-    def file_digest(self, file_id: int) -> str: ...
-
-    def drop_file(self, file_id: int) -> None: ...
-
-    def cancel(self, job_id: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class Spec(Protocol):
-    """How a data plane reaches its store (picklable): it makes the data plane."""
-
-    @property
-    def connect_timeout(self) -> float: ...
-
-    @property
-    def read_timeout(self) -> float: ...
-
-    def plane(self) -> Runner: ...
-
-    def digest_again(self, path: str, parts: Spans) -> str:
-        """A file's digest (as ``Runner.file_digest`` gives it), read again from disk,
-        each part checked against the checksum it was sent with."""
-        ...
-
-
-class Job(Protocol):
-    """One request of a data plane (a frozen dataclass)."""
-
-    @property
-    def job_id(self) -> int: ...
-
-    @property
-    def length(self) -> int: ...
-
-    @property
-    def file_id(self) -> int: ...
-
-    @property
-    def first_in_file(self) -> bool:
-        """Whether this attempt feeds its file's running digest in the plane running it."""
-        ...
+__all__ = ["ClientSpec", "Creds", "DataPlane", "PartJob"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ClientSpec:
     """How to reach the store; the same for every request of a backend. ``verify`` and
-    ``client_cert`` are what the backend's client resolved (:mod:`.s3_transport`)."""
+    ``client_cert`` are what the backend's client resolved (:mod:`.transport`)."""
 
     endpoint_url: str | None
     region: str | None
@@ -140,17 +89,6 @@ class PartJob:
     @property
     def first_in_file(self) -> bool:
         return bool(self.file_id) and self.upload_id is not None and self.expect is None
-
-
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """What a request came to. ``checksum`` is set once the part was read, even when the
-    send failed, so the coordinator can hold a retry to the same bytes."""
-
-    etag: str | None = None
-    checksum: str | None = None
-    digest: str | None = None  # the whole file's SHA-256, for a PutObject of a file
-    error: BaseException | None = None
 
 
 class _File:

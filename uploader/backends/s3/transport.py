@@ -1,6 +1,6 @@
 """How the backend's botocore client reaches the store, as botocore itself resolved it.
 
-The blocking sender (:mod:`.s3_sender`) carries some requests below a botocore client, so
+The blocking sender (:mod:`.sender`) carries some requests below a botocore client, so
 it must connect exactly as that client would, or not at all. botocore settles this when it
 creates the client: the certificate authorities (``verify=``, else ``AWS_CA_BUNDLE`` or
 ``ca_bundle`` in the AWS config, else ``REQUESTS_CA_BUNDLE``, else certifi's bundle), the

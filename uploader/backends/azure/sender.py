@@ -6,7 +6,7 @@ the loop. Measured on the emulator (128 MiB in 16 MiB blocks, 16 in flight), tha
 1.7 times as long as the SDK's own threaded ``upload_blob`` and half a CPU-second more; the
 same Put Block requests made by the synchronous client, each in the worker thread that
 holds the block, took as long as ``upload_blob``, checksums included. So the data plane
-(:mod:`.azure_dataplane`, in the upload worker process or in threads) sends file bodies
+(:mod:`.dataplane`, in the upload worker process or in threads) sends file bodies
 here, a block or a whole small blob. One connection per request in flight: the pool is
 sized to the transfer concurrency.
 """
@@ -20,7 +20,7 @@ import requests
 from azure.core.pipeline.transport import RequestsTransport
 from azure.storage.blob import ContainerClient, ContentSettings
 
-from .azure_blocks import b64md5
+from .blocks import b64md5
 
 __all__ = ["BlockSender"]
 

@@ -11,15 +11,15 @@ socket: the kernel moves all of it while the GIL is free, and the Python around 
 The sender plugs in below a botocore client through its ``before-send`` event, so
 requests are still built, signed and parsed by botocore (its errors, its response
 parsing); only the bytes travel differently. Requests whose body is not a
-:class:`~uploader.backends.s3_parts.PartBody` go through botocore's own HTTP stack.
+:class:`~..plane.parts.PartBody` go through botocore's own HTTP stack.
 
 Plain sockets are blocking (no Python-level timeout, which would poll before every send
 and hand the GIL back and forth); ``SO_SNDTIMEO``/``SO_RCVTIMEO`` bound a stalled peer
-instead, and replies are read strictly (:mod:`.s3_reply`): a stall raises botocore's
+instead, and replies are read strictly (:mod:`.reply`): a stall raises botocore's
 ``ReadTimeoutError`` and a reply cut short ``ConnectionClosedError`` or
 ``IncompleteReadError``, never a partial success. TLS sockets keep a Python-level timeout:
 OpenSSL retries a receive that ``SO_RCVTIMEO`` interrupted, forever. TLS is set up the
-way the botocore client it serves would set it up (:mod:`.s3_transport`).
+way the botocore client it serves would set it up (:mod:`.transport`).
 """
 
 from __future__ import annotations
@@ -46,19 +46,16 @@ from botocore.exceptions import (
     SSLError,
 )
 
-from .s3_parts import PartBody
-from .s3_reply import open_reply
-from .s3_transport import ClientCert, tls_context
+from ..plane.jobs import Cancelled
+from ..plane.parts import PartBody
+from .reply import open_reply
+from .transport import ClientCert, tls_context
 
-__all__ = ["BlockingSender", "Cancelled", "sync_hook"]
+__all__ = ["BlockingSender", "sync_hook"]
 
 # Headers of one connection, or that the sender sets itself.
 _SKIP = frozenset({"expect", "connection", "host", "content-length", "transfer-encoding"})
 _MAX_IDLE = 64
-
-
-class Cancelled(Exception):
-    """Raised in a worker thread whose request the coordinator gave up on (cancelled)."""
 
 
 class _Raw:
@@ -220,7 +217,7 @@ class BlockingSender:
                 raise ConnectionClosedError(endpoint_url=url, error=e) from e
             except (TimeoutError, BlockingIOError) as e:
                 # A stalled peer: a TLS socket's timeout, or SO_SNDTIMEO/SO_RCVTIMEO (EAGAIN
-                # on a blocking socket: a send; a receive raises TimeoutError, s3_reply).
+                # on a blocking socket: a send; a receive raises TimeoutError, .reply).
                 raise ReadTimeoutError(endpoint_url=url, error=e) from e
             except http.client.IncompleteRead as e:  # a body shorter than announced
                 got = len(e.partial)

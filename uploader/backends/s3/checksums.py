@@ -7,7 +7,7 @@ by hand) spread to every later checkpoint. S3 keeps the checksum an object was u
 with and checked against, and returns it with ``ChecksumMode=ENABLED``:
 
 - a full-object SHA-256 is compared with the SHA-256 the manifest records, directly;
-- a CRC32 (what this package's uploads send, per part: see :mod:`.s3_parts`) is compared
+- a CRC32 (what this package's uploads send, per part: see :mod:`..plane.parts`) is compared
   with the one the backend stored there, remembered as it was sent, or else computed
   from a local copy of the bytes: whole, or per part (the first part's size, from a
   ``HeadObject`` of part 1, gives the layout) for a multipart object, whose checksum is
@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from .s3_parts import checksum_of
+from ..plane.parts import checksum_of
 
 __all__ = ["check_stored", "composite_checksum", "stored_crc32"]
 

@@ -2,10 +2,10 @@
 
 A worker is a fresh interpreter started with ``subprocess`` (never a fork of the task: no
 copy of the training state, of CUDA, or of locks held by other threads). It runs
-:class:`~.s3_dataplane.DataPlane` (or the data plane its spec makes: Azure's,
-:mod:`.azure_dataplane`) in a thread pool, reads requests from one pipe and
+:class:`~..s3.dataplane.DataPlane` (or the data plane its spec makes: Azure's,
+:mod:`..azure.dataplane`) in a thread pool, reads requests from one pipe and
 answers on another, in pickled frames. :class:`WorkerProcess` is the task's side of one
-such process, on the engine's event loop; :class:`~.s3_planes.ProcessPlane` replaces it
+such process, on the engine's event loop; :class:`~.planes.ProcessPlane` replaces it
 when it dies or stops answering.
 
 It dies with the task, however the task ends:
@@ -21,7 +21,7 @@ It dies with the task, however the task ends:
 
 It ignores SIGINT and SIGTERM, which the task handles (a drain needs the worker).
 
-    python -m uploader.backends.s3_worker IN_FD OUT_FD PARENT_PID   # by WorkerProcess only
+    python -m uploader.backends.plane.worker IN_FD OUT_FD PARENT_PID   # by WorkerProcess only
 """
 
 from __future__ import annotations
@@ -44,9 +44,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ..incremental import sha256_file
-from .s3_dataplane import Runner, Spec
-from .s3_errors import WorkerGone
+from ...incremental import sha256_file
+from .jobs import Runner, Spec, WorkerGone
 
 __all__ = ["WorkerGone", "WorkerProcess", "describe_exit"]
 
@@ -173,7 +172,7 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "uploader.backends.s3_worker", str(req_r), str(rep_w),
+                [sys.executable, "-m", "uploader.backends.plane.worker", str(req_r), str(rep_w),
                  str(os.getpid())],
                 pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, env=env, close_fds=True)

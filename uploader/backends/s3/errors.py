@@ -16,10 +16,11 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from ..errors import CheckpointError, StorageAccessError, UploadError
+from ...errors import CheckpointError, StorageAccessError, UploadError
+from ..plane.jobs import WorkerGone
 
-__all__ = ["NOT_FOUND", "TRANSIENT_CODES", "WorkerGone", "error_code", "explain",
-           "is_storage_error", "is_transient"]
+__all__ = ["NOT_FOUND", "TRANSIENT_CODES", "error_code", "explain", "is_storage_error",
+           "is_transient"]
 
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 TRANSIENT_CODES = frozenset({
@@ -30,12 +31,6 @@ NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
 _CREDENTIALS_ADVICE = ("check the AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                        "or AWS_PROFILE) and, for an S3-compatible server, "
                        "METAFLOW_S3_ENDPOINT_URL")
-
-
-class WorkerGone(RuntimeError):
-    """Raised by the upload worker process's planes (:mod:`.s3_worker`) for a request the
-    worker process was holding when it exited, was killed, or stopped answering. Transient:
-    the request is retried on a new worker process (or, after repeated deaths, in threads)."""
 
 
 def error_code(exc: ClientError) -> str:

@@ -30,6 +30,7 @@ def run_suite(tmp_path: Path, only: list[str]) -> dict[str, object]:
     return result
 
 
+@pytest.mark.slow
 def test_suite_quick_run_writes_a_table_with_baselines(tmp_path: Path) -> None:
     rows = run_suite(tmp_path, QUICK)["rows"]
     assert isinstance(rows, list)

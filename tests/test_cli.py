@@ -233,6 +233,13 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return _copy(request, tmp_path, "", FLOW)
 
 
+# For what the command line decides before it reads a store (usage errors, exit codes, which
+# checkpoint a form names): every store still, the cloud ones in the slow tier.
+EVERY_STORE_CLOUDS_SLOW = pytest.mark.parametrize("store", [
+    "local", "s3", pytest.param("azure", marks=[pytest.mark.azure, pytest.mark.slow]),
+    pytest.param("gs", marks=[pytest.mark.gcs, pytest.mark.slow])], indirect=True)
+
+
 @pytest.fixture(params=["local", "s3"])
 def shared(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     """Two runs of CliShareFlow: the second resumed from the first, and points at its
@@ -408,6 +415,7 @@ def test_verify_finds_a_corrupt_object_and_names_it(store: Store, tmp_path: Path
     assert not (dest / "weights.bin").exists()
 
 
+@EVERY_STORE_CLOUDS_SLOW
 def test_verify_reports_an_unsafe_manifest_and_goes_on(store: Store, tmp_path: Path) -> None:
     """A hand-edited manifest listing a path outside the checkpoint fails as one checkpoint,
     by the rule every load applies; the others are verified, and the exit is 1."""
@@ -447,6 +455,7 @@ def test_verify_reports_an_unsafe_manifest_and_goes_on(store: Store, tmp_path: P
 # -- exit codes ------------------------------------------------------------------------------
 
 
+@EVERY_STORE_CLOUDS_SLOW
 def test_exit_codes(store: Store) -> None:
     for args in (["list", "123456789"], ["list", f"{store.run_id}/no_such_step"],
                  ["show", "0000000000000001-9-a0-1.0-abcdef01"], ["verify", "123456789"],
@@ -462,6 +471,7 @@ def test_exit_codes(store: Store) -> None:
     assert "Exit codes" in out.stdout
 
 
+@EVERY_STORE_CLOUDS_SLOW
 def test_a_pathspec_of_another_flow_is_a_usage_error(store: Store) -> None:
     """A flow's name is a Python class name, compared case-sensitively; a run id is never
     read from one where the rest cannot be a run's (``myflow/123``: 123 is no step)."""
@@ -590,6 +600,7 @@ def test_prune_keep_best_and_usage_errors(store: Store) -> None:
 
 @pytest.mark.skipif(not HAS_RETENTION,
                     reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
+@EVERY_STORE_CLOUDS_SLOW
 def test_prune_protect_takes_every_checkpoint_form(store: Store) -> None:
     rows = _by_epoch(store.json("list")["checkpoints"])
     oldest = rows[0]

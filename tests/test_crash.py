@@ -238,6 +238,7 @@ def test_crashes_never_expose_incomplete_checkpoints_locally(tmp_path: Path) -> 
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_crashes_never_expose_incomplete_checkpoints_on_s3(s3_server: Any,
                                                            tmp_path: Path) -> None:
     assert_meaningful(harness("s3", QUICK_TRIALS, tmp_path, s3_server), QUICK_TRIALS)
@@ -277,6 +278,7 @@ def test_thirty_crashes_on_s3(s3_server: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_worker_kills_never_lose_a_save(s3_server: Any, tmp_path: Path) -> None:
     assert_worker_kills_meaningful(worker_harness(QUICK_WORKER_TRIALS, tmp_path, s3_server),
                                    QUICK_WORKER_TRIALS)

@@ -108,7 +108,9 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Uninterrupted:
 
 
 @needs_torch
-@pytest.mark.parametrize("copy_budget", [None, "0"], ids=["as-written", "every-file-linked"])
+@pytest.mark.parametrize("copy_budget", [
+    pytest.param(None, id="as-written"),
+    pytest.param("0", id="every-file-linked", marks=pytest.mark.slow)])
 def test_pytorch_example_resumes_model_and_optimizer(
         tmp_path: Path, uninterrupted: Uninterrupted, copy_budget: str | None) -> None:
     # With no copy budget, state.pt is hardlinked into each snapshot and torch.save's

@@ -894,6 +894,7 @@ def run_many_files(tmp: Path, kind: str, files: int, endpoint: str = "",
     assert proc.returncode == 0 and f"OK {files}" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_ten_thousand_files_round_trip_under_ulimit_256_locally(tmp_path: Path) -> None:
     run_many_files(tmp_path, "local", 10_000)
 

@@ -184,6 +184,7 @@ def test_references_and_checkpoints_of_metaflow_checkpoint_on_the_local_store(
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_references_and_checkpoints_of_metaflow_checkpoint_on_s3(
         published_python: Path, run_flow: RunFlow, s3_env: dict[str, str], s3_server: Any,
         tmp_path: Path) -> None:

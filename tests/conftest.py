@@ -168,6 +168,12 @@ def store(request: pytest.FixtureRequest, store_kits: Any) -> Any:
     return handle
 
 
+@pytest.fixture
+def azure(store_kits: Any, request: pytest.FixtureRequest) -> Any:
+    """A fresh, empty container on the session's Azurite (skips, saying why, without it)."""
+    return store_kits.get("azure").fresh(request.node.name)
+
+
 # -- Google Cloud Storage, on an emulator (see gcskit.py, gcsserver.py) -------------------
 
 

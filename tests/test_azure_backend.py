@@ -48,11 +48,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-def azure(store_kits: Any, request: pytest.FixtureRequest) -> Any:
-    return store_kits.get("azure").fresh(request.node.name)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CountingPolicy(RetryPolicy):
     attempts: list[int] = dataclasses.field(default_factory=list)

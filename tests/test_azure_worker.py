@@ -42,11 +42,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-def azure(store_kits: Any, request: pytest.FixtureRequest) -> Any:
-    return store_kits.get("azure").fresh(request.node.name)
-
-
 @contextlib.asynccontextmanager
 async def opened(azure: Any, log: list[str]) -> AsyncIterator[AzureBackend]:
     ctx = TransferContext(

@@ -43,7 +43,7 @@ from ..shared.exceptions import (
 from ..shared.logs import is_debug, say
 from ..shared.reader import Reader
 from ..shared.reference import CheckpointReference, local_now, reference_fields
-from ..shared.report import InSaveOrder, commit_line, drain_line
+from ..shared.report import InSaveOrder, commit_line, drain_line, size_text
 from ..shared.storage import backend_factory
 
 DEFAULT_NAME = "mfchckpt"
@@ -447,7 +447,7 @@ class CurrentCheckpoint:
                     "every rank resumes from")
         self._log(f"Loaded checkpoint {manifest.name!r} saved by {self._loaded['pathspec']} "
                   f"(attempt {self._loaded['attempt']}, {manifest.created_on}), "
-                  f"{len(manifest.files)} file(s), {manifest.total_bytes} bytes{gang}.")
+                  f"{len(manifest.files)} file(s), {size_text(manifest.total_bytes)}{gang}.")
 
     # -- gangs (see uploader.gang) ----------------------------------------------------
 

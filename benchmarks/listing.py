@@ -75,13 +75,16 @@ def measure(checkpoints: int, delay_ms: float, repeat: int, *, tmpdir: str | Non
         s3_client(srv.url).create_bucket(Bucket=BUCKET)
         staging = os.path.join(tmp, "staging")
         os.makedirs(staging)
-        with open(os.path.join(staging, "step.json"), "w") as f:
-            f.write('{"step": 0}')
         engine = s3_engine(srv.url, tmp, max_pending=64)
         try:
             t0 = time.perf_counter()
-            handles = [engine.save(request(staging, metadata={"i": i}))
-                       for i in range(checkpoints)]
+            handles = []
+            for i in range(checkpoints):
+                # New bytes each time, as in a training loop: an unchanged file would be
+                # pointed at, and pointing saves wait for each other.
+                with open(os.path.join(staging, "step.json"), "w") as f:
+                    f.write(f'{{"step": {i}}}')
+                handles.append(engine.save(request(staging, metadata={"i": i})))
             for h in handles:
                 h.wait()
             log(f"  {checkpoints} checkpoints committed in {time.perf_counter() - t0:.1f} s "

@@ -216,8 +216,10 @@ def plot(rows: list[Row], path: str) -> bool:
         return False
     judged = [r for r in rows if r.ratio is not None and r.series == ""]
     scaled = {s: [r for r in rows if r.series == s] for s in ("size", "count")}
-    fig, axes = plt.subplots(1, 3, figsize=(18, max(4.0, 0.38 * len(judged) + 1.5)),
-                             gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    listing = {s: [r for r in rows if r.series == s]
+               for s in ("list(), engine", "list(), in a task", "task start")}
+    fig, axes = plt.subplots(1, 4, figsize=(23, max(4.0, 0.38 * len(judged) + 1.5)),
+                             gridspec_kw={"width_ratios": [2.2, 1, 1, 1]})
     ax = axes[0]
     colors = ["#2a9d4b" if r.met else "#c0392b" if r.met is False else "#7f8c8d" for r in judged]
     ys = range(len(judged))
@@ -241,6 +243,20 @@ def plot(rows: list[Row], path: str) -> bool:
             a.set_ylabel(rs[0].unit)
             a.legend()
         a.set_title(f"save() vs {label}")
+    a = axes[3]
+    for label, rs in listing.items():
+        if rs:
+            a.plot([r.x for r in rs], [r.value for r in rs], "o-", label=label)
+    serial = sorted({(r.x, r.baseline or 0) for rs in listing.values() for r in rs})
+    if serial:
+        a.plot([x for x, _ in serial], [b for _, b in serial], "s--",
+               label="serial manifest reads")
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.set_xlabel("checkpoints in the scope (20 ms per request)")
+        a.set_ylabel("s")
+        a.legend()
+    a.set_title("listing and task start vs checkpoints")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

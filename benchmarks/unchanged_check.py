@@ -68,7 +68,12 @@ def moto_server() -> Iterator[str]:
         for _ in range(600):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
                 break
-            time.sleep(0.1)
+            if proc.poll() is not None:
+                raise SystemExit(f"moto's S3 server exited ({proc.returncode}) before it "
+                                 "listened: is moto[server] installed (the bench extra)?")
+            time.sleep(0.1)  # polling a port that is not open yet
+        else:
+            raise SystemExit(f"moto's S3 server did not listen on port {port} within 60 s")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

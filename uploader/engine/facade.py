@@ -206,8 +206,10 @@ class Engine:
 
     @property
     def handles(self) -> tuple[CheckpointHandle, ...]:
-        with self._lock:
-            return tuple(self._handles)
+        # No lock: a list copy is atomic, and a commit listener on the loop thread asks for
+        # the handles (commit lines in save order) while a signal handler may be running on
+        # the main thread inside save()'s short locked section.
+        return tuple(self._handles)
 
     def set_base(self, keys: CheckpointKeys, manifest: Manifest) -> None:
         """Tell the engine of a committed checkpoint in its own store (one a task loaded as

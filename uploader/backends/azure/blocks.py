@@ -15,7 +15,7 @@ import hashlib
 import os
 import threading
 
-from ..plane.parts import BufferPool
+from ..plane.parts import BufferPool, read_into
 
 __all__ = ["Block", "FileHashes", "b64md5", "md5_of_file", "read_block", "read_whole"]
 
@@ -80,19 +80,8 @@ def read_block(path: str, offset: int, length: int, pool: BufferPool) -> Block:
     """
     block = Block(pool.take(length), length, pool)
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            view, got = block.view, 0
-            while got < length:
-                n = os.preadv(fd, [view[got:]], offset + got)
-                if n == 0:
-                    raise EOFError(f"file ended at byte {offset + got}, expected "
-                                   f"{offset + length} bytes: was it truncated while being "
-                                   "uploaded?")
-                got += n
-        finally:
-            os.close(fd)
-        block.md5 = hashlib.md5(view).digest()
+        read_into(path, offset, block.view)
+        block.md5 = hashlib.md5(block.view).digest()
     except BaseException:
         block.release()
         raise

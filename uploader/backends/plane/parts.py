@@ -101,6 +101,26 @@ def checksum_of(data: bytes | memoryview) -> str:
     return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode("ascii")
 
 
+def read_into(path: str, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with ``path``'s bytes from ``offset``: one copy, kernel to the buffer.
+
+    Raises EOFError if the file is shorter than that (it was truncated while being
+    uploaded), which the engine reports as a torn file.
+    """
+    length, got = len(view), 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while got < length:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise EOFError(f"file ended at byte {offset + got}, expected "
+                               f"{offset + length} bytes: was it truncated while being "
+                               "uploaded?")
+            got += n
+    finally:
+        os.close(fd)
+
+
 def read_part(path: str, offset: int, length: int, file_digest: Any,
               pool: BufferPool | None = None) -> PartBody:
     """Read ``length`` bytes of ``path`` at ``offset``; feed them to ``file_digest``.
@@ -110,20 +130,10 @@ def read_part(path: str, offset: int, length: int, file_digest: Any,
     """
     body = PartBody(pool.take(length) if pool else bytearray(length), length, pool)
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            view, got = body.view, 0
-            while got < length:
-                n = os.preadv(fd, [view[got:]], offset + got)
-                if n == 0:
-                    raise EOFError(f"file ended at byte {offset + got}, expected "
-                                   f"{offset + length} bytes: was it truncated while being "
-                                   "uploaded?")
-                got += n
-            file_digest.update(view)  # releases the GIL for large buffers
-            body.checksum = checksum_of(view)
-        finally:
-            os.close(fd)
+        view = body.view
+        read_into(path, offset, view)
+        file_digest.update(view)  # releases the GIL for large buffers
+        body.checksum = checksum_of(view)
     except BaseException:
         body.release()
         raise

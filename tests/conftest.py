@@ -154,13 +154,24 @@ def store_kits() -> Iterator[Any]:
     kits.stop()
 
 
-def _store_param(name: str) -> Any:
-    marks = {"s3": [pytest.mark.s3], "azure": [pytest.mark.azure],
-             "gcs": [pytest.mark.gcs]}.get(name, [])
-    return pytest.param(name, marks=marks, id=name)
+STORES = ("local", "s3", "azure", "gcs")
+_STORE_MARKS = {"s3": pytest.mark.s3, "azure": pytest.mark.azure, "gcs": pytest.mark.gcs,
+                "gs": pytest.mark.gcs}
 
 
-@pytest.fixture(params=[_store_param(n) for n in ("local", "s3", "azure", "gcs")])
+def stores(*default: str, names: tuple[str, ...] = STORES) -> pytest.MarkDecorator:
+    """Runs a test on every store of ``names`` (its ``store`` fixture's param): those in
+    ``default`` in the default run, the others in the slow tier (``-m slow``; .ci/run runs
+    both). A behaviour is tested by default on the local store and S3, and on Azure and GCS
+    where it reads or writes the store in a way of its own."""
+    return pytest.mark.parametrize("store", [
+        pytest.param(name, id=name, marks=[m for m in (_STORE_MARKS.get(name),) if m] + (
+            [] if name in default else [pytest.mark.slow]))
+        for name in names], indirect=True)
+
+
+@pytest.fixture(params=[pytest.param(n, id=n, marks=[m for m in (_STORE_MARKS.get(n),) if m])
+                        for n in STORES])
 def store(request: pytest.FixtureRequest, store_kits: Any) -> Any:
     """A fresh, empty place on each kind of store: its kit's :class:`StoreHandle`."""
     handle = store_kits.get(request.param).fresh(request.node.name)

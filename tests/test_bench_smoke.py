@@ -45,6 +45,7 @@ def test_suite_quick_run_writes_a_table_with_baselines(tmp_path: Path) -> None:
         assert r["samples"], r
 
 
+@pytest.mark.slow  # rounds of a busy loop against uploads, for seconds each
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pins the loop and the upload "
                     "to two different CPUs")
 def test_interference_quick_run(tmp_path: Path) -> None:

@@ -341,7 +341,9 @@ def test_card_of_a_retry_says_what_it_loaded(run_flow: RunFlow, card_env: dict[s
 
 @pytest.mark.flow
 def test_card_refreshes_while_the_task_runs(card_env: dict[str, str], tmp_path: Path) -> None:
-    env = {**card_env, "CARD_FLOW_TRAIN_SECONDS": "9"}
+    # Trains for up to 60 s, and stops once this test has seen the card refreshed live.
+    stop = tmp_path / "stop"
+    env = {**card_env, "CARD_FLOW_TRAIN_SECONDS": "60", "CARD_FLOW_STOP_FILE": str(stop)}
     root = tmp_path / ".metaflow" / "mf.cards"
     seen_html = seen_data = ""
     with subprocess.Popen([sys.executable, str(FLOWS / "card_flow.py"), "--no-pylint", "run"],
@@ -363,6 +365,7 @@ def test_card_refreshes_while_the_task_runs(card_env: dict[str, str], tmp_path: 
                 time.sleep(0.1)
             running = p.poll() is None
         finally:
+            stop.touch()
             if p.poll() is None:
                 p.wait(timeout=120)
     assert running, "the flow ended before its card was refreshed live"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FLOWS
+from conftest import FLOWS, stores
 
 from uploader import CheckpointKeys, Manifest
 
@@ -227,20 +227,24 @@ def _copy(request: pytest.FixtureRequest, tmp_path: Path, source: str, flow: Pat
                  runs=tuple(runs))
 
 
-@pytest.fixture(params=["local", "s3", pytest.param("azure", marks=pytest.mark.azure),
-                        pytest.param("gs", marks=pytest.mark.gcs)])
+@pytest.fixture
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """A private copy of CliFlow's run on the store a test's :func:`stores` mark names."""
     return _copy(request, tmp_path, "", FLOW)
 
 
-# For what the command line decides before it reads a store (usage errors, exit codes, which
-# checkpoint a form names): every store still, the cloud ones in the slow tier.
-EVERY_STORE_CLOUDS_SLOW = pytest.mark.parametrize("store", [
-    "local", "s3", pytest.param("azure", marks=[pytest.mark.azure, pytest.mark.slow]),
-    pytest.param("gs", marks=[pytest.mark.gcs, pytest.mark.slow])], indirect=True)
+# By default: reading (list, show, download) on every store; verify and prune, which read
+# every object or delete, on the local store and S3; the rest, which the command line
+# decides over what any store lists, on the local store. Each test's other stores are in
+# the slow tier.
+CLI_STORES = ("local", "s3", "azure", "gs")
+EVERY_STORE = stores(*CLI_STORES, names=CLI_STORES)
+LOCAL_AND_S3 = stores("local", "s3", names=CLI_STORES)
+LOCAL = stores("local", names=CLI_STORES)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=[
+    "local", pytest.param("s3", marks=[pytest.mark.s3, pytest.mark.slow])])
 def shared(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     """Two runs of CliShareFlow: the second resumed from the first, and points at its
     object."""
@@ -263,6 +267,7 @@ def _by_epoch(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 # -- list ----------------------------------------------------------------------------------
 
 
+@EVERY_STORE
 def test_list_is_newest_first_with_sizes_and_state(store: Store) -> None:
     doc = store.json("list")
     rows = doc["checkpoints"]
@@ -289,6 +294,7 @@ def test_list_is_newest_first_with_sizes_and_state(store: Store) -> None:
     assert "SIZE" in text.splitlines()[0] and "4 committed checkpoints" in text
 
 
+@LOCAL
 def test_list_narrows_to_a_run_step_task_and_name(store: Store) -> None:
     everything = store.json("list")["checkpoints"]
     train = store.json("list", f"{store.run_id}/train")["checkpoints"]
@@ -304,6 +310,7 @@ def test_list_narrows_to_a_run_step_task_and_name(store: Store) -> None:
     assert "no checkpoints" in out.stderr and "--all-namespaces" in out.stderr
 
 
+@LOCAL
 def test_list_incomplete_shows_data_without_a_manifest(store: Store) -> None:
     committed = store.json("list")["checkpoints"]
     newest = committed[1]  # a train checkpoint
@@ -328,6 +335,7 @@ def test_list_incomplete_shows_data_without_a_manifest(store: Store) -> None:
 # -- show ----------------------------------------------------------------------------------
 
 
+@EVERY_STORE
 def test_show_by_id_key_and_pathspec(store: Store) -> None:
     rows = _by_epoch(store.json("list")["checkpoints"])
     one = rows[1]
@@ -351,6 +359,7 @@ def test_show_by_id_key_and_pathspec(store: Store) -> None:
 # -- download ------------------------------------------------------------------------------
 
 
+@EVERY_STORE
 def test_download_copies_verified_files(store: Store, tmp_path: Path) -> None:
     rows = _by_epoch(store.json("list")["checkpoints"])
     dest = tmp_path / "out"
@@ -367,6 +376,7 @@ def test_download_copies_verified_files(store: Store, tmp_path: Path) -> None:
 # -- verify --------------------------------------------------------------------------------
 
 
+@LOCAL_AND_S3
 def test_verify_finds_a_corrupt_object_and_names_it(store: Store, tmp_path: Path) -> None:
     out = store.cli("verify")
     assert "Verified 4 checkpoints (8 files" in out.stdout and "all intact" in out.stdout
@@ -415,7 +425,7 @@ def test_verify_finds_a_corrupt_object_and_names_it(store: Store, tmp_path: Path
     assert not (dest / "weights.bin").exists()
 
 
-@EVERY_STORE_CLOUDS_SLOW
+@LOCAL
 def test_verify_reports_an_unsafe_manifest_and_goes_on(store: Store, tmp_path: Path) -> None:
     """A hand-edited manifest listing a path outside the checkpoint fails as one checkpoint,
     by the rule every load applies; the others are verified, and the exit is 1."""
@@ -455,7 +465,7 @@ def test_verify_reports_an_unsafe_manifest_and_goes_on(store: Store, tmp_path: P
 # -- exit codes ------------------------------------------------------------------------------
 
 
-@EVERY_STORE_CLOUDS_SLOW
+@LOCAL
 def test_exit_codes(store: Store) -> None:
     for args in (["list", "123456789"], ["list", f"{store.run_id}/no_such_step"],
                  ["show", "0000000000000001-9-a0-1.0-abcdef01"], ["verify", "123456789"],
@@ -471,7 +481,7 @@ def test_exit_codes(store: Store) -> None:
     assert "Exit codes" in out.stdout
 
 
-@EVERY_STORE_CLOUDS_SLOW
+@LOCAL
 def test_a_pathspec_of_another_flow_is_a_usage_error(store: Store) -> None:
     """A flow's name is a Python class name, compared case-sensitively; a run id is never
     read from one where the rest cannot be a run's (``myflow/123``: 123 is no step)."""
@@ -496,6 +506,7 @@ def test_a_pathspec_of_another_flow_is_a_usage_error(store: Store) -> None:
 # -- format 2: data an earlier checkpoint stored ------------------------------------------
 
 
+@LOCAL
 def test_sizes_of_a_checkpoint_that_reads_earlier_data(store: Store, tmp_path: Path) -> None:
     """A manifest whose unchanged file points at an earlier checkpoint's object (format 2)."""
     rows = _by_epoch(store.json("list")["checkpoints"])
@@ -541,6 +552,7 @@ def test_sizes_of_a_checkpoint_that_reads_earlier_data(store: Store, tmp_path: P
 
 @pytest.mark.skipif(not HAS_RETENTION,
                     reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
+@LOCAL_AND_S3
 def test_prune_dry_run_deletes_nothing_then_prune_deletes_that(store: Store) -> None:
     before_keys = store.stored_keys()
     rows = _by_epoch(store.json("list")["checkpoints"])
@@ -569,6 +581,7 @@ def test_prune_dry_run_deletes_nothing_then_prune_deletes_that(store: Store) -> 
 
 @pytest.mark.skipif(not HAS_RETENTION,
                     reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
+@LOCAL
 def test_prune_keep_best_and_usage_errors(store: Store) -> None:
     rows = _by_epoch(store.json("list")["checkpoints"])
     plan = store.json("prune", f"{store.run_id}/train", "--keep-best", "1", "--best-metric",
@@ -600,7 +613,7 @@ def test_prune_keep_best_and_usage_errors(store: Store) -> None:
 
 @pytest.mark.skipif(not HAS_RETENTION,
                     reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
-@EVERY_STORE_CLOUDS_SLOW
+@LOCAL
 def test_prune_protect_takes_every_checkpoint_form(store: Store) -> None:
     rows = _by_epoch(store.json("list")["checkpoints"])
     oldest = rows[0]

@@ -138,6 +138,7 @@ def test_pytorch_example_resumes_model_and_optimizer(
         assert len([a for a, _ in saved if a == 1]) >= 3, saved
 
 
+@pytest.mark.slow  # imports xgboost in each of four tasks; the PyTorch example runs by default
 @needs_xgboost
 def test_xgboost_example_resumes_the_booster(tmp_path: Path,
                                              uninterrupted: Uninterrupted) -> None:
@@ -200,6 +201,9 @@ def parallel_result(text: str) -> str:
     return m.group(1)
 
 
+# Two runs of three ranks that each import torch, a retry among them: the longest case of the
+# default run, in the slow tier; test_gang.py's gang flows cover the resume of every rank.
+@pytest.mark.slow
 @needs_torch
 def test_parallel_example_resumes_every_rank_from_its_shard(tmp_path: Path) -> None:
     # The two runs side by side: each derives its rendezvous ports from its own run id.

@@ -185,6 +185,9 @@ def test_eager_matches_foreach_branches_by_value_across_reordered_runs(run_flow:
     assert sorted(seen["'a'"]) == [0, 1]
 
 
+# Two runs of five branches that each import NumPy: the slow tier. How eager matches a
+# branch by value in the default run: the test above.
+@pytest.mark.slow
 def test_eager_tells_apart_foreach_values_python_tells_apart(run_flow: RunFlow) -> None:
     # A tuple and a list, an int key and a str key: four branches, never one another's
     # checkpoints. np.int64(3) in the first run is 3 in the second.

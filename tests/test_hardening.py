@@ -900,9 +900,9 @@ def test_ten_thousand_files_round_trip_under_ulimit_256_locally(tmp_path: Path) 
 
 
 @pytest.mark.s3
-def test_two_thousand_files_round_trip_under_ulimit_256_on_s3(s3_server: Any,
-                                                              tmp_path: Path) -> None:
-    run_many_files(tmp_path, "s3", 2_000, s3_server.endpoint, fresh_bucket(s3_server))
+def test_a_thousand_files_round_trip_under_ulimit_256_on_s3(s3_server: Any,
+                                                            tmp_path: Path) -> None:
+    run_many_files(tmp_path, "s3", 1_000, s3_server.endpoint, fresh_bucket(s3_server))
 
 
 @pytest.mark.s3

@@ -130,6 +130,10 @@ def _local_layout(root: Path) -> dict[str, tuple[int, int]]:
             for p in (root / top).rglob("*") if p.is_file()}
 
 
+# Runs the published package's flow in its own environment, then ours: the slow tier, with
+# the same on S3. (tests/test_legacy_archive.py reads that package's layout, written by
+# hand, in the default run.)
+@pytest.mark.slow
 def test_references_and_checkpoints_of_metaflow_checkpoint_on_the_local_store(
         published_python: Path, run_flow: RunFlow, flow_env: dict[str, str], tmp_path: Path,
         datastore_root: Path) -> None:

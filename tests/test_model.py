@@ -112,6 +112,8 @@ def _model_card(step: str, env: dict[str, str], cwd: Path) -> str:
     return str(by_id(card_payload(cards[0]["html"]), "model-models")["source"])
 
 
+# The same flow on the local store is in the default run; this one, in the slow tier.
+@pytest.mark.slow
 @pytest.mark.s3
 def test_model_flow_in_the_published_style_on_s3(run_flow: RunFlow, s3_env: dict[str, str],
                                                   s3_server: Any, tmp_path: Path) -> None:

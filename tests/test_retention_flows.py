@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RunFlow
+from conftest import RunFlow, stores
 from storekit import results
 
 from uploader import Engine, Scope, Settings
@@ -44,6 +44,7 @@ def check_output(text: str) -> None:
     assert "Retention: deleted" in text
 
 
+@stores("local", "s3")
 def test_retention_in_a_task(run_flow: RunFlow, store: Any, tmp_path: Path) -> None:
     """On every kind of store (see storekits.py): what the task kept, and nothing else."""
     out = run_flow("retention_flow.py", env=store.flow_env(tmp_path))

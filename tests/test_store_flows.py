@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RunFlow
+from conftest import RunFlow, stores
 from storekit import results
 
 from uploader import Engine, Settings
@@ -48,6 +48,7 @@ def test_seed_example_runs_on_each_datastore(store: Any, flow_env: dict[str, str
     assert manifests and uploads == []
 
 
+@stores("local")  # scope by foreach index is the store's business nowhere: one store by default
 def test_retried_foreach_branches_resume_from_their_own_checkpoints(
         run_flow: RunFlow, store: Any, tmp_path: Path) -> None:
     """Branches with equal foreach values keep their own checkpoints: scope is by index."""

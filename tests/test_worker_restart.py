@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,12 @@ def _plane(b: S3Backend | Engine) -> ProcessPlane:
     return plane
 
 
-def _worker_pid(b: S3Backend | Engine) -> int:
-    w = _plane(b).worker
-    assert w is not None
+def _worker_pid(b: S3Backend | Engine, timeout: float = 30.0) -> int:
+    """The pid of the live worker; waits (with a deadline) while one is being replaced."""
+    deadline = time.monotonic() + timeout
+    while (w := _plane(b).worker) is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling another thread's state, with a deadline
+    assert w is not None, "no live upload worker"
     return w.pid
 
 

@@ -4,7 +4,8 @@ Environment knobs (read in every process of the run, so the runtime and the task
 CARD_FLOW_SHOW_CARD=0 runs the step with ``@checkpoint(show_card=False)``;
 CARD_FLOW_FAIL_FIRST=1 makes attempt 0 save and then fail, so attempt 1 loads its save;
 CARD_FLOW_TIME_FINISH=1 prints how long the card's end-of-task work took;
-CARD_FLOW_TRAIN_SECONDS=N keeps saving for N seconds first, so the card refreshes live.
+CARD_FLOW_TRAIN_SECONDS=N keeps saving for N seconds first, so the card refreshes live;
+CARD_FLOW_STOP_FILE=PATH ends that sooner, once PATH exists.
 """
 
 import os
@@ -15,6 +16,7 @@ from metaflow import FlowSpec, checkpoint, current, retry, step
 SHOW_CARD = os.environ.get("CARD_FLOW_SHOW_CARD", "1") == "1"
 FAIL_FIRST = os.environ.get("CARD_FLOW_FAIL_FIRST") == "1"
 TRAIN_SECONDS = float(os.environ.get("CARD_FLOW_TRAIN_SECONDS", "0"))
+STOP_FILE = os.environ.get("CARD_FLOW_STOP_FILE")
 
 if os.environ.get("CARD_FLOW_TIME_FINISH") == "1":
     from metaflow_extensions.asynccheckpoint.plugins.card import checkpoint_card as _card
@@ -52,7 +54,8 @@ class CardFlow(FlowSpec):
             raise RuntimeError("simulated crash after saving")
         result("loaded", current.checkpoint.is_loaded)
         deadline = time.monotonic() + TRAIN_SECONDS
-        while time.monotonic() < deadline:  # stands in for training between saves
+        while time.monotonic() < deadline and not (STOP_FILE and os.path.exists(STOP_FILE)):
+            # stands in for training between saves
             with open(os.path.join(d, "weights.tmp"), "wb") as f:
                 f.write(b"t" * (1 << 20))
             os.replace(os.path.join(d, "weights.tmp"), os.path.join(d, "weights.bin"))

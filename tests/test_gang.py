@@ -314,6 +314,9 @@ def test_ranks_that_committed_different_steps_resume_from_the_newest_common_one(
         {"rank": r, "step": 2} for r in range(3)], out
 
 
+# In the slow tier: a replicated gang in a flow runs by default below (on a gang of another
+# size), and which part each rank loads, in test_ranks_that_never_save_load_the_lowest_...
+@pytest.mark.slow
 @pytest.mark.flow
 def test_where_only_rank_0_saves_every_rank_loads_its_latest(run_flow: RunFlow) -> None:
     proc = run_flow("gang_flow.py", env=_gang_env("replicated"))

@@ -233,10 +233,10 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return _copy(request, tmp_path, "", FLOW)
 
 
-# By default: reading (list, show, download) on every store; verify and prune, which read
-# every object or delete, on the local store and S3; the rest, which the command line
-# decides over what any store lists, on the local store. Each test's other stores are in
-# the slow tier.
+# By default: reading (list, show, download) on every store; the corrupt-object verify and
+# the dry-run-then-real prune, which read every object or delete, on the local store and S3;
+# the rest, which the command line decides over what any store lists, on the local store.
+# Each test's other stores are in the slow tier.
 CLI_STORES = ("local", "s3", "azure", "gs")
 EVERY_STORE = stores(*CLI_STORES, names=CLI_STORES)
 LOCAL_AND_S3 = stores("local", "s3", names=CLI_STORES)

@@ -17,7 +17,7 @@ import threading
 
 from metaflow import FlowSpec, checkpoint, current, retry, step
 
-SIZE = (10 << 20) + 4321  # two parts of 5 MiB
+SIZE = (10 << 20) + 4321  # three parts: two of 5 MiB, and 4,321 bytes
 
 
 def content(seed):

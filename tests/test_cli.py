@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -36,7 +35,6 @@ BASE_ENV = {
     "USERNAME": "tester",
     "PYTHONUNBUFFERED": "1",
 }
-HAS_RETENTION = importlib.util.find_spec("uploader.retention") is not None
 
 
 def _clean_env() -> dict[str, str]:
@@ -550,8 +548,6 @@ def test_sizes_of_a_checkpoint_that_reads_earlier_data(store: Store, tmp_path: P
 # -- prune ---------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_RETENTION,
-                    reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
 @LOCAL_AND_S3
 def test_prune_dry_run_deletes_nothing_then_prune_deletes_that(store: Store) -> None:
     before_keys = store.stored_keys()
@@ -579,8 +575,6 @@ def test_prune_dry_run_deletes_nothing_then_prune_deletes_that(store: Store) -> 
     store.cli("verify")
 
 
-@pytest.mark.skipif(not HAS_RETENTION,
-                    reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
 @LOCAL
 def test_prune_keep_best_and_usage_errors(store: Store) -> None:
     rows = _by_epoch(store.json("list")["checkpoints"])
@@ -611,8 +605,6 @@ def test_prune_keep_best_and_usage_errors(store: Store) -> None:
     store.cli("prune", "123456789", "--keep-last", "1", rc=1)
 
 
-@pytest.mark.skipif(not HAS_RETENTION,
-                    reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
 @LOCAL
 def test_prune_protect_takes_every_checkpoint_form(store: Store) -> None:
     rows = _by_epoch(store.json("list")["checkpoints"])
@@ -640,8 +632,6 @@ def test_prune_protect_takes_every_checkpoint_form(store: Store) -> None:
         "checkpoints"]]
 
 
-@pytest.mark.skipif(not HAS_RETENTION,
-                    reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
 def test_prune_dry_run_counts_only_the_bytes_freed(shared: Store) -> None:
     """Checkpoints that point at an unchanged file an earlier one stored: deleting that
     earlier one frees only its own other bytes while a kept one (of any run) reads it."""
@@ -659,8 +649,6 @@ def test_prune_dry_run_counts_only_the_bytes_freed(shared: Store) -> None:
     shared.cli("verify")  # what the kept ones point at is there
 
 
-@pytest.mark.skipif(not HAS_RETENTION,
-                    reason="PRUNE NOT TESTED: uploader.retention (branch storage) is not merged")
 def test_a_whole_flow_prune_keeps_every_runs_resume_point(shared: Store) -> None:
     first, second = shared.runs
 

@@ -159,19 +159,23 @@ _STORE_MARKS = {"s3": pytest.mark.s3, "azure": pytest.mark.azure, "gcs": pytest.
                 "gs": pytest.mark.gcs}
 
 
+def _store_marks(name: str) -> list[pytest.MarkDecorator]:
+    """The mark that selects tests of store ``name`` (none for the local store)."""
+    return [_STORE_MARKS[name]] if name in _STORE_MARKS else []
+
+
 def stores(*default: str, names: tuple[str, ...] = STORES) -> pytest.MarkDecorator:
     """Runs a test on every store of ``names`` (its ``store`` fixture's param): those in
     ``default`` in the default run, the others in the slow tier (``-m slow``; .ci/run runs
     both). A behaviour is tested by default on the local store and S3, and on Azure and GCS
     where it reads or writes the store in a way of its own."""
     return pytest.mark.parametrize("store", [
-        pytest.param(name, id=name, marks=[m for m in (_STORE_MARKS.get(name),) if m] + (
+        pytest.param(name, id=name, marks=_store_marks(name) + (
             [] if name in default else [pytest.mark.slow]))
         for name in names], indirect=True)
 
 
-@pytest.fixture(params=[pytest.param(n, id=n, marks=[m for m in (_STORE_MARKS.get(n),) if m])
-                        for n in STORES])
+@pytest.fixture(params=[pytest.param(n, id=n, marks=_store_marks(n)) for n in STORES])
 def store(request: pytest.FixtureRequest, store_kits: Any) -> Any:
     """A fresh, empty place on each kind of store: its kit's :class:`StoreHandle`."""
     handle = store_kits.get(request.param).fresh(request.node.name)
